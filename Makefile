@@ -1,0 +1,49 @@
+# tltool: the two commands a new user needs are `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The torch pair that installs offline on the project machines; override for other platforms,
+# e.g. `make install TORCH_SPEC="torch torchvision --index-url ..."`.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed-stamp
+TL := $(BIN)/tltool
+DEMO_ROOT ?= runs
+
+.PHONY: install demo test test-slow lint bench transfer-table clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip >/dev/null 2>&1 || true
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The whole credit-default transfer chain on the built-in credit_data set.
+demo: install
+	@start=$$(date +%s%N); \
+	$(TL) pretrain configs/credit/pretrain.yaml --set output.root=$(DEMO_ROOT) && \
+	$(TL) freeze-finetune configs/credit/finetune.yaml --set output.root=$(DEMO_ROOT) \
+	    --set model.weights=$(DEMO_ROOT)/credit-pretrain/latest && \
+	$(TL) evaluate $(DEMO_ROOT)/credit-finetune/latest && \
+	$(TL) predict $(DEMO_ROOT)/credit-finetune/latest configs/credit/new_applicants.csv \
+	    --out $(DEMO_ROOT)/demo_predictions.csv && \
+	end=$$(date +%s%N); \
+	echo "demo finished in $$(( (end - start) / 1000000 )) ms; predictions in $(DEMO_ROOT)/demo_predictions.csv"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-slow: install
+	$(BIN)/python -m pytest -q -m slow
+
+lint: install
+	$(BIN)/ruff check tltool tests benchmarks
+
+# Transfer vs target-only vs source-only on credit_data (docs/TRANSFER.md).
+transfer-table: install
+	$(BIN)/python benchmarks/credit_transfer.py --out docs/TRANSFER.md
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

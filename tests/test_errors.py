@@ -1,0 +1,164 @@
+"""Bad input: each gives one clear line on stderr naming the problem, exit code 2, no
+traceback, and no run folder that looks complete."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from conftest import BASE, merge
+
+from tltool.datasets import load_table
+
+
+def _csv(tmp_path, name, frame: pd.DataFrame | None = None, text: str | None = None) -> str:
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    else:
+        frame.to_csv(path, index=False)
+    return str(path)
+
+
+def _credit_csv(tmp_path, name="credit.csv", edit=None) -> str:
+    frame = load_table("credit_data")
+    if edit:
+        frame = edit(frame)
+    return _csv(tmp_path, name, frame)
+
+
+def _csv_target(path: str, **extra) -> dict:
+    return {"target": {"kind": "csv", "path": path, "label": "Status", "positive": "bad",
+                       **extra}, "model": {"weights": "none", "strategy": "full"}}
+
+
+def _with_text_income(f):
+    f = f.astype({"Income": object})
+    f.loc[f.index[f.Job == "partime"][0], "Income"] = "twelve hundred"
+    return f
+
+
+CASES = {
+    "unknown key": (lambda t, w: ["pretrain", w("c", {"train": {"epochz": 3}})],
+                    "train.epochz: unknown key; did you mean 'epochs'?"),
+    "wrong type": (lambda t, w: ["pretrain", w("c", {"train": {"lr": "fast"}})],
+                   "train.lr: input should be a valid number"),
+    "value not allowed": (lambda t, w: ["pretrain", w("c", {"model": {"head": "svm2"}})],
+                          "model.head: got 'svm2'; allowed: 'linear' or 'mlp'"),
+    "config file missing": (lambda t, w: ["pretrain", "nope.yaml"],
+                            "nope.yaml: config file not found"),
+    "invalid yaml": (lambda t, w: ["pretrain", _csv(t, "bad.yaml", text="train: {epochs: 3\n")],
+                     "not valid YAML"),
+    "malformed --set": (lambda t, w: ["pretrain", w("c"), "--set", "train.epochs"],
+                        "--set 'train.epochs': expected KEY=VALUE"),
+    "csv file missing": (lambda t, w: ["freeze-finetune", w("c", _csv_target("missing.csv"))],
+                         "missing.csv: CSV file not found"),
+    "empty csv": (lambda t, w: ["freeze-finetune", w("c", _csv_target(
+        _csv(t, "empty.csv", text="")))], "empty.csv: the CSV file is empty"),
+    "header-only csv": (lambda t, w: ["freeze-finetune", w("c", _csv_target(
+        _csv(t, "head.csv", text="a,b,Status\n")))],
+        "head.csv: the CSV file has a header but no rows"),
+    "missing label column": (lambda t, w: ["freeze-finetune", w("c", _csv_target(
+        _credit_csv(t, edit=lambda f: f.drop(columns=["Status"]))))],
+        "label column 'Status' is not a column"),
+    "label with one class": (lambda t, w: ["freeze-finetune", w("c", _csv_target(
+        _credit_csv(t, edit=lambda f: f[f.Status == "good"]), positive=None))],
+        "label 'Status' has a single class 'good'"),
+    "text in numeric column": (lambda t, w: ["freeze-finetune", w("c", _csv_target(
+        _credit_csv(t, edit=_with_text_income)))],
+        "column 'Income' holds numbers but row 11 has 'twelve hundred'"),
+    "n_train too large": (lambda t, w: ["pretrain", w("c", {"source": {"n_train": 99999}})],
+                          "n_train = 99999 but the training split has only 1683 rows"),
+    "frozen_layers beyond blocks": (lambda t, w: ["pretrain", w("c", {"model": {
+        "frozen_layers": 5}})], "model.frozen_layers = 5 but the backbone has 2 blocks"),
+    "source run missing": (lambda t, w: ["freeze-finetune", w("c", {"model": {
+        "weights": "runs/nothing/latest"}})], "runs/nothing/latest: no experiment folder"),
+    "unknown backbone": (lambda t, w: ["pretrain", w("c", {"model": {"backbone": "mpl"}})],
+                         "unknown backbone 'mpl'; did you mean 'mlp'?"),
+    "unknown backbone option": (lambda t, w: ["pretrain", w("c", {"model": {
+        "backbone_args": {"hiden": [3]}}})], "model.backbone_args.hiden: unknown option of mlp"),
+    "where matches nothing": (lambda t, w: ["pretrain", w("c", {"source": {
+        "where": {"Job": "astronaut"}}})], "where Job in ['astronaut'] matches no row"),
+    "where column missing": (lambda t, w: ["pretrain", w("c", {"source": {
+        "where": {"Jobb": "fixed"}}})],
+        "`where` column 'Jobb' is not a column; did you mean 'Job'?"),
+    "positive not a class": (lambda t, w: ["pretrain", w("c", {"source": {"positive": "ugly"}})],
+                             "positive class 'ugly' is not a value of 'Status'"),
+    "unknown builtin": (lambda t, w: ["pretrain", w("c", {"source": {"name": "mnist9"}})],
+                        "unknown built-in data set 'mnist9'"),
+    "pretrain without source": (lambda t, w: ["pretrain", w("c", base={"name": "c"})],
+                                "pretrain needs a `source` data section"),
+    "evaluate a non-run": (lambda t, w: ["evaluate", str(t)], "not a tltool run folder"),
+    "evaluate missing run": (lambda t, w: ["evaluate", "runs/x/2020"], "run folder not found"),
+    "extract without weights": (lambda t, w: ["extract", w("c")],
+                                "extract needs trained weights"),
+    "checkpoint file not a checkpoint": (lambda t, w: ["freeze-finetune", w("c", {"model": {
+        "weights": _csv(t, "w.pt", text="not a checkpoint")}})], "not a readable checkpoint"),
+    "evaluate --on bad value": (lambda t, w: ["evaluate", str(t), "--on", "both"],
+                                "--on: got 'both'; allowed: source, target"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gives_one_clear_line_and_exit_2(case, cli, write_config, tmp_path):
+    build, fragment = CASES[case]
+    res = cli(*build(tmp_path, write_config))
+    assert res.code == 2, (res.out, res.err)
+    assert fragment in res.err
+    assert "Traceback" not in res.err + res.out
+    assert res.err.startswith("error: ") and res.err.count("\n") == 1, res.err
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(runs.rglob("run.json"))  # nothing half-written
+
+
+def test_other_architecture_lists_mismatched_keys(pretrained, cli, write_config):
+    res = cli("freeze-finetune", write_config("c", {"model": {
+        "weights": str(pretrained), "backbone_args": {"hidden": [32, 8]}}}))
+    assert res.code == 2
+    assert "model.backbone_args differ from the source model's (hidden: source [16, 8] vs " \
+           "config [32, 8])" in res.err
+    other = cli("freeze-finetune", write_config("d", {"model": {
+        "weights": str(pretrained), "backbone": "resmlp", "backbone_args": {}}}))
+    assert other.code == 2 and "the source model is a 'mlp' backbone" in other.err
+
+
+def test_predict_input_missing_a_column_or_text_in_numbers(pretrained, cli, tmp_path):
+    frame = load_table("credit_data").drop(columns=["Status"]).head(5)
+    _csv(tmp_path, "no_income.csv", frame.drop(columns=["Income"]))
+    res = cli("predict", str(pretrained), "no_income.csv")
+    assert res.code == 2 and "missing column(s) the model was trained on: Income" in res.err
+    bad = frame.astype({"Age": object})
+    bad.loc[3, "Age"] = "old"
+    _csv(tmp_path, "text.csv", bad)
+    res = cli("predict", str(pretrained), "text.csv")
+    assert res.code == 2 and "column 'Age' must be numeric but row 5 has 'old'" in res.err
+    res = cli("predict", str(pretrained), "text.csv", "--out", "nowhere/preds.csv")
+    assert res.code == 2
+
+
+def test_a_failed_run_is_marked_failed_and_never_picked(pretrained, cli, write_config,
+                                                        tmp_path, monkeypatch):
+    import tltool.workflows.train as train
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(train, "fit", boom)
+    with pytest.raises(RuntimeError):
+        cli("pretrain", write_config("src"))
+    statuses = sorted(json.loads(p.read_text())["status"]
+                      for p in pretrained.parent.glob("*/run.json"))
+    assert statuses == ["complete", "failed"]
+    monkeypatch.undo()
+    res = cli("evaluate", str(pretrained.parent / "latest"))
+    assert res.code == 0 and str(pretrained) in (tmp_path / res.out.strip() /
+                                                 "metrics.json").read_text()
+
+
+def test_multiclass_label_rejects_a_threshold_rule(cli, write_config, tmp_path):
+    frame = load_table("credit_data").dropna(subset=["Home"])
+    path = _csv(tmp_path, "homes.csv", frame)
+    cfg = merge(BASE, {"source": {"kind": "csv", "path": path, "label": "Home", "where": {}}})
+    res = cli("pretrain", write_config("c", base=cfg))
+    assert res.code == 2 and "decision.rule: 'threshold' needs a binary label" in res.err

@@ -1,0 +1,107 @@
+"""Freezing: exact trainable counts, learning-rate groups, BatchNorm stays put, and a check
+that frozen tensors are bit-identical after training — for every registered backbone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tltool.config import TrainConfig
+from tltool.engine import Phase, Tensors, fit
+from tltool.errors import ConfigError
+from tltool.freeze import apply_freeze, snapshot_frozen, verify_unchanged
+from tltool.models import build_model, model_spec
+from tltool.models.backbones import BACKBONES
+
+
+def _mlp(batch_norm=False):
+    spec = model_spec("mlp", {"hidden": [64, 32], "batch_norm": batch_norm}, 23, "linear",
+                      32, 0.0, 2)
+    return build_model(spec)
+
+
+@pytest.mark.parametrize("strategy, frozen, trainable", [
+    ("full", 0, 23 * 64 + 64 + 64 * 32 + 32 + 32 * 2 + 2),
+    ("freeze", 1, 64 * 32 + 32 + 66),
+    ("freeze", 2, 66),
+    ("bias_only", 0, 64 + 32 + 66),
+    ("bias_only", 1, 32 + 66),
+    ("linear_probe", 0, 66),
+])
+def test_trainable_parameter_counts(strategy, frozen, trainable):
+    model = _mlp()
+    plan, groups = apply_freeze(model, frozen, strategy, lr=1e-3, backbone_lr_mult=0.1)
+    assert plan.trainable == trainable
+    assert sum(p.numel() for g in groups for p in g["params"]) == trainable
+    assert all(p.requires_grad for g in groups for p in g["params"])
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
+
+
+def test_backbone_gets_the_lower_learning_rate():
+    plan, groups = apply_freeze(_mlp(), 1, "freeze", lr=1e-3, backbone_lr_mult=0.1)
+    lrs = {g["name"]: g["lr"] for g in groups}
+    assert lrs == {"head": 1e-3, "backbone": pytest.approx(1e-4)}
+    assert [r["state"] for r in plan.rows] == ["frozen", "trainable", "trainable"]
+
+
+def test_zero_multiplier_freezes_the_backbone():
+    plan, groups = apply_freeze(_mlp(), 0, "freeze", lr=1e-3, backbone_lr_mult=0.0)
+    assert plan.trainable == 66 and [g["name"] for g in groups] == ["head"]
+
+
+@pytest.mark.parametrize("frozen, strategy, message", [
+    (3, "freeze", "model.frozen_layers = 3 but the backbone has 2 blocks (hidden1, hidden2); "
+                  "allowed: 0..2"),
+    (1, "full", "model.frozen_layers = 1 with strategy 'full', which trains every block"),
+])
+def test_impossible_plans_are_config_errors(frozen, strategy, message):
+    with pytest.raises(ConfigError) as exc:
+        apply_freeze(_mlp(), frozen, strategy, 1e-3, 1.0)
+    assert message in str(exc.value)
+
+
+def test_frozen_batchnorm_stays_in_inference_mode():
+    model = _mlp(batch_norm=True)
+    apply_freeze(model, 1, "freeze", 1e-3, 1.0)
+    model.train()
+    bn1 = model.backbone.blocks[0][1]
+    bn2 = model.backbone.blocks[1][1]
+    assert not bn1.training and bn2.training
+
+
+def _args_for(name):
+    return {"mlp": {"hidden": [16, 8], "batch_norm": True}, "resmlp": {"width": 16}}[name]
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+@pytest.mark.parametrize("strategy, frozen", [("freeze", 1), ("bias_only", 1),
+                                              ("linear_probe", 0)])
+def test_frozen_tensors_are_bit_identical_after_training(name, strategy, frozen):
+    torch.manual_seed(0)
+    model = build_model(model_spec(name, _args_for(name), 10, "linear", 8, 0.0, 3))
+    x, y = torch.randn(96, 10), torch.randint(0, 3, (96,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05)
+    summary = fit(model, Tensors(x, y), Tensors(x[:32], y[:32]),
+                  [Phase(frozen, strategy, 3, 0.05, 1.0)], cfg, ["a", "b", "c"], 0,
+                  save=lambda *_: None, metrics_csv="/dev/null", log=lambda _: None)
+    assert summary["freeze_check"]["unchanged"]
+    after = model.state_dict()
+    n_frozen = summary["plans"][0]["frozen_layers"]
+    frozen_prefixes = [f"backbone.blocks.{i}." for i in range(n_frozen)]
+    for key, value in before.items():
+        if any(key.startswith(p) for p in frozen_prefixes):
+            assert torch.equal(after[key], value), key  # weights and BN statistics alike
+        if strategy == "bias_only" and key.startswith("backbone.") and key.endswith("weight"):
+            assert torch.equal(after[key], value), key
+    assert not torch.equal(after["head.0.weight"], before["head.0.weight"])
+
+
+def test_verify_catches_a_moved_tensor():
+    model = _mlp()
+    apply_freeze(model, 1, "freeze", 1e-3, 1.0)
+    snap = snapshot_frozen(model)
+    with torch.no_grad():
+        model.backbone.blocks[0][0].weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="frozen tensors changed"):
+        verify_unchanged(model, snap)

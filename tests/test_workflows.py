@@ -1,0 +1,165 @@
+"""The five commands end to end on the built-in credit_data (small, fast settings)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tltool.metrics import choose_threshold
+
+METRIC_KEYS = ["n", "accuracy", "balanced_accuracy", "precision", "recall", "f1", "auroc",
+               "average_precision", "brier", "log_loss", "threshold", "confusion_matrix"]
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_pretrain_writes_a_complete_run_folder(pretrained):
+    names = {p.name for p in pretrained.iterdir()}
+    assert {"config.yaml", "command.txt", "env.json", "run.json", "metrics.csv", "metrics.json",
+            "thresholds.json", "freeze_plan.txt", "freeze_plan.json", "checkpoints"} <= names
+    assert _json(pretrained / "run.json")["status"] == "complete"
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(pretrained / "checkpoints" / name, weights_only=True)
+        assert ckpt["format"] == "tltool-checkpoint" and ckpt["classes"] == ["good", "bad"]
+    metrics = _json(pretrained / "metrics.json")
+    assert list(metrics["test"]) == METRIC_KEYS
+    assert metrics["test"]["auroc"] > 0.7  # a real signal on the source population
+    epochs = pd.read_csv(pretrained / "metrics.csv")
+    assert len(epochs) == metrics["epochs_run"] == 4
+    assert _json(pretrained / "env.json")["seed"] == 0
+
+
+def test_finetune_transfers_freezes_and_chooses_threshold_on_validation(
+        pretrained, cli, write_config, tmp_path):
+    cfg = write_config("ft", {"model": {"backbone_args": {}, "weights": str(pretrained),
+                                        "frozen_layers": 1},
+                              "train": {"backbone_lr_mult": 0.1}})
+    res = cli("freeze-finetune", cfg)
+    assert res.code == 0, res.err
+    run = tmp_path / res.out.strip()
+    metrics = _json(run / "metrics.json")
+    assert metrics["freeze_check"]["unchanged"] and metrics["freeze_check"]["frozen_tensors"] > 0
+    assert metrics["data"]["rows"] == {"train": 100, "val": 91, "test": 181}
+    plan = _json(run / "freeze_plan.json")[0]
+    assert [b["state"] for b in plan["blocks"]] == ["frozen", "trainable", "trainable"]
+    assert metrics["trainable_params"] == 16 * 8 + 8 + 8 * 2 + 2
+    # The frozen block is exactly the source model's.
+    src = torch.load(pretrained / "checkpoints/best.pt", weights_only=True)["state_dict"]
+    dst = torch.load(run / "checkpoints/best.pt", weights_only=True)["state_dict"]
+    assert torch.equal(src["backbone.blocks.0.0.weight"], dst["backbone.blocks.0.0.weight"])
+    assert not torch.equal(src["backbone.blocks.1.0.weight"], dst["backbone.blocks.1.0.weight"])
+    # The threshold is the one that maximises accuracy on the validation split.
+    thr = _json(run / "thresholds.json")
+    assert thr["chosen_on"] == "validation" and thr["rule"] == "threshold"
+    ev = cli("evaluate", str(run))
+    assert ev.code == 0, ev.err
+    evaluation = tmp_path / ev.out.strip()
+    assert _json(evaluation / "metrics.json")["test"] == metrics["test"]
+    preds = pd.read_csv(evaluation / "test_predictions.csv")
+    assert len(preds) == 181
+    assert (preds["prediction"] == np.where(preds["p_bad"] >= thr["threshold"], "bad",
+                                            "good")).all()
+    assert "confusion matrix" in (evaluation / "report.txt").read_text()
+
+
+def test_threshold_selection_uses_only_the_given_rows():
+    y = np.array([0, 0, 1, 1, 1])
+    p = np.array([0.1, 0.7, 0.6, 0.8, 0.9])
+    chosen = choose_threshold(y, p, "accuracy")
+    assert chosen["validation_score"] == 0.8 and 0.1 < chosen["threshold"] <= 0.6
+    assert choose_threshold(y, p, "youden")["validation_score"] == 2 / 3
+
+
+def test_predict_applies_saved_preprocessing(pretrained, cli, tmp_path):
+    rows = pd.read_csv(Path(__file__).parents[1] / "configs/credit/new_applicants.csv")
+    rows.loc[0, "Home"] = "houseboat"  # an unseen category must not crash
+    rows.loc[1, "Income"] = np.nan  # a missing value is imputed
+    rows.to_csv(tmp_path / "new.csv", index=False)
+    res = cli("predict", str(pretrained), "new.csv", "--out", "preds.csv",
+              "--id-column", "applicant_id")
+    assert res.code == 0, res.err
+    preds = pd.read_csv(tmp_path / "preds.csv")
+    assert list(preds.columns) == ["id", "p_good", "p_bad", "prediction"]
+    assert preds["id"].tolist() == rows["applicant_id"].tolist()
+    assert np.allclose(preds["p_good"] + preds["p_bad"], 1, atol=1e-5)
+    run = tmp_path / res.out.strip()
+    assert pd.read_csv(run / "predictions.csv").equals(preds)
+    assert _json(run / "metrics.json")["unseen_categories"] == {"Home": 1}
+
+
+def test_same_config_and_seed_give_identical_metrics(cli, write_config, tmp_path):
+    cfg = write_config("rep", {"train": {"epochs": 3}})
+    a, b = cli("pretrain", cfg), cli("pretrain", cfg)
+    assert a.code == b.code == 0
+    assert a.out != b.out  # a new folder each time, never overwritten
+    ja = (tmp_path / a.out.strip() / "metrics.json").read_bytes()
+    jb = (tmp_path / b.out.strip() / "metrics.json").read_bytes()
+    assert ja == jb
+
+
+def test_latest_resolves_to_the_newest_complete_run(pretrained, cli, tmp_path):
+    failed = pretrained.parent / "99999999-999999-pretrain"
+    failed.mkdir()
+    (failed / "run.json").write_text(json.dumps({"command": "pretrain", "status": "failed"}))
+    res = cli("evaluate", str(pretrained.parent / "latest"))
+    assert res.code == 0, res.err
+    assert _json(tmp_path / res.out.strip() / "metrics.json")["run"] == str(pretrained)
+
+
+def test_rounds_run_in_order(pretrained, cli, write_config, tmp_path):
+    cfg = write_config("rounds", {"model": {"backbone_args": {}, "weights": str(pretrained)},
+                                  "train": {"rounds": [
+                                      {"strategy": "linear_probe", "epochs": 2},
+                                      {"frozen_layers": 1, "epochs": 2, "lr": 0.001},
+                                      {"frozen_layers": 0, "strategy": "full", "epochs": 2}]}})
+    res = cli("freeze-finetune", cfg)
+    assert res.code == 0, res.err
+    run = tmp_path / res.out.strip()
+    epochs = pd.read_csv(run / "metrics.csv")
+    assert epochs["round"].tolist() == [1, 1, 2, 2, 3, 3]
+    assert epochs["trainable_params"].tolist()[::2] == [18, 18 + 136, 18 + 136 + 23 * 16 + 16]
+    assert len(_json(run / "freeze_plan.json")) == 3
+
+
+def test_target_only_and_source_only_baselines(pretrained, cli, write_config, tmp_path):
+    res = cli("freeze-finetune", write_config("tgt", {"model": {"weights": "none",
+                                                                "strategy": "full"}}))
+    assert res.code == 0, res.err
+    src = cli("evaluate", str(pretrained), "--on", "target")
+    assert src.code == 0, src.err
+    m = _json(tmp_path / src.out.strip() / "metrics.json")
+    assert m["on"] == "target" and m["test"]["n"] == 181
+
+
+def test_extract_writes_features_and_fits_sklearn_heads(pretrained, cli, write_config,
+                                                        tmp_path):
+    res = cli("extract", write_config("ex", {"model": {"weights": str(pretrained)}}))
+    assert res.code == 0, res.err
+    run = tmp_path / res.out.strip()
+    feats = np.load(run / "features" / "target_train.npz")
+    assert feats["features"].shape == (100, 8) and len(feats["labels"]) == len(feats["ids"])
+    assert sorted(p.name for p in (run / "features").iterdir()) == sorted(
+        f"{d}_{s}.npz" for d in ("source", "target") for s in ("train", "val", "test"))
+    heads = _json(run / "metrics.json")["heads"]
+    assert set(heads) == {"logistic_regression", "random_forest", "svm"}
+    assert all(0.5 < h["test"]["auroc"] <= 1 for h in heads.values())
+
+
+def test_resmlp_backbone_transfers(cli, write_config, tmp_path):
+    from conftest import BASE
+
+    base = dict(BASE, model={"backbone": "resmlp", "backbone_args": {"width": 16, "depth": 1}})
+    src = cli("pretrain", write_config("rsrc", base=base))
+    assert src.code == 0, src.err
+    ft = cli("freeze-finetune", write_config("rft", {"model": {
+        "weights": str(tmp_path / src.out.strip()), "frozen_layers": 1,
+        "strategy": "bias_only"}}, base=base))
+    assert ft.code == 0, ft.err
+    plan = _json(tmp_path / ft.out.strip() / "freeze_plan.json")[0]
+    assert [b["state"] for b in plan["blocks"]] == ["frozen", "bias_only", "trainable"]

@@ -1,0 +1,218 @@
+"""The `tltool` command line. Parses arguments, calls a workflow, prints. No ML here.
+
+Heavy modules (torch, pandas, sklearn) are imported inside the commands, so `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+app = typer.Typer(
+    name="tltool",
+    help="Transfer learning from the command line: pretrain a source model, freeze and "
+    "fine-tune it on a target task, extract features, evaluate, predict.\n\n"
+    "Example (credit-default transfer on the built-in credit_data):\n\n"
+    "  tltool pretrain configs/credit/pretrain.yaml\n\n"
+    "  tltool freeze-finetune configs/credit/finetune.yaml\n\n"
+    "  tltool evaluate runs/credit-finetune/latest\n\n"
+    "  tltool predict runs/credit-finetune/latest configs/credit/new_applicants.csv "
+    "--out preds.csv",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+SET_HELP = "Override a config key, typed as YAML: --set train.lr=0.0005 (repeatable)."
+log = logging.getLogger("tltool")
+
+
+def _call(fn: Callable[[], Any]) -> Any:
+    """Run a workflow; a user error becomes one line on stderr and exit code 2."""
+    from tltool.errors import TLError
+
+    try:
+        return fn()
+    except TLError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=exc.exit_code) from None
+    except OSError as exc:
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        raise typer.Exit(code=2) from None
+
+
+def _load(config: str, overrides: list[str] | None):
+    from tltool.config import load_config
+
+    return load_config(config, overrides or [])
+
+
+def _finish(result: dict[str, Any], lines: list[str]) -> None:
+    for line in lines:
+        typer.echo(line, err=True)
+    typer.echo(result["run"])
+
+
+def _score_lines(metrics: dict[str, Any]) -> list[str]:
+    out = []
+    for split in ("val", "test"):
+        m = metrics.get(split)
+        if m:
+            auroc = "n/a" if m["auroc"] is None else f"{m['auroc']:.4f}"
+            out.append(f"{split:<5} accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  "
+                       f"auroc {auroc}  (n={m['n']})")
+    return out
+
+
+@app.command()
+def pretrain(
+    config: str = typer.Argument(..., help="YAML experiment config with a `source` section."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Train a source model (backbone + head) on the source data.
+
+    Example: tltool pretrain configs/credit/pretrain.yaml --set train.epochs=50
+    """
+    from tltool.workflows.train import pretrain as run
+
+    cfg = _call(lambda: _load(config, set_))
+    result = _call(lambda: run(cfg, sys.argv))
+    _finish(result, _score_lines(result["metrics"]))
+
+
+@app.command("freeze-finetune")
+def freeze_finetune(
+    config: str = typer.Argument(..., help="YAML config with a `target` section and "
+                                 "model.weights naming the source run."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Transfer a source model: freeze its first N blocks, fine-tune the rest on the target.
+
+    Example: tltool freeze-finetune configs/credit/finetune.yaml --set model.frozen_layers=1
+    """
+    from tltool.workflows.train import freeze_finetune as run
+
+    cfg = _call(lambda: _load(config, set_))
+    result = _call(lambda: run(cfg, sys.argv))
+    _finish(result, _score_lines(result["metrics"]))
+
+
+@app.command()
+def extract(
+    config: str = typer.Argument(..., help="YAML config; model.weights names the trained run."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Write frozen-backbone features to disk and fit sklearn heads on them.
+
+    Example: tltool extract configs/credit/extract.yaml
+    """
+    from tltool.workflows.extract import extract as run
+
+    cfg = _call(lambda: _load(config, set_))
+    result = _call(lambda: run(cfg, sys.argv))
+    lines = [f"{kind:<20} " + " ".join(_score_lines(r)[-1:])
+             for kind, r in result["metrics"]["heads"].items()]
+    _finish(result, lines)
+
+
+@app.command()
+def evaluate(
+    run: str = typer.Argument(..., help="A pretrain/freeze-finetune run folder, or "
+                              "ROOT/NAME/latest for the newest complete one."),
+    on: str = typer.Option(None, "--on", help="Data section to test on: source or target "
+                           "(default: what the run trained on)."),
+    csv: str = typer.Option(None, "--csv", help="Evaluate on all rows of this labelled CSV."),
+) -> None:
+    """Test-split metrics (accuracy, F1, AUROC, AP, Brier, confusion matrix) of a run.
+
+    Example: tltool evaluate runs/credit-finetune/latest
+    """
+    from tltool.workflows.infer import evaluate as run_eval
+
+    if on not in (None, "source", "target"):
+        typer.echo(f"error: --on: got {on!r}; allowed: source, target", err=True)
+        raise typer.Exit(2)
+    result = _call(lambda: run_eval(run, on, csv, sys.argv))
+    _finish(result, [result["table"]])
+
+
+@app.command()
+def predict(
+    run: str = typer.Argument(..., help="A trained run folder, or ROOT/NAME/latest."),
+    input_csv: str = typer.Argument(..., help="CSV of new rows with the training columns."),
+    out: str = typer.Option(None, "--out", help="Also write the predictions to this CSV."),
+    id_column: str = typer.Option(None, "--id-column", help="Input column that identifies "
+                                  "rows (default: the config's id_column, else the row index)."),
+) -> None:
+    """Probabilities and decisions for new rows, with the run's preprocessing and threshold.
+
+    Example: tltool predict runs/credit-finetune/latest new_rows.csv --out preds.csv
+    """
+    from tltool.workflows.infer import predict as run_predict
+
+    result = _call(lambda: run_predict(run, input_csv, out, id_column, sys.argv))
+    s = result["summary"]
+    _finish(result, [f"{s['rows']} rows predicted: {s['predicted_counts']}"
+                     + (f"; written to {out}" if out else "")])
+
+
+@app.command("config")
+def show_config(
+    config: str = typer.Argument(None, help="YAML config to resolve."),
+    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    reference: bool = typer.Option(False, "--reference", help="Print every key with its "
+                                   "default and meaning (Markdown)."),
+) -> None:
+    """Print the fully resolved config (extends + --set + defaults) without running anything.
+
+    Example: tltool config configs/credit/finetune.yaml --set model.frozen_layers=2
+    """
+    from tltool.config import dump_config, schema_reference
+
+    if reference:
+        typer.echo(schema_reference())
+        return
+    if config is None:
+        typer.echo("error: give a CONFIG file, or --reference", err=True)
+        raise typer.Exit(2)
+    typer.echo(dump_config(_call(lambda: _load(config, set_))), nl=False)
+
+
+@app.command()
+def datasets() -> None:
+    """List the built-in data sets (they ship with the package; no network needed)."""
+    from tltool.datasets import TABLES
+
+    for t in TABLES.values():
+        typer.echo(f"{t.name:<15} {t.rows:>6} rows  label={t.label} (positive: {t.positive})  "
+                   f"{t.description}")
+
+
+@app.command()
+def backbones(
+    inputs: int = typer.Option(20, help="Input width used to count MLP parameters."),
+) -> None:
+    """List backbones with their freezable blocks (the unit of frozen_layers) and sizes."""
+    from tltool.models.backbones import BACKBONES, build_backbone
+
+    for spec in BACKBONES.values():
+        net = build_backbone(spec.name, {}, inputs)
+        typer.echo(f"{spec.name}: {spec.description} (default options, {inputs} inputs)")
+        for i, (name, block) in enumerate(zip(net.block_names, net.blocks, strict=True)):
+            n = sum(p.numel() for p in block.parameters())
+            typer.echo(f"  {i + 1}. {name:<10} {n:>10,} parameters")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="tltool: %(message)s", stream=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,303 @@
+"""The experiment config: one explicit schema, `extends:` inheritance and `--set` overrides.
+
+Every field is declared once below with its type, default and a one-line description. Unknown
+keys are errors (with a "did you mean"), and every problem of a file is reported in one message.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tltool.errors import ConfigError
+
+Scalar = str | int | float | bool
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class SplitConfig(_Strict):
+    val: float = Field(0.2, gt=0, lt=1, description="fraction of rows held out for validation")
+    test: float = Field(0.2, gt=0, lt=1, description="fraction of rows held out for testing")
+    seed: int = Field(0, description="seed of the train/val/test partition (kept fixed across "
+                      "experiment seeds so every run is tested on the same rows)")
+    stratify: bool = Field(True, description="keep class proportions equal in every split")
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_rows(self) -> SplitConfig:
+        if self.val + self.test >= 1:
+            raise ValueError(f"val + test must be below 1 so rows remain for training, "
+                             f"got {self.val} + {self.test}")
+        return self
+
+
+class DataConfig(_Strict):
+    kind: Literal["builtin", "csv"] = Field("builtin", description="where the rows come from")
+    name: str | None = Field(None, description="built-in data set name (kind: builtin)")
+    path: str | None = Field(None, description="CSV file path (kind: csv)")
+    label: str | None = Field(None, description="label column (default: the data set's own)")
+    positive: Scalar | None = Field(None, description="positive class of a binary label")
+    id_column: str | None = Field(None, description="column with row ids, kept out of features")
+    features: list[str] | None = Field(None, description="feature columns (default: all others)")
+    categorical: list[str] = Field([], description="columns forced to be categorical")
+    drop: list[str] = Field([], description="columns to leave out of the features")
+    where: dict[str, Scalar | list[Scalar]] = Field(
+        {}, description="population filter: column -> value or list of allowed values")
+    split: SplitConfig = Field(SplitConfig(), description="train/val/test partition")
+    n_train: int | None = Field(None, gt=0, description="sub-sample this many training rows")
+    n_val: int | None = Field(None, gt=0, description="sub-sample this many validation rows")
+
+    @model_validator(mode="after")
+    def _source_named(self) -> DataConfig:
+        if self.kind == "builtin" and not self.name:
+            raise ValueError("kind 'builtin' needs 'name' (see `tltool datasets`)")
+        if self.kind == "csv" and not self.path:
+            raise ValueError("kind 'csv' needs 'path' to a CSV file")
+        return self
+
+
+class RoundConfig(_Strict):
+    frozen_layers: int | None = Field(None, ge=0, description="blocks frozen in this round")
+    strategy: Literal["freeze", "bias_only", "full", "linear_probe"] | None = Field(
+        None, description="freezing strategy of this round (default: model.strategy)")
+    epochs: int = Field(10, ge=1, description="maximum epochs of this round")
+    lr: float | None = Field(None, gt=0, description="learning rate (default: train.lr)")
+    backbone_lr_mult: float | None = Field(None, ge=0, description="backbone lr multiplier")
+
+
+class ModelConfig(_Strict):
+    backbone: str = Field("mlp", description="backbone name (see `tltool backbones`)")
+    backbone_args: dict[str, Any] = Field({}, description="options of the backbone")
+    weights: str = Field("none", description="none | a pretrain run folder (or .../latest) | "
+                         "a checkpoint file")
+    frozen_layers: int = Field(0, ge=0, description="freeze the first N backbone blocks")
+    strategy: Literal["freeze", "bias_only", "full", "linear_probe"] = Field(
+        "freeze", description="freeze: first N blocks frozen; bias_only: only biases and head "
+        "train; full: everything trains; linear_probe: only the head trains")
+    head: Literal["linear", "mlp"] = Field("linear", description="classification head")
+    head_hidden: int = Field(32, gt=0, description="hidden units of the mlp head")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the head")
+
+
+class EarlyStopping(_Strict):
+    patience: int | None = Field(20, ge=1, description="epochs without improvement before "
+                                 "stopping (null: never stop early)")
+    monitor: Literal["val_loss", "val_auroc", "val_accuracy", "val_f1"] = Field(
+        "val_loss", description="validation metric that selects the best epoch")
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(100, ge=0, description="maximum epochs (when no rounds are given)")
+    batch_size: int = Field(64, ge=1, description="rows per optimisation step")
+    lr: float = Field(1e-3, gt=0, description="learning rate of the head and new layers")
+    backbone_lr_mult: float = Field(1.0, ge=0, description="learning-rate multiplier of the "
+                                    "pretrained backbone blocks")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (AdamW)")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="optimiser")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum (sgd only)")
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="balanced: weight the loss by inverse class frequency")
+    early_stopping: EarlyStopping = Field(EarlyStopping(), description="early stopping")
+    rounds: list[RoundConfig] = Field([], description="gradual unfreezing: rounds run in order, "
+                                      "each with its own frozen_layers / epochs / lr")
+
+
+class DecisionConfig(_Strict):
+    rule: Literal["argmax", "threshold"] = Field(
+        "argmax", description="argmax (the design document's 'max') or a probability threshold "
+        "chosen on the validation split ('avg')")
+    optimize: Literal["accuracy", "f1", "youden"] = Field(
+        "accuracy", description="what the validation threshold maximises")
+
+
+class ExtractConfig(_Strict):
+    blocks: int | None = Field(None, ge=1, description="features after this many backbone blocks "
+                               "(default: all)")
+    heads: list[Literal["logistic_regression", "random_forest", "svm"]] = Field(
+        ["logistic_regression", "random_forest", "svm"], description="sklearn heads to fit")
+    fit_on: Literal["source", "target"] = Field("target", description="data the heads fit on")
+
+
+class OutputConfig(_Strict):
+    root: str = Field("runs", description="run folders go to ROOT/NAME/TIMESTAMP-COMMAND")
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="experiment name: the run folder's parent")
+    seed: int = Field(0, description="seed of sub-sampling, initialisation and batching")
+    source: DataConfig | None = Field(None, description="source data (pretrain)")
+    target: DataConfig | None = Field(None, description="target data (freeze-finetune)")
+    model: ModelConfig = Field(ModelConfig(), description="backbone, weights, freezing, head")
+    train: TrainConfig = Field(TrainConfig(), description="training schedule")
+    decision: DecisionConfig = Field(DecisionConfig(), description="probability -> decision")
+    extract: ExtractConfig = Field(ExtractConfig(), description="feature extraction")
+    output: OutputConfig = Field(OutputConfig(), description="where runs are written")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config (following `extends:`), apply `--set` overrides, validate."""
+    raw = _read_with_extends(Path(path), chain=())
+    for item in overrides or []:
+        _apply_override(raw, item)
+    return validate_config(raw, origin=str(path))
+
+
+def validate_config(raw: dict[str, Any], origin: str) -> ExperimentConfig:
+    """Validate a plain dict; every problem is listed in one ConfigError."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(err) for err in exc.errors()]
+        if len(problems) == 1:
+            raise ConfigError(f"{origin}: {problems[0]}") from None
+        head = f"{origin}: {len(problems)} problems in the config"
+        raise ConfigError(head + "\n" + "\n".join(f"  - {p}" for p in problems)) from None
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """The fully resolved config as YAML (every default spelled out)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (expected UTF-8 YAML)") from None
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys, got a "
+                          f"{type(data).__name__}")
+    return data
+
+
+def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, resolved))
+        raise ConfigError(f"{path}: `extends` forms a cycle: {cycle}")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: `extends` must be a path to another config, got {parent!r}")
+    # A parent path is relative to the file that names it, so configs can move together.
+    base = _read_with_extends(path.parent / parent, chain=(*chain, resolved))
+    return _deep_merge(base, data)
+
+
+def _deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=0.001")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text  # not YAML: keep the text as a string
+    parts = key.strip().split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            dotted = ".".join(parts[: depth + 1])
+            raise ConfigError(f"--set {item!r}: {dotted} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+# ---------------------------------------------------------------- messages
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-after"))]
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    kind = err["type"]
+    got = err.get("input")
+    if kind == "extra_forbidden":
+        choices = _fields_at(loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), choices, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"{where}: unknown key; {hint}allowed: {', '.join(choices)}"
+    if kind == "missing":
+        return f"{where}: required key is missing"
+    if kind == "literal_error":
+        allowed = err.get("ctx", {}).get("expected", "")
+        return f"{where}: got {got!r}; allowed: {allowed}"
+    if kind == "value_error":
+        return f"{where}: {err['msg'].removeprefix('Value error, ')}"
+    return f"{where}: {err['msg'].lower()}; got {got!r}"
+
+
+def _fields_at(loc: list[Any]) -> list[str]:
+    """Field names of the config section at `loc` (list indices and dict keys skipped)."""
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc:
+        if not isinstance(part, str) or part not in model.model_fields:
+            continue
+        annotation = model.model_fields[part].annotation
+        nested = _model_in(annotation)
+        if nested is None:
+            break
+        model = nested
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def schema_reference() -> str:
+    """Markdown reference of every config key, generated from the schema itself."""
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key = f"{prefix}{name}"
+            nested = _model_in(field.annotation)
+            default = field.default
+            if isinstance(default, BaseModel):
+                default = "(section)"
+            lines.append(f"| `{key}` | `{default!r}` | {field.description or ''} |")
+            if nested is not None:
+                walk(nested, key + ("[]." if "list" in str(field.annotation) else "."))
+
+    walk(ExperimentConfig, "")
+    return "| key | default | meaning |\n|---|---|---|\n" + "\n".join(lines)

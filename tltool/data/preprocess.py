@@ -1,0 +1,153 @@
+"""Tabular preprocessing fitted on training rows only, saved as plain values with the model.
+
+State is a dict of lists and numbers (no pickled objects), so it travels inside a checkpoint
+that loads with `torch.load(weights_only=True)`, and `predict` applies exactly the same transform.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tltool.errors import DataError
+
+MISSING = "(missing)"
+# A text column counts as numeric when at least this share of its values parse as numbers;
+# the rest are then typos to report, not categories to learn.
+NUMERIC_SHARE = 0.9
+
+
+def csv_line(index: Any) -> str:
+    """Human row reference: the original frame index is the 0-based data row of the CSV."""
+    return f"row {int(index) + 2}" if isinstance(index, (int, np.integer)) else f"row {index}"
+
+
+def infer_numeric(frame: pd.DataFrame, columns: list[str], forced_categorical: list[str],
+                  origin: str) -> list[str]:
+    """Columns to treat as numbers; a mostly-numeric column with stray text is an error."""
+    numeric = []
+    for col in columns:
+        series = frame[col]
+        if col in forced_categorical or pd.api.types.is_bool_dtype(series):
+            continue
+        if pd.api.types.is_numeric_dtype(series):
+            numeric.append(col)
+            continue
+        present = series.dropna()
+        if present.empty:
+            continue
+        parsed = pd.to_numeric(present, errors="coerce")
+        share = parsed.notna().mean()
+        if share >= NUMERIC_SHARE:
+            bad = parsed[parsed.isna()]
+            if not bad.empty:
+                first = bad.index[0]
+                raise DataError(
+                    f"{origin}: column {col!r} holds numbers but {csv_line(first)} has "
+                    f"{present[first]!r} ({len(bad)} such value{'s' if len(bad) > 1 else ''}); "
+                    f"fix the value(s), leave them empty for missing, or list the column "
+                    f"under `categorical`")
+            numeric.append(col)
+    return numeric
+
+
+class TabularPreprocessor:
+    """Median imputation + standardisation for numbers, one-hot for categories.
+
+    Columns constant on the training rows are dropped: they carry no information, and a
+    population filter (e.g. `where: {Job: fixed}`) makes its own column constant, which would
+    otherwise become a systematic input shift between source and target.
+    """
+
+    def __init__(self) -> None:
+        self.numeric: list[dict[str, Any]] = []  # {name, median, mean, std}
+        self.categorical: list[dict[str, Any]] = []  # {name, categories}
+        self.dropped: list[str] = []
+
+    # -- fitting
+    def fit(self, frame: pd.DataFrame, columns: list[str], forced_categorical: list[str],
+            origin: str) -> TabularPreprocessor:
+        numeric = set(infer_numeric(frame, columns, forced_categorical, origin))
+        for col in columns:
+            if col in numeric:
+                values = pd.to_numeric(frame[col], errors="coerce").astype("float64")
+                if values.notna().sum() == 0 or values.nunique() <= 1:
+                    self.dropped.append(col)
+                    continue
+                median = float(values.median())
+                filled = values.fillna(median)
+                std = float(filled.std(ddof=0)) or 1.0
+                self.numeric.append({"name": col, "median": median,
+                                     "mean": float(filled.mean()), "std": std})
+            else:
+                cats = sorted(self._as_text(frame[col]).unique().tolist())
+                if len(cats) <= 1:
+                    self.dropped.append(col)
+                    continue
+                self.categorical.append({"name": col, "categories": cats})
+        if not self.numeric and not self.categorical:
+            raise DataError(f"{origin}: no usable feature columns (all were constant or empty "
+                            f"on the training rows: {', '.join(self.dropped) or 'none given'})")
+        return self
+
+    @staticmethod
+    def _as_text(series: pd.Series) -> pd.Series:
+        return series.map(lambda v: MISSING if pd.isna(v) else str(v))
+
+    # -- applying
+    @property
+    def input_columns(self) -> list[str]:
+        return [c["name"] for c in self.numeric] + [c["name"] for c in self.categorical]
+
+    @property
+    def feature_names(self) -> list[str]:
+        names = [c["name"] for c in self.numeric]
+        for c in self.categorical:
+            names += [f"{c['name']}={v}" for v in c["categories"]]
+        return names
+
+    def transform(self, frame: pd.DataFrame, origin: str) -> np.ndarray:
+        """Rows -> float32 matrix; unseen categories become all-zero one-hot rows."""
+        missing = [c for c in self.input_columns if c not in frame.columns]
+        if missing:
+            raise DataError(f"{origin}: missing column(s) the model was trained on: "
+                            f"{', '.join(missing)}")
+        parts = []
+        for c in self.numeric:
+            raw = frame[c["name"]]
+            values = pd.to_numeric(raw, errors="coerce")
+            bad = values.isna() & raw.notna()
+            if bad.any():
+                first = bad[bad].index[0]
+                raise DataError(f"{origin}: column {c['name']!r} must be numeric but "
+                                f"{csv_line(first)} has {raw[first]!r}")
+            filled = values.astype("float64").fillna(c["median"])
+            parts.append(((filled - c["mean"]) / c["std"]).to_numpy()[:, None])
+        for c in self.categorical:
+            text = self._as_text(frame[c["name"]]).to_numpy()
+            cats = np.asarray(c["categories"], dtype=object)
+            parts.append((text[:, None] == cats[None, :]).astype("float64"))
+        return np.concatenate(parts, axis=1).astype(np.float32)
+
+    def unseen_counts(self, frame: pd.DataFrame) -> dict[str, int]:
+        """How many rows hold a category not seen in training, per column."""
+        out = {}
+        for c in self.categorical:
+            n = int((~self._as_text(frame[c["name"]]).isin(c["categories"])).sum())
+            if n:
+                out[c["name"]] = n
+        return out
+
+    # -- persistence
+    def state_dict(self) -> dict[str, Any]:
+        return {"numeric": self.numeric, "categorical": self.categorical, "dropped": self.dropped}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> TabularPreprocessor:
+        pre = cls()
+        pre.numeric = list(state["numeric"])
+        pre.categorical = list(state["categorical"])
+        pre.dropped = list(state["dropped"])
+        return pre

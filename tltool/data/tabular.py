@@ -1,0 +1,213 @@
+"""Tabular data: read a CSV or built-in table, select a population, split, sub-sample.
+
+Everything here validates the user's data and says which file, column or row is wrong.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from tltool.config import DataConfig
+from tltool.data.preprocess import infer_numeric
+from tltool.datasets import TABLES, load_table
+from tltool.errors import DataError
+
+
+@dataclass
+class Split:
+    """Raw feature rows, integer labels and row ids of one split."""
+
+    frame: pd.DataFrame
+    y: np.ndarray
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class TabularData:
+    origin: str
+    label: str
+    classes: list[str]
+    feature_columns: list[str]
+    categorical: list[str]
+    train: Split
+    val: Split
+    test: Split
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        counts = {s: int(len(getattr(self, s))) for s in ("train", "val", "test")}
+        return {"origin": self.origin, "label": self.label, "classes": self.classes,
+                "rows": counts, "features": self.feature_columns, "notes": self.notes}
+
+
+def origin_of(cfg: DataConfig) -> str:
+    return f"built-in {cfg.name}" if cfg.kind == "builtin" else str(cfg.path)
+
+
+def read_frame(cfg: DataConfig) -> pd.DataFrame:
+    """All rows of the configured table, index = 0-based data row of the file."""
+    if cfg.kind == "builtin":
+        return load_table(cfg.name)
+    return read_csv(Path(cfg.path))
+
+
+def read_csv(path: Path) -> pd.DataFrame:
+    if not path.exists():
+        raise DataError(f"{path}: CSV file not found (relative paths are taken from the "
+                        f"current folder {Path.cwd()})")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; expected a CSV file")
+    try:
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the CSV file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV file: {str(exc).splitlines()[0]}") from None
+    if frame.empty:
+        raise DataError(f"{path}: the CSV file has a header but no rows")
+    return frame
+
+
+def _check_columns(frame: pd.DataFrame, names: list[str], what: str, origin: str) -> None:
+    for name in names:
+        if name not in frame.columns:
+            close = difflib.get_close_matches(name, [str(c) for c in frame.columns], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise DataError(f"{origin}: {what} {name!r} is not a column{hint} "
+                            f"(columns: {', '.join(map(str, frame.columns))})")
+
+
+def _matches(series: pd.Series, wanted: list) -> pd.Series:
+    if pd.api.types.is_numeric_dtype(series) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in wanted):
+        return series.isin(wanted)
+    return series.astype(str).isin([str(v) for v in wanted])
+
+
+def select_population(frame: pd.DataFrame, where: dict, origin: str) -> pd.DataFrame:
+    """Keep rows whose columns hold one of the allowed values."""
+    _check_columns(frame, list(where), "`where` column", origin)
+    keep = pd.Series(True, index=frame.index)
+    for col, allowed in where.items():
+        wanted = allowed if isinstance(allowed, list) else [allowed]
+        hit = _matches(frame[col], wanted)
+        if not hit.any():
+            present = ", ".join(map(str, frame[col].dropna().unique()[:12]))
+            raise DataError(f"{origin}: where {col} in {wanted} matches no row; "
+                            f"values present: {present}")
+        keep &= hit
+    out = frame[keep]
+    if out.empty:
+        raise DataError(f"{origin}: the `where` filter {where} leaves no rows")
+    return out
+
+
+def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
+    """Load, filter, label, split (fixed by split.seed) and sub-sample (by `seed`)."""
+    origin = origin_of(cfg)
+    frame = read_frame(cfg)
+    label = cfg.label or (TABLES[cfg.name].label if cfg.kind == "builtin" else None)
+    if label is None:
+        raise DataError(f"{origin}: set `label` to the column that holds the class")
+    _check_columns(frame, [label], "label column", origin)
+    for what, names in (("feature", cfg.features or []), ("categorical column", cfg.categorical),
+                        ("dropped column", cfg.drop),
+                        ("id column", [cfg.id_column] if cfg.id_column else [])):
+        _check_columns(frame, names, what, origin)
+    notes = []
+    if cfg.where:
+        frame = select_population(frame, cfg.where, origin)
+        notes.append(f"where {cfg.where}: {len(frame)} rows")
+    unlabeled = frame[label].isna()
+    if unlabeled.any():
+        notes.append(f"dropped {int(unlabeled.sum())} rows with no label")
+        frame = frame[~unlabeled]
+    labels = frame[label].astype(str)
+    classes = sorted(labels.unique().tolist())
+    if len(classes) < 2:
+        raise DataError(f"{origin}: label {label!r} has a single class {classes[0]!r} in the "
+                        f"{len(frame)} selected rows; a classifier needs at least 2 classes")
+    positive = cfg.positive
+    if positive is None and cfg.kind == "builtin" and cfg.name in TABLES:
+        positive = TABLES[cfg.name].positive
+    if positive is not None:
+        if len(classes) != 2:
+            raise DataError(f"{origin}: `positive` only applies to a binary label; "
+                            f"{label!r} has {len(classes)} classes")
+        if str(positive) not in classes:
+            raise DataError(f"{origin}: positive class {positive!r} is not a value of "
+                            f"{label!r}; values: {', '.join(classes)}")
+        # The positive class goes last, so column 1 of the probabilities is P(positive).
+        classes = [c for c in classes if c != str(positive)] + [str(positive)]
+    y = labels.map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
+    reserved = {label, *cfg.drop, *([cfg.id_column] if cfg.id_column else [])}
+    features = cfg.features or [c for c in frame.columns if c not in reserved]
+    if label in features:
+        raise DataError(f"{origin}: the label {label!r} is also listed as a feature")
+    # Type check over every selected row, so a typo is reported whatever split it lands in.
+    infer_numeric(frame, list(features), list(cfg.categorical), origin)
+    ids = (frame[cfg.id_column].astype(str).to_numpy() if cfg.id_column
+           else frame.index.astype(str).to_numpy())
+    whole = Split(frame[features], y, ids)
+    train, val, test = _partition(whole, cfg, origin, classes)
+    train = _subsample(train, cfg.n_train, seed, "n_train", origin, cfg)
+    val = _subsample(val, cfg.n_val, seed + 1, "n_val", origin, cfg)
+    return TabularData(origin, label, classes, list(features), list(cfg.categorical),
+                       train, val, test, notes)
+
+
+def take(split: Split, idx: np.ndarray) -> Split:
+    return Split(split.frame.iloc[idx], split.y[idx], split.ids[idx])
+
+
+def _partition(whole: Split, cfg: DataConfig, origin: str, classes: list[str]):
+    n = len(whole)
+    s = cfg.split
+    idx = np.arange(n)
+    strat = whole.y if s.stratify else None
+    if s.stratify:
+        counts = np.bincount(whole.y, minlength=len(classes))
+        if counts.min() < 3:
+            rare = classes[int(counts.argmin())]
+            raise DataError(f"{origin}: class {rare!r} has only {counts.min()} row(s); a "
+                            f"stratified train/val/test split needs at least 3 per class "
+                            f"(add rows or set split.stratify: false)")
+    try:
+        rest, test_idx = train_test_split(idx, test_size=s.test, random_state=s.seed,
+                                          stratify=strat)
+        val_share = s.val / (1 - s.test)
+        train_idx, val_idx = train_test_split(
+            rest, test_size=val_share, random_state=s.seed,
+            stratify=None if strat is None else whole.y[rest])
+    except ValueError as exc:
+        raise DataError(f"{origin}: cannot split {n} rows into train/val/test "
+                        f"(val {s.val}, test {s.test}): {exc}") from None
+    return take(whole, np.sort(train_idx)), take(whole, np.sort(val_idx)), \
+        take(whole, np.sort(test_idx))
+
+
+def _subsample(split: Split, n: int | None, seed: int, key: str, origin: str,
+               cfg: DataConfig) -> Split:
+    if n is None:
+        return split
+    if n > len(split):
+        which = "training" if key == "n_train" else "validation"
+        raise DataError(f"{origin}: {key} = {n} but the {which} split has only {len(split)} rows "
+                        f"(after the `where` filter and split val {cfg.split.val} / "
+                        f"test {cfg.split.test}); use at most {len(split)} or leave it unset")
+    if n == len(split):
+        return split
+    idx = np.arange(len(split))
+    n_classes = len(np.unique(split.y))
+    stratify = split.y if n >= n_classes and np.bincount(split.y).min() >= 2 else None
+    chosen, _ = train_test_split(idx, train_size=n, random_state=seed, stratify=stratify)
+    return take(split, np.sort(chosen))

@@ -1,0 +1,25 @@
+"""Errors a user can fix. The CLI turns each into a message on stderr and exit code 2."""
+
+from __future__ import annotations
+
+
+class TLError(Exception):
+    """Base class: a problem with the user's input (config, data, run folder, arguments)."""
+
+    exit_code = 2
+
+
+class ConfigError(TLError):
+    """The config file or an override is invalid."""
+
+
+class DataError(TLError):
+    """A data set, column or row is unusable."""
+
+
+class RunError(TLError):
+    """A run folder is missing, incomplete or incompatible."""
+
+
+class CheckpointError(TLError):
+    """A checkpoint does not fit the model it is loaded into."""

@@ -1,0 +1,95 @@
+"""Classification metrics and decision thresholds (chosen on validation data only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def decide(proba: np.ndarray, threshold: float | None) -> np.ndarray:
+    """Class indices: argmax, or for a binary task P(positive) >= threshold."""
+    if threshold is None:
+        return proba.argmax(axis=1)
+    return (proba[:, 1] >= threshold).astype(np.int64)
+
+
+def choose_threshold(y: np.ndarray, p_pos: np.ndarray, optimize: str) -> dict[str, float]:
+    """Sweep the midpoints between distinct validation scores; maximise the chosen criterion.
+
+    Ties go to the threshold closest to 0.5, so a flat criterion keeps the usual rule.
+    """
+    scores = np.unique(p_pos)
+    candidates = np.concatenate([[0.5], (scores[:-1] + scores[1:]) / 2, scores[:1] - 1e-9])
+    best_t, best_v = 0.5, -np.inf
+    for t in candidates:
+        v = _criterion(y, (p_pos >= t).astype(np.int64), optimize)
+        if v > best_v + 1e-12 or (abs(v - best_v) <= 1e-12 and abs(t - 0.5) < abs(best_t - 0.5)):
+            best_t, best_v = float(t), float(v)
+    return {"threshold": best_t, "optimize": optimize, "validation_score": best_v}
+
+
+def _criterion(y: np.ndarray, pred: np.ndarray, optimize: str) -> float:
+    if optimize == "accuracy":
+        return float((pred == y).mean())
+    if optimize == "f1":
+        return float(skm.f1_score(y, pred, zero_division=0))
+    tpr = pred[y == 1].mean() if (y == 1).any() else 0.0  # Youden's J = TPR - FPR
+    fpr = pred[y == 0].mean() if (y == 0).any() else 0.0
+    return float(tpr - fpr)
+
+
+def classification_report(y: np.ndarray, proba: np.ndarray, classes: list[str],
+                          threshold: float | None = None) -> dict[str, Any]:
+    """Every metric a user compares runs by; keys are stable (None where undefined)."""
+    pred = decide(proba, threshold)
+    binary = len(classes) == 2
+    average = "binary" if binary else "macro"
+    present = np.unique(y)
+    out: dict[str, Any] = {
+        "n": int(len(y)),
+        "accuracy": float(skm.accuracy_score(y, pred)),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)) if len(present) > 1
+        else None,
+        "precision": float(skm.precision_score(y, pred, average=average, zero_division=0)),
+        "recall": float(skm.recall_score(y, pred, average=average, zero_division=0)),
+        "f1": float(skm.f1_score(y, pred, average=average, zero_division=0)),
+        "auroc": None,
+        "average_precision": None,
+        "brier": None,
+        "log_loss": float(-np.log(np.clip(proba[np.arange(len(y)), y], 1e-12, 1)).mean()),
+        "threshold": threshold,
+        "confusion_matrix": skm.confusion_matrix(y, pred, labels=range(len(classes))).tolist(),
+    }
+    onehot = np.eye(len(classes))[y]
+    out["brier"] = float(((proba - onehot) ** 2).sum(axis=1).mean() / (2 if binary else 1))
+    if len(present) == len(classes):
+        if binary:
+            out["auroc"] = float(skm.roc_auc_score(y, proba[:, 1]))
+            out["average_precision"] = float(skm.average_precision_score(y, proba[:, 1]))
+        else:
+            out["auroc"] = float(skm.roc_auc_score(y, proba, multi_class="ovr",
+                                                   average="macro"))
+            out["average_precision"] = float(skm.average_precision_score(onehot, proba,
+                                                                         average="macro"))
+    return out
+
+
+def format_report(report: dict[str, Any], classes: list[str]) -> str:
+    """A readable table of one report (what `evaluate` prints and saves as report.txt)."""
+    keys = ["n", "accuracy", "balanced_accuracy", "precision", "recall", "f1", "auroc",
+            "average_precision", "brier", "log_loss", "threshold"]
+    lines = [f"{k:<18} {_fmt(report[k])}" for k in keys]
+    width = max(len(c) for c in classes) + 2
+    lines.append("confusion matrix (rows: true, columns: predicted)")
+    lines.append(" " * width + "".join(f"{c:>{width}}" for c in classes))
+    for c, row in zip(classes, report["confusion_matrix"], strict=True):
+        lines.append(f"{c:<{width}}" + "".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.4f}" if isinstance(v, float) else str(v)

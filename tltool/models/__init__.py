@@ -1,0 +1,56 @@
+"""Models: a backbone (freezable blocks) + a head, rebuilt from a plain-dict spec."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tltool.models.backbones import Backbone, build_backbone
+
+
+def build_head(kind: str, in_features: int, n_outputs: int, hidden: int,
+               dropout: float) -> nn.Module:
+    """linear: one Linear layer; mlp: Linear -> ReLU -> Linear."""
+    drop = [nn.Dropout(dropout)] if dropout else []
+    if kind == "linear":
+        return nn.Sequential(*drop, nn.Linear(in_features, n_outputs))
+    if kind == "mlp":
+        return nn.Sequential(*drop, nn.Linear(in_features, hidden), nn.ReLU(),
+                             nn.Linear(hidden, n_outputs))
+    raise ValueError(f"unknown head {kind!r}")
+
+
+class TransferModel(nn.Module):
+    """backbone -> head. BatchNorm layers in frozen blocks stay in inference mode in train()."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module, spec: dict[str, Any]):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.spec = spec
+        self.frozen_norms: list[nn.Module] = []  # set by tltool.freeze.apply_freeze
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def train(self, mode: bool = True) -> TransferModel:
+        super().train(mode)
+        for module in self.frozen_norms:
+            module.eval()
+        return self
+
+
+def model_spec(backbone: str, backbone_args: dict[str, Any], in_features: int, head: str,
+               head_hidden: int, dropout: float, n_outputs: int) -> dict[str, Any]:
+    """Everything needed to rebuild the architecture; stored in every checkpoint."""
+    return {"backbone": backbone, "backbone_args": backbone_args, "in_features": in_features,
+            "head": head, "head_hidden": head_hidden, "dropout": dropout, "n_outputs": n_outputs}
+
+
+def build_model(spec: dict[str, Any]) -> TransferModel:
+    backbone = build_backbone(spec["backbone"], spec["backbone_args"], spec["in_features"])
+    head = build_head(spec["head"], backbone.out_features, spec["n_outputs"],
+                      spec["head_hidden"], spec["dropout"])
+    return TransferModel(backbone, head, spec)

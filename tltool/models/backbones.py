@@ -1,0 +1,140 @@
+"""Backbone registry: name -> spec with a builder and an ordered list of freezable blocks.
+
+A backbone is an `nn.Module` with `blocks` (an `nn.ModuleList` run in order), `block_names`
+(documented names, the unit of `frozen_layers`) and `out_features`. Adding a backbone means
+adding one spec here; freezing, caching and extraction work on `blocks` only.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from tltool.errors import ConfigError
+
+
+class Backbone(nn.Module):
+    """Blocks applied in order; `forward_blocks(x, n)` stops after the first n."""
+
+    def __init__(self, blocks: list[nn.Module], names: list[str], out_features: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.block_names = list(names)
+        self.out_features = out_features
+
+    def forward_blocks(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        for block in self.blocks[: len(self.blocks) if n is None else n]:
+            x = block(x)
+        return x.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_blocks(x)
+
+
+class MLPArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hidden: list[int] = Field([64, 32], min_length=1, description="units of each hidden block")
+    activation: str = Field("relu", pattern="^(relu|gelu|tanh)$", description="relu|gelu|tanh")
+    batch_norm: bool = Field(False, description="BatchNorm1d after each hidden Linear")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout at the end of each block")
+
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU,
+                                                    "tanh": nn.Tanh}
+
+
+def build_mlp(args: MLPArgs, in_features: int) -> Backbone:
+    blocks, width = [], in_features
+    for units in args.hidden:
+        layers: list[nn.Module] = [nn.Linear(width, units)]
+        if args.batch_norm:
+            layers.append(nn.BatchNorm1d(units))
+        layers.append(_ACTIVATIONS[args.activation]())
+        if args.dropout:
+            layers.append(nn.Dropout(args.dropout))
+        blocks.append(nn.Sequential(*layers))
+        width = units
+    return Backbone(blocks, [f"hidden{i + 1}" for i in range(len(blocks))], width)
+
+
+class ResMLPArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    width: int = Field(64, gt=0, description="units of the stem and every residual block")
+    depth: int = Field(2, ge=1, description="number of residual blocks after the stem")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout inside each residual block")
+
+
+class _Residual(nn.Module):
+    """x + f(x), f = LayerNorm -> Linear -> ReLU -> Dropout -> Linear (a tabular ResNet block)."""
+
+    def __init__(self, width: int, dropout: float):
+        super().__init__()
+        self.f = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.ReLU(),
+                               nn.Dropout(dropout), nn.Linear(width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.f(x)
+
+
+def build_resmlp(args: ResMLPArgs, in_features: int) -> Backbone:
+    blocks: list[nn.Module] = [nn.Sequential(nn.Linear(in_features, args.width), nn.ReLU())]
+    blocks += [_Residual(args.width, args.dropout) for _ in range(args.depth)]
+    tail = nn.Sequential(nn.LayerNorm(args.width), nn.ReLU())
+    blocks[-1] = nn.Sequential(blocks[-1], tail)  # normalise the output the head sees
+    names = ["stem"] + [f"res{i + 1}" for i in range(args.depth)]
+    return Backbone(blocks, names, args.width)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    input: str  # "tabular" (a feature vector) or "image"
+    args: type[BaseModel]
+    build: Callable[[Any, int], Backbone]
+    description: str
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "mlp": BackboneSpec("mlp", "tabular", MLPArgs, build_mlp,
+                        "multilayer perceptron; one block per hidden layer"),
+    "resmlp": BackboneSpec("resmlp", "tabular", ResMLPArgs, build_resmlp,
+                           "residual MLP for tables: a stem, then `depth` residual blocks"),
+}
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        close = difflib.get_close_matches(name, list(BACKBONES), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"model.backbone: unknown backbone {name!r}; {hint}"
+                          f"available: {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def resolve_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Validate backbone options and fill in their defaults."""
+    spec = get_spec(name)
+    try:
+        return spec.args.model_validate(args).model_dump()
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "extra_forbidden":
+                problems.append(f"model.backbone_args.{key}: unknown option of {name}; "
+                                f"allowed: {', '.join(spec.args.model_fields)}")
+            else:
+                problems.append(f"model.backbone_args.{key}: {err['msg'].lower()}; "
+                                f"got {err.get('input')!r}")
+        raise ConfigError("\n".join(problems)) from None
+
+
+def build_backbone(name: str, args: dict[str, Any], in_features: int) -> Backbone:
+    spec = get_spec(name)
+    return spec.build(spec.args.model_validate(args), in_features)

@@ -1,0 +1,161 @@
+"""Run folders: ROOT/NAME/TIMESTAMP-COMMAND, created new and never overwritten.
+
+`run.json` carries the status: "running" while a command works, then "complete" or "failed".
+Only complete runs are picked by `.../latest`, so a crashed run never looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tltool import __version__
+from tltool.errors import RunError
+
+STATUS_FILE = "run.json"
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    _atomic_write(Path(path), lambda fh: fh.write(text.encode("utf-8")))
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+class RunFolder:
+    """A new folder for one command; records status, environment and files."""
+
+    def __init__(self, path: Path, command: str):
+        self.path = path
+        self.command = command
+        self._start = time.time()
+
+    @classmethod
+    def create(cls, root: str | Path, name: str, command: str, argv: list[str] | None,
+               seed: int | None) -> RunFolder:
+        parent = Path(root) / name
+        parent.mkdir(parents=True, exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for attempt in range(1, 1000):
+            suffix = "" if attempt == 1 else f"-{attempt}"
+            path = parent / f"{stamp}-{command}{suffix}"
+            try:
+                path.mkdir()  # fails if it exists: a run is never overwritten
+                break
+            except FileExistsError:
+                continue
+        else:  # pragma: no cover - a thousand runs in one second
+            raise RunError(f"{parent}: could not create a new run folder")
+        run = cls(path, command)
+        run.set_status("running")
+        write_text(path / "command.txt", " ".join(argv or sys.argv) + "\n")
+        write_json(path / "env.json", environment(seed))
+        return run
+
+    def set_status(self, status: str, **extra: Any) -> None:
+        info = {"command": self.command, "status": status, "tltool": __version__,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self._start))}
+        if status != "running":
+            info["wall_seconds"] = round(time.time() - self._start, 3)
+        write_json(self.path / STATUS_FILE, info | extra)
+
+    def file(self, *parts: str) -> Path:
+        return self.path.joinpath(*parts)
+
+    def save_checkpoint(self, name: str, payload: dict[str, Any]) -> Path:
+        """Atomic torch.save of plain tensors and primitives (weights_only-loadable)."""
+        path = self.file("checkpoints", name)
+        _atomic_write(path, lambda fh: torch.save(payload, fh))
+        return path
+
+
+def environment(seed: int | None) -> dict[str, Any]:
+    import numpy
+    import sklearn
+
+    return {
+        "tltool": __version__, "python": platform.python_version(),
+        "torch": torch.__version__, "numpy": numpy.__version__, "sklearn": sklearn.__version__,
+        "platform": platform.platform(), "device": "cpu", "threads": torch.get_num_threads(),
+        "seed": seed, "git_commit": _git_commit(),
+    }
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def run_status(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def resolve_run(ref: str | Path, commands: tuple[str, ...] | None = None) -> Path:
+    """A run folder, or NAME_FOLDER/latest for the newest complete run in it."""
+    path = Path(ref)
+    if path.name == "latest" and not (path / STATUS_FILE).exists():
+        parent = path.parent
+        if not parent.is_dir():
+            raise RunError(f"{ref}: no experiment folder {parent}")
+        runs = [p for p in parent.iterdir() if p.is_dir()
+                and (run_status(p) or {}).get("status") == "complete"
+                and (commands is None or (run_status(p) or {}).get("command") in commands)]
+        if not runs:
+            kinds = f" {'/'.join(commands)}" if commands else ""
+            raise RunError(f"{ref}: no complete{kinds} run in {parent}")
+        path = max(runs, key=lambda p: p.name)
+    if not path.is_dir():
+        raise RunError(f"{ref}: run folder not found")
+    status = run_status(path)
+    if status is None:
+        raise RunError(f"{ref}: not a tltool run folder (no {STATUS_FILE})")
+    if status.get("status") != "complete":
+        raise RunError(f"{ref}: the run is {status.get('status')!r}, not complete; "
+                       f"use a finished run")
+    if commands is not None and status.get("command") not in commands:
+        raise RunError(f"{ref}: is a {status.get('command')!r} run; expected one of: "
+                       f"{', '.join(commands)}")
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RunError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for a bad file
+        raise RunError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+    if not isinstance(payload, dict) or payload.get("format") != "tltool-checkpoint":
+        raise RunError(f"{path}: not a tltool checkpoint (expected a dict with "
+                       f"format 'tltool-checkpoint')")
+    return payload

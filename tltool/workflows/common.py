@@ -1,0 +1,102 @@
+"""Pieces shared by the workflows: weights resolution, checkpoints, tensors, run bookkeeping."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tltool.config import ExperimentConfig, dump_config, validate_config
+from tltool.data.preprocess import TabularPreprocessor
+from tltool.data.tabular import Split
+from tltool.errors import CheckpointError, RunError
+from tltool.models import TransferModel, build_model
+from tltool.runs import RunFolder, load_checkpoint, resolve_run, write_text
+
+log = logging.getLogger("tltool")
+
+TRAINING_COMMANDS = ("pretrain", "freeze-finetune")
+CHECKPOINT_FORMAT = "tltool-checkpoint"
+
+
+def resolve_weights(ref: str) -> tuple[Path, dict[str, Any]] | None:
+    """`none`, a checkpoint file, a training run folder or NAME_FOLDER/latest."""
+    if ref.strip().lower() in ("none", ""):
+        return None
+    path = Path(ref)
+    if path.is_file():
+        return path, load_checkpoint(path)
+    if not path.exists() and path.name != "latest":
+        raise RunError(f"model.weights: {ref}: no such run folder or checkpoint file "
+                       f"(use a pretrain run folder, NAME_FOLDER/latest, a .pt file, or none)")
+    run = resolve_run(path, commands=TRAINING_COMMANDS)
+    ckpt_path = run / "checkpoints" / "best.pt"
+    return ckpt_path, load_checkpoint(ckpt_path)
+
+
+def load_trained(ckpt: dict[str, Any]) -> tuple[TransferModel, TabularPreprocessor]:
+    model = build_model(ckpt["spec"])
+    load_state(model, ckpt["state_dict"], "checkpoint")
+    return model, TabularPreprocessor.from_state(ckpt["preprocessor"])
+
+
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
+    """Strict load with a message that lists missing, unexpected and mis-shaped keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected),
+                           ("shape mismatch (checkpoint vs model)", shapes)):
+            if keys:
+                more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+                parts.append(f"{what}: {', '.join(keys[:8])}{more}")
+        raise CheckpointError(f"{origin} does not fit this architecture; " + "; ".join(parts))
+    module.load_state_dict(state)
+
+
+def checkpoint_payload(model: TransferModel, pre: TabularPreprocessor, classes: list[str],
+                       label: str, command: str, epoch: int) -> dict[str, Any]:
+    return {"format": CHECKPOINT_FORMAT, "version": 1, "command": command, "epoch": epoch,
+            "spec": model.spec, "classes": list(classes), "label": label,
+            "preprocessor": pre.state_dict(),
+            "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def to_tensors(pre: TabularPreprocessor, split: Split, origin: str) -> tuple[torch.Tensor,
+                                                                             torch.Tensor]:
+    x = torch.from_numpy(pre.transform(split.frame, origin))
+    return x, torch.from_numpy(np.asarray(split.y, dtype=np.int64))
+
+
+def run_config(run: Path) -> ExperimentConfig:
+    import yaml
+
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise RunError(f"{run}: config.yaml missing; not a complete tltool run")
+    return validate_config(yaml.safe_load(path.read_text()), origin=str(path))
+
+
+@contextlib.contextmanager
+def new_run(cfg_root: str | Path, name: str, command: str, argv: list[str] | None,
+            seed: int | None, cfg: ExperimentConfig | None = None) -> Iterator[RunFolder]:
+    """Create the run folder; mark it complete on success, failed (with the error) otherwise."""
+    run = RunFolder.create(cfg_root, name, command, argv, seed)
+    if cfg is not None:
+        write_text(run.file("config.yaml"), dump_config(cfg))
+    log.info("run folder: %s", run.path)
+    try:
+        yield run
+    except BaseException as exc:
+        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    run.set_status("complete")
