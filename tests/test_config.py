@@ -130,3 +130,10 @@ def test_shipped_configs_are_valid():
     for path in configs:
         assert isinstance(load_config(path), ExperimentConfig), path
         yaml.safe_load(path.read_text())
+
+
+def test_docs_config_reference_is_current():
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "CONFIG.md").read_text()
+    assert schema_reference() in doc, "regenerate: tltool config --reference (docs/CONFIG.md)"

@@ -293,9 +293,8 @@ def schema_reference() -> str:
             key = f"{prefix}{name}"
             nested = _model_in(field.annotation)
             default = field.default
-            if isinstance(default, BaseModel):
-                default = "(section)"
-            lines.append(f"| `{key}` | `{default!r}` | {field.description or ''} |")
+            shown = "section" if isinstance(default, BaseModel) else f"`{default!r}`"
+            lines.append(f"| `{key}` | {shown} | {field.description or ''} |")
             if nested is not None:
                 walk(nested, key + ("[]." if "list" in str(field.annotation) else "."))
 
