@@ -28,7 +28,7 @@ demo: install
 	    --set model.weights=$(DEMO_ROOT)/credit-pretrain/latest && \
 	$(TL) evaluate $(DEMO_ROOT)/credit-finetune/latest && \
 	$(TL) predict $(DEMO_ROOT)/credit-finetune/latest configs/credit/new_applicants.csv \
-	    --out $(DEMO_ROOT)/demo_predictions.csv && \
+	    --id-column applicant_id --out $(DEMO_ROOT)/demo_predictions.csv && \
 	end=$$(date +%s%N); \
 	echo "demo finished in $$(( (end - start) / 1000000 )) ms; predictions in $(DEMO_ROOT)/demo_predictions.csv"
 
