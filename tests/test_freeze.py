@@ -105,3 +105,11 @@ def test_verify_catches_a_moved_tensor():
         model.backbone.blocks[0][0].weight.add_(1.0)
     with pytest.raises(RuntimeError, match="frozen tensors changed"):
         verify_unchanged(model, snap)
+
+
+def test_balanced_class_weights_are_inverse_frequencies():
+    from tltool.engine import _loss_fn
+
+    y = torch.tensor([0, 0, 0, 1])
+    assert torch.allclose(_loss_fn(y, 2, "balanced").weight, torch.tensor([4 / 6, 4 / 2]))
+    assert _loss_fn(y, 2, "none").weight is None

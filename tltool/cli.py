@@ -29,6 +29,7 @@ app = typer.Typer(
 )
 
 SET_HELP = "Override a config key, typed as YAML: --set train.lr=0.0005 (repeatable)."
+SET_OPTION = typer.Option(None, "--set", help=SET_HELP, metavar="KEY=VALUE")
 log = logging.getLogger("tltool")
 
 
@@ -72,8 +73,9 @@ def _score_lines(metrics: dict[str, Any]) -> list[str]:
 
 @app.command()
 def pretrain(
-    config: str = typer.Argument(..., help="YAML experiment config with a `source` section."),
-    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    config: str = typer.Argument(
+        ..., metavar="CONFIG", help="YAML experiment config with a `source` section."),
+    set_: list[str] = SET_OPTION,
 ) -> None:
     """Train a source model (backbone + head) on the source data.
 
@@ -88,9 +90,10 @@ def pretrain(
 
 @app.command("freeze-finetune")
 def freeze_finetune(
-    config: str = typer.Argument(..., help="YAML config with a `target` section and "
+    config: str = typer.Argument(
+        ..., metavar="CONFIG", help="YAML config with a `target` section and "
                                  "model.weights naming the source run."),
-    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    set_: list[str] = SET_OPTION,
 ) -> None:
     """Transfer a source model: freeze its first N blocks, fine-tune the rest on the target.
 
@@ -105,8 +108,9 @@ def freeze_finetune(
 
 @app.command()
 def extract(
-    config: str = typer.Argument(..., help="YAML config; model.weights names the trained run."),
-    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    config: str = typer.Argument(
+        ..., metavar="CONFIG", help="YAML config; model.weights names the trained run."),
+    set_: list[str] = SET_OPTION,
 ) -> None:
     """Write frozen-backbone features to disk and fit sklearn heads on them.
 
@@ -165,7 +169,7 @@ def predict(
 @app.command("config")
 def show_config(
     config: str = typer.Argument(None, help="YAML config to resolve."),
-    set_: list[str] = typer.Option(None, "--set", help=SET_HELP),
+    set_: list[str] = SET_OPTION,
     reference: bool = typer.Option(False, "--reference", help="Print every key with its "
                                    "default and meaning (Markdown)."),
 ) -> None:
