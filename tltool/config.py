@@ -39,9 +39,24 @@ class SplitConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    kind: Literal["builtin", "csv"] = Field("builtin", description="where the rows come from")
+    kind: Literal["builtin", "csv", "image_folder", "image_csv"] = Field(
+        "builtin", description="builtin: a named set (`tltool datasets`); csv: a table; "
+        "image_folder: one sub-folder per class; image_csv: a CSV of image paths and labels")
     name: str | None = Field(None, description="built-in data set name (kind: builtin)")
-    path: str | None = Field(None, description="CSV file path (kind: csv)")
+    path: str | None = Field(None, description="CSV file or image folder path")
+    options: dict[str, Any] = Field({}, description="options of a built-in data set "
+                                    "(`tltool datasets` lists them)")
+    image_column: str = Field("path", description="image_csv: column holding image paths")
+    root: str | None = Field(None, description="image_csv: folder that relative image paths "
+                             "start from (default: the CSV's folder)")
+    label_sep: str | None = Field(None, description="multi-label: the label column holds "
+                                  "several labels joined by this, e.g. '|' (empty = none)")
+    image_size: int | None = Field(None, gt=0, description="resize images to this square size "
+                                   "(default: the backbone's input size)")
+    augment: Literal["none", "flip", "light", "standard"] = Field(
+        "none", description="training-only augmentation preset (never used at evaluation)")
+    on_bad_image: Literal["error", "skip"] = Field(
+        "error", description="an unreadable image: stop with its path, or skip and count it")
     label: str | None = Field(None, description="label column (default: the data set's own)")
     positive: Scalar | None = Field(None, description="positive class of a binary label")
     id_column: str | None = Field(None, description="column with row ids, kept out of features")
@@ -58,8 +73,8 @@ class DataConfig(_Strict):
     def _source_named(self) -> DataConfig:
         if self.kind == "builtin" and not self.name:
             raise ValueError("kind 'builtin' needs 'name' (see `tltool datasets`)")
-        if self.kind == "csv" and not self.path:
-            raise ValueError("kind 'csv' needs 'path' to a CSV file")
+        if self.kind != "builtin" and not self.path:
+            raise ValueError(f"kind '{self.kind}' needs 'path'")
         return self
 
 
@@ -81,7 +96,12 @@ class ModelConfig(_Strict):
     strategy: Literal["freeze", "bias_only", "full", "linear_probe"] = Field(
         "freeze", description="freeze: first N blocks frozen; bias_only: only biases and head "
         "train; full: everything trains; linear_probe: only the head trains")
-    head: Literal["linear", "mlp"] = Field("linear", description="classification head")
+    head: Literal["linear", "mlp", "multilabel"] = Field(
+        "linear", description="linear | mlp (softmax over classes) | multilabel (a sigmoid per "
+        "label, binary cross-entropy, a threshold per label chosen on validation)")
+    bn_policy: Literal["eval", "frozen_bn"] = Field(
+        "eval", description="BatchNorm in frozen blocks: eval (kept in inference mode after "
+        "model.train()) or frozen_bn (replaced by FrozenBatchNorm2d)")
     head_hidden: int = Field(32, gt=0, description="hidden units of the mlp head")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the head")
 
@@ -99,6 +119,9 @@ class TrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0, description="learning rate of the head and new layers")
     backbone_lr_mult: float = Field(1.0, ge=0, description="learning-rate multiplier of the "
                                     "pretrained backbone blocks")
+    layer_decay: float | None = Field(None, gt=0, le=1, description="per-block learning-rate "
+                                      "decay: the last backbone block gets lr x backbone_lr_mult, "
+                                      "each earlier one this factor less")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (AdamW)")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="optimiser")
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum (sgd only)")

@@ -28,10 +28,17 @@ class Backbone(nn.Module):
         self.block_names = list(names)
         self.out_features = out_features
 
-    def forward_blocks(self, x: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    def forward_blocks(self, x: torch.Tensor, n: int | None = None,
+                       pool: bool = True) -> torch.Tensor:
+        """Output of the first n blocks (all by default); feature maps are average-pooled to a
+        vector when `pool` (what extraction wants), kept as maps otherwise (prefix caching)."""
         for block in self.blocks[: len(self.blocks) if n is None else n]:
             x = block(x)
-        return x.flatten(1)
+        if not pool:
+            return x
+        if x.dim() > 2:
+            x = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() == 4 else x.flatten(1)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_blocks(x)
@@ -93,11 +100,23 @@ def build_resmlp(args: ResMLPArgs, in_features: int) -> Backbone:
 
 @dataclass(frozen=True)
 class BackboneSpec:
+    """How to build a backbone and, for images, which pretrained weights and input it wants.
+
+    build(args, n_inputs): n_inputs is the feature count for tabular backbones and the input
+    channel count (3) for image backbones. load_weights(backbone, name) loads a named pretrained
+    set (raising a TLError with what to do when it cannot); norm(name) gives the (mean, std)
+    per channel that the named weights expect (name None: no pretrained weights).
+    """
+
     name: str
     input: str  # "tabular" (a feature vector) or "image"
     args: type[BaseModel]
     build: Callable[[Any, int], Backbone]
     description: str
+    default_size: int | None = None  # image side the weights were trained at
+    weights: tuple[str, ...] = ()  # names accepted by model.weights, e.g. "IMAGENET1K_V1"
+    load_weights: Callable[[Backbone, str], None] | None = None
+    norm: Callable[[str | None], tuple[list[float], list[float]]] | None = None
 
 
 BACKBONES: dict[str, BackboneSpec] = {
