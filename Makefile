@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 TL := $(BIN)/tltool
 DEMO_ROOT ?= runs
 
-.PHONY: install demo test test-slow lint bench transfer-table clean
+.PHONY: install demo test test-slow lint bench transfer-table clean config-doc
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -47,3 +47,8 @@ transfer-table: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Regenerate the key table of docs/CONFIG.md from the schema (a test checks it is current).
+config-doc: install
+	{ sed '/^## Every key/q' docs/CONFIG.md; echo; $(TL) config --reference; } > docs/CONFIG.md.tmp
+	mv docs/CONFIG.md.tmp docs/CONFIG.md

@@ -45,7 +45,7 @@ CASES = {
     "wrong type": (lambda t, w: ["pretrain", w("c", {"train": {"lr": "fast"}})],
                    "train.lr: input should be a valid number"),
     "value not allowed": (lambda t, w: ["pretrain", w("c", {"model": {"head": "svm2"}})],
-                          "model.head: got 'svm2'; allowed: 'linear' or 'mlp'"),
+                          "model.head: got 'svm2'; allowed: 'linear', 'mlp' or 'multilabel'"),
     "config file missing": (lambda t, w: ["pretrain", "nope.yaml"],
                             "nope.yaml: config file not found"),
     "invalid yaml": (lambda t, w: ["pretrain", _csv(t, "bad.yaml", text="train: {epochs: 3\n")],
@@ -161,4 +161,4 @@ def test_multiclass_label_rejects_a_threshold_rule(cli, write_config, tmp_path):
     path = _csv(tmp_path, "homes.csv", frame)
     cfg = merge(BASE, {"source": {"kind": "csv", "path": path, "label": "Home", "where": {}}})
     res = cli("pretrain", write_config("c", base=cfg))
-    assert res.code == 2 and "decision.rule: 'threshold' needs a binary label" in res.err
+    assert res.code == 2 and "decision.rule: 'threshold' needs a binary or multi-label target" in res.err

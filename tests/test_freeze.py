@@ -40,7 +40,7 @@ def test_trainable_parameter_counts(strategy, frozen, trainable):
 def test_backbone_gets_the_lower_learning_rate():
     plan, groups = apply_freeze(_mlp(), 1, "freeze", lr=1e-3, backbone_lr_mult=0.1)
     lrs = {g["name"]: g["lr"] for g in groups}
-    assert lrs == {"head": 1e-3, "backbone": pytest.approx(1e-4)}
+    assert lrs == {"head": 1e-3, "hidden2": pytest.approx(1e-4)}
     assert [r["state"] for r in plan.rows] == ["frozen", "trainable", "trainable"]
 
 
@@ -113,3 +113,39 @@ def test_balanced_class_weights_are_inverse_frequencies():
     y = torch.tensor([0, 0, 0, 1])
     assert torch.allclose(_loss_fn(y, 2, "balanced").weight, torch.tensor([4 / 6, 4 / 2]))
     assert _loss_fn(y, 2, "none").weight is None
+
+
+def test_layer_decay_gives_earlier_blocks_smaller_rates():
+    spec = model_spec("mlp", {"hidden": [8, 8, 8]}, 5, "linear", 8, 0.0, 2)
+    plan, groups = apply_freeze(build_model(spec), 0, "full", lr=1.0, backbone_lr_mult=0.5,
+                                layer_decay=0.1)
+    lrs = {g["name"]: g["lr"] for g in groups}
+    assert lrs == {"head": 1.0, "hidden3": 0.5, "hidden2": pytest.approx(0.05),
+                   "hidden1": pytest.approx(0.005)}
+    assert [r["lr"] for r in plan.rows] == [lrs["hidden1"], lrs["hidden2"], 0.5, 1.0]
+
+
+def test_bn_policy_train_lets_frozen_statistics_adapt():
+    model = _mlp(batch_norm=True)
+    plan, _ = apply_freeze(model, 1, "freeze", 1e-3, 1.0, bn_policy="train")
+    model.train()
+    assert model.backbone.blocks[0][1].training
+    assert plan.rows[0]["bn"] == "train" and plan.rows[0]["trainable"] == 0
+
+
+@pytest.mark.parametrize("strategy, frozen", [("freeze", 1), ("linear_probe", 0)])
+def test_prefix_cache_trains_the_same_model(strategy, frozen):
+    x, y = torch.randn(200, 10), torch.randint(0, 2, (200,))
+    results = {}
+    for cache in ("auto", "off"):
+        torch.manual_seed(0)
+        model = build_model(model_spec("mlp", {"hidden": [16, 8]}, 10, "linear", 8, 0.0, 2))
+        cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05, cache=cache)
+        summary = fit(model, Tensors(x, y), Tensors(x[:50], y[:50]),
+                      [Phase(frozen, strategy, 3, 0.05, 1.0)], cfg, ["a", "b"], 0,
+                      save=lambda *_: None, metrics_csv="/dev/null", log=lambda _: None)
+        results[cache] = (model.state_dict(), summary["cache"][0]["cached_blocks"])
+    assert results["auto"][1] == (2 if strategy == "linear_probe" else 1)
+    assert results["off"][1] == 0
+    for key, value in results["off"][0].items():
+        assert torch.allclose(results["auto"][0][key], value, atol=1e-6), key

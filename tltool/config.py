@@ -99,9 +99,10 @@ class ModelConfig(_Strict):
     head: Literal["linear", "mlp", "multilabel"] = Field(
         "linear", description="linear | mlp (softmax over classes) | multilabel (a sigmoid per "
         "label, binary cross-entropy, a threshold per label chosen on validation)")
-    bn_policy: Literal["eval", "frozen_bn"] = Field(
-        "eval", description="BatchNorm in frozen blocks: eval (kept in inference mode after "
-        "model.train()) or frozen_bn (replaced by FrozenBatchNorm2d)")
+    bn_policy: Literal["eval", "train"] = Field(
+        "eval", description="BatchNorm in frozen blocks: eval (statistics fixed, inference mode "
+        "even after model.train()) or train (statistics adapt to the target: AdaBN-style "
+        "domain adaptation; weights stay frozen)")
     head_hidden: int = Field(32, gt=0, description="hidden units of the mlp head")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the head")
 
@@ -128,6 +129,10 @@ class TrainConfig(_Strict):
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="balanced: weight the loss by inverse class frequency")
     early_stopping: EarlyStopping = Field(EarlyStopping(), description="early stopping")
+    cache: Literal["auto", "off"] = Field(
+        "auto", description="auto: compute the frozen leading blocks once per round and train "
+        "only the rest (skipped with random augmentation or bn_policy train)")
+    cache_max_gb: float = Field(4.0, gt=0, description="largest in-memory prefix cache")
     rounds: list[RoundConfig] = Field([], description="gradual unfreezing: rounds run in order, "
                                       "each with its own frozen_layers / epochs / lr")
 

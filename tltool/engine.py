@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from tltool.freeze import FreezePlan, apply_freeze, snapshot_frozen, verify_unchanged
-from tltool.metrics import classification_report
+from tltool.metrics import classification_report, multilabel_report
 from tltool.models import TransferModel
 
 
@@ -34,8 +34,45 @@ class Phase:
 
 @dataclass
 class Tensors:
+    """Inputs and targets of one split. `prepare(x_batch, train)` turns a stored batch into
+    model input (images: uint8 -> resized, normalised, augmented only when train=True)."""
+
     x: torch.Tensor
     y: torch.Tensor
+    prepare: Callable[[torch.Tensor, bool], torch.Tensor] | None = None
+    augments: bool = False  # prepare(x, train=True) is random: no prefix cache then
+
+    def batch(self, idx: torch.Tensor | slice, train: bool) -> torch.Tensor:
+        xb = self.x[idx]
+        return xb if self.prepare is None else self.prepare(xb, train)
+
+
+@dataclass(frozen=True)
+class Task:
+    """Single-label (softmax, cross-entropy) or multi-label (a sigmoid per label, BCE)."""
+
+    multilabel: bool = False
+
+    def loss(self, y: torch.Tensor, n_outputs: int, class_weights: str) -> nn.Module:
+        if self.multilabel:
+            if class_weights == "balanced":
+                pos = y.sum(dim=0).clamp(min=1)
+                return nn.BCEWithLogitsLoss(pos_weight=((len(y) - pos) / pos).float())
+            return nn.BCEWithLogitsLoss()
+        return _loss_fn(y, n_outputs, class_weights)
+
+    def proba(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
+
+    def report(self, y: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict[str, Any]:
+        if self.multilabel:
+            return multilabel_report(y, proba, classes)
+        return classification_report(y, proba, classes)
+
+    def val_loss(self, logits: torch.Tensor, y: torch.Tensor) -> float:
+        if self.multilabel:
+            return float(nn.functional.binary_cross_entropy_with_logits(logits, y.float()))
+        return float(nn.functional.cross_entropy(logits, y))
 
 
 def seed_everything(seed: int) -> None:
@@ -45,10 +82,55 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) -> np.ndarray:
+def predict_logits(model: nn.Module, data: Tensors, batch_size: int = 512,
+                   start: int = 0) -> torch.Tensor:
+    """Logits in inference mode; `start` > 0 means data.x holds cached prefix outputs."""
     model.eval()
-    out = [torch.softmax(model(x[i:i + batch_size]), dim=1) for i in range(0, len(x), batch_size)]
-    return torch.cat(out).double().numpy()
+    out = []
+    for i in range(0, len(data.x), batch_size):
+        xb = data.batch(slice(i, i + batch_size), train=False)
+        out.append(model.forward_from(xb, start) if start else model(xb))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def build_prefix_cache(model: TransferModel, data: Tensors, n_blocks: int, batch_size: int,
+                       max_bytes: float) -> Tensors | None:
+    """Outputs of the first n (frozen, inference-mode) blocks, computed once; None when the
+    cache would exceed `max_bytes`."""
+    model.eval()
+    parts, used = [], 0
+    for i in range(0, len(data.x), batch_size):
+        z = model.backbone.forward_blocks(data.batch(slice(i, i + batch_size), train=False),
+                                          n_blocks, pool=False)
+        used += z.numel() * z.element_size()
+        if used / (i + len(z)) * len(data.x) > max_bytes:
+            return None
+        parts.append(z)
+    return Tensors(torch.cat(parts), data.y)
+
+
+def _cache_plan(model: TransferModel, train: Tensors, n_frozen: int, train_cfg,
+                bn_policy: str) -> tuple[int, str]:
+    """How many leading blocks to serve from a cache this round, and why."""
+    if train_cfg.cache == "off":
+        return 0, "cache: off"
+    if n_frozen == 0:
+        return 0, "no frozen blocks"
+    if train.augments:
+        return 0, "random training augmentation feeds the frozen blocks: computed every epoch"
+    if bn_policy == "train":
+        return 0, "bn_policy train: frozen BatchNorm statistics change every batch"
+    return n_frozen, f"first {n_frozen} frozen block(s) computed once"
+
+
+def predict_proba(model: nn.Module, data: Tensors | torch.Tensor, multilabel: bool = False,
+                  batch_size: int = 512) -> np.ndarray:
+    """Class probabilities (softmax) or per-label probabilities (sigmoid), float64."""
+    if isinstance(data, torch.Tensor):
+        data = Tensors(data, torch.empty(0))
+    logits = predict_logits(model, data, batch_size)
+    return Task(multilabel).proba(logits).double().numpy()
 
 
 def _loss_fn(y: torch.Tensor, n_classes: int, class_weights: str) -> nn.Module:
@@ -77,19 +159,21 @@ def _score(report: dict[str, Any], val_loss: float, monitor: str) -> float:
 
 def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase], train_cfg,
         classes: list[str], seed: int, save: Callable[[str, int], None],
-        metrics_csv, log: Callable[[str], None]) -> dict[str, Any]:
+        metrics_csv, log: Callable[[str], None], task: Task = Task(),
+        bn_policy: str = "eval") -> dict[str, Any]:
     """Train through every phase; restore and return the best weights' summary.
 
     `save(name, epoch)` writes a checkpoint ("best.pt"/"last.pt"); `metrics_csv` is the path
     of the per-epoch CSV.
     """
     generator = torch.Generator().manual_seed(seed)
-    loss_fn = _loss_fn(train.y, len(classes), train_cfg.class_weights)
+    loss_fn = task.loss(train.y, len(classes), train_cfg.class_weights)
+    eval_batch = max(2 * train_cfg.batch_size, 256)
     monitor = train_cfg.early_stopping.monitor
     patience = train_cfg.early_stopping.patience
     best = {"score": -np.inf, "epoch": 0, "round": 0, "state": copy.deepcopy(model.state_dict())}
     plans: list[FreezePlan] = []
-    checks = []
+    checks, caches = [], []
     epoch_total = 0
     fields = ["round", "epoch", "train_loss", "val_loss", "val_accuracy", "val_auroc", "val_f1",
               "lr_head", "lr_backbone", "trainable_params"]
@@ -98,28 +182,39 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
         writer.writeheader()
         for r, phase in enumerate(phases, start=1):
             plan, groups = apply_freeze(model, phase.frozen_layers, phase.strategy, phase.lr,
-                                        phase.backbone_lr_mult)
+                                        phase.backbone_lr_mult, bn_policy=bn_policy,
+                                        layer_decay=train_cfg.layer_decay)
             plans.append(plan)
             snap = snapshot_frozen(model)
             optimizer = _optimizer(groups, train_cfg)
-            lrs = {g["name"]: g["lr"] for g in groups}
+            lrs = {g["name"]: g["lr"] for g in groups}  # head + one group per block
+            start, why = _cache_plan(model, train, plan.frozen_layers, train_cfg, bn_policy)
+            tr, va = train, val
+            if start:
+                limit = train_cfg.cache_max_gb * 2**30
+                tr = build_prefix_cache(model, train, start, eval_batch, limit)
+                va = tr and build_prefix_cache(model, val, start, eval_batch, limit)
+                if tr is None or va is None:
+                    start, why, tr, va = 0, "prefix cache over cache_max_gb", train, val
+            caches.append({"round": r, "cached_blocks": start, "reason": why})
+            log(f"round {r}: {why}")
+            lr_backbone = max((g["lr"] for g in groups if g["name"] != "head"), default=0.0)
             log(f"round {r}: {phase.strategy}, {plan.frozen_layers} block(s) frozen, "
                 f"{plan.trainable:,}/{plan.total:,} parameters train, up to {phase.epochs} epochs")
             stale = 0
             for _ in range(phase.epochs):
                 epoch_total += 1
-                train_loss = _train_epoch(model, train, optimizer, loss_fn,
-                                          train_cfg.batch_size, generator)
-                proba = predict_proba(model, val.x)
-                val_loss = float(nn.functional.nll_loss(
-                    torch.log(torch.from_numpy(proba).clamp(min=1e-12)), val.y))
-                report = classification_report(val.y.numpy(), proba, classes)
+                train_loss = _train_epoch(model, tr, optimizer, loss_fn,
+                                          train_cfg.batch_size, generator, start)
+                logits = predict_logits(model, va, eval_batch, start)
+                val_loss = task.val_loss(logits, val.y)
+                report = task.report(val.y.numpy(), task.proba(logits).double().numpy(), classes)
                 writer.writerow({
                     "round": r, "epoch": epoch_total, "train_loss": round(train_loss, 6),
                     "val_loss": round(val_loss, 6), "val_accuracy": round(report["accuracy"], 6),
                     "val_auroc": None if report["auroc"] is None else round(report["auroc"], 6),
                     "val_f1": round(report["f1"], 6), "lr_head": lrs["head"],
-                    "lr_backbone": lrs.get("backbone", 0.0), "trainable_params": plan.trainable})
+                    "lr_backbone": lr_backbone, "trainable_params": plan.trainable})
                 score = _score(report, val_loss, monitor)
                 if score > best["score"]:
                     best = {"score": score, "epoch": epoch_total, "round": r,
@@ -140,14 +235,16 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
         save("best.pt", 0)
     return {"best_epoch": best["epoch"], "best_round": best["round"], "epochs_run": epoch_total,
             "monitor": monitor, "plans": [p.as_dict() for p in plans],
+            "cache": caches,
             "plan_text": "\n\n".join(f"round {i}\n{p.as_text()}" for i, p in
                                      enumerate(plans, start=1)),
             "freeze_check": {"frozen_tensors": sum(c["frozen_tensors"] for c in checks),
                              "unchanged": all(c["unchanged"] for c in checks)}}
 
 
-def _train_epoch(model: nn.Module, data: Tensors, optimizer: torch.optim.Optimizer,
-                 loss_fn: nn.Module, batch_size: int, generator: torch.Generator) -> float:
+def _train_epoch(model: TransferModel, data: Tensors, optimizer: torch.optim.Optimizer,
+                 loss_fn: nn.Module, batch_size: int, generator: torch.Generator,
+                 start: int = 0) -> float:
     model.train()
     order = torch.randperm(len(data.y), generator=generator)
     total, seen = 0.0, 0
@@ -156,7 +253,8 @@ def _train_epoch(model: nn.Module, data: Tensors, optimizer: torch.optim.Optimiz
         if len(idx) == 1 and len(order) > 1:
             continue  # a single row breaks BatchNorm and adds only noise
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(data.x[idx]), data.y[idx])
+        xb = data.batch(idx, train=True)
+        loss = loss_fn(model.forward_from(xb, start) if start else model(xb), data.y[idx])
         loss.backward()
         optimizer.step()
         total += loss.item() * len(idx)

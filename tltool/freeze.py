@@ -60,35 +60,48 @@ def check_frozen_layers(frozen_layers: int, strategy: str, n_blocks: int, names:
 
 
 def apply_freeze(model: TransferModel, frozen_layers: int, strategy: str, lr: float,
-                 backbone_lr_mult: float) -> tuple[FreezePlan, list[dict[str, Any]]]:
-    """Set requires_grad and BN modes; return the plan and the optimiser parameter groups."""
+                 backbone_lr_mult: float, bn_policy: str = "eval",
+                 layer_decay: float | None = None) -> tuple[FreezePlan, list[dict[str, Any]]]:
+    """Set requires_grad and BN modes; return the plan and the optimiser parameter groups.
+
+    bn_policy "eval": BatchNorm in frozen blocks stays in inference mode (statistics fixed);
+    "train": their running statistics keep adapting to the new data while weights stay frozen
+    (AdaBN-style domain adaptation). layer_decay d: block i of n trains at
+    lr * backbone_lr_mult * d**(n-1-i), so earlier, more generic blocks move less.
+    """
     blocks = model.backbone.blocks
     names = model.backbone.block_names
     check_frozen_layers(frozen_layers, strategy, len(blocks), names)
     n_frozen = len(blocks) if strategy == "linear_probe" else frozen_layers
     plan = FreezePlan(strategy, n_frozen)
-    backbone_lr = lr * backbone_lr_mult
-    backbone_params: list[nn.Parameter] = []
-    model.frozen_norms = []
+    groups: list[dict[str, Any]] = []
+    model.frozen_modules, model.adapting_norms = [], []
     for i, (name, block) in enumerate(zip(names, blocks, strict=True)):
-        frozen = i < n_frozen or backbone_lr == 0
+        block_lr = lr * backbone_lr_mult * (layer_decay or 1.0) ** (len(blocks) - 1 - i)
+        frozen = i < n_frozen or block_lr == 0
+        params = []
         for pname, p in block.named_parameters():
             train_it = not frozen and (strategy != "bias_only" or pname.endswith("bias"))
             p.requires_grad_(train_it)
             if train_it:
-                backbone_params.append(p)
+                params.append(p)
+        if params:
+            groups.append({"params": params, "lr": block_lr, "name": name})
         norms = [m for m in block.modules() if isinstance(m, _NORMS)]
         if frozen:
-            model.frozen_norms.extend(norms)
+            model.frozen_modules.append(block)
+            if bn_policy == "train":
+                model.adapting_norms.extend(norms)
+        elif strategy == "bias_only":
+            model.frozen_modules.extend(norms)  # bias-only: weights and statistics stay put
+        bn = ("eval" if frozen and bn_policy == "eval" or strategy == "bias_only" and
+              not frozen else "train") if norms else "-"
         state = "frozen" if frozen else ("bias_only" if strategy == "bias_only" else "trainable")
-        plan.rows.append(_row(name, block, state, "eval" if frozen and norms else
-                              ("train" if norms else "-"), 0.0 if frozen else backbone_lr))
+        plan.rows.append(_row(name, block, state, bn, 0.0 if frozen else block_lr))
     for p in model.head.parameters():
         p.requires_grad_(True)
     plan.rows.append(_row("head", model.head, "trainable", "-", lr))
-    groups = [{"params": list(model.head.parameters()), "lr": lr, "name": "head"}]
-    if backbone_params:
-        groups.append({"params": backbone_params, "lr": backbone_lr, "name": "backbone"})
+    groups.insert(0, {"params": list(model.head.parameters()), "lr": lr, "name": "head"})
     return plan, groups
 
 
@@ -100,13 +113,18 @@ def _row(name: str, module: nn.Module, state: str, bn: str, lr: float) -> dict[s
 
 
 def snapshot_frozen(model: TransferModel) -> dict[str, torch.Tensor]:
-    """Copies of every frozen parameter and of the buffers (BN statistics) of frozen norms."""
+    """Copies of every frozen parameter and of the buffers (BN statistics) of frozen modules,
+    except the statistics that bn_policy "train" lets adapt."""
     snap = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    frozen_ids = {id(m) for m in model.frozen_norms}
+    adapting = {id(m) for m in model.adapting_norms}
+    frozen = {id(m) for m in model.frozen_modules}
     for mname, module in model.named_modules():
-        if id(module) in frozen_ids:
-            for bname, buf in module.named_buffers(recurse=False):
-                snap[f"{mname}.{bname}"] = buf.detach().clone()
+        if id(module) in frozen:
+            for sub, child in module.named_modules(prefix=mname):
+                if id(child) in adapting:
+                    continue
+                for bname, buf in child.named_buffers(recurse=False):
+                    snap[f"{sub}.{bname}"] = buf.detach().clone()
     return snap
 
 

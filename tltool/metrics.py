@@ -15,6 +15,12 @@ def decide(proba: np.ndarray, threshold: float | None) -> np.ndarray:
     return (proba[:, 1] >= threshold).astype(np.int64)
 
 
+def decide_multilabel(proba: np.ndarray, thresholds: list[float] | None) -> np.ndarray:
+    """Multi-hot decisions: each label on when its probability reaches its own threshold."""
+    t = np.full(proba.shape[1], 0.5) if thresholds is None else np.asarray(thresholds)
+    return (proba >= t[None, :]).astype(np.int64)
+
+
 def choose_threshold(y: np.ndarray, p_pos: np.ndarray, optimize: str) -> dict[str, float]:
     """Sweep the midpoints between distinct validation scores; maximise the chosen criterion.
 
@@ -61,6 +67,9 @@ def classification_report(y: np.ndarray, proba: np.ndarray, classes: list[str],
         "log_loss": float(-np.log(np.clip(proba[np.arange(len(y)), y], 1e-12, 1)).mean()),
         "threshold": threshold,
         "confusion_matrix": skm.confusion_matrix(y, pred, labels=range(len(classes))).tolist(),
+        "macro_f1": float(skm.f1_score(y, pred, average="macro", zero_division=0,
+                                       labels=range(len(classes)))),
+        "per_class": _per_class(y, pred, classes),
     }
     onehot = np.eye(len(classes))[y]
     out["brier"] = float(((proba - onehot) ** 2).sum(axis=1).mean() / (2 if binary else 1))
@@ -76,11 +85,23 @@ def classification_report(y: np.ndarray, proba: np.ndarray, classes: list[str],
     return out
 
 
+def _per_class(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    p, r, f, support = skm.precision_recall_fscore_support(
+        y, pred, labels=range(len(classes)), zero_division=0)
+    return {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]),
+                "support": int(support[i])} for i, c in enumerate(classes)}
+
+
 def format_report(report: dict[str, Any], classes: list[str]) -> str:
     """A readable table of one report (what `evaluate` prints and saves as report.txt)."""
-    keys = ["n", "accuracy", "balanced_accuracy", "precision", "recall", "f1", "auroc",
-            "average_precision", "brier", "log_loss", "threshold"]
+    keys = ["n", "accuracy", "balanced_accuracy", "precision", "recall", "f1", "macro_f1",
+            "auroc", "average_precision", "brier", "log_loss", "threshold"]
     lines = [f"{k:<18} {_fmt(report[k])}" for k in keys]
+    if len(classes) > 2:
+        lines.append(f"{'class':<12} {'precision':>10} {'recall':>8} {'f1':>8} {'support':>8}")
+        for c, r in report["per_class"].items():
+            lines.append(f"{c:<12} {r['precision']:>10.4f} {r['recall']:>8.4f} {r['f1']:>8.4f} "
+                         f"{r['support']:>8}")
     width = max(len(c) for c in classes) + 2
     lines.append("confusion matrix (rows: true, columns: predicted)")
     lines.append(" " * width + "".join(f"{c:>{width}}" for c in classes))
@@ -93,3 +114,60 @@ def _fmt(v: Any) -> str:
     if v is None:
         return "n/a"
     return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def multilabel_report(y: np.ndarray, proba: np.ndarray, labels: list[str],
+                      thresholds: list[float] | None = None) -> dict[str, Any]:
+    """Per-label precision/recall/F1/AP/AUROC, micro and macro F1, mAP, exact match, Hamming.
+
+    `accuracy` is the exact-match ratio, `f1` macro F1 and `auroc` macro AUROC, so the same
+    keys serve early stopping for single- and multi-label tasks.
+    """
+    y = y.astype(np.int64)
+    pred = decide_multilabel(proba, thresholds)
+    per_label, aps, aucs = {}, [], []
+    for j, name in enumerate(labels):
+        has_both = 0 < y[:, j].sum() < len(y)
+        ap = float(skm.average_precision_score(y[:, j], proba[:, j])) if y[:, j].any() else None
+        auc = float(skm.roc_auc_score(y[:, j], proba[:, j])) if has_both else None
+        if ap is not None:
+            aps.append(ap)
+        if auc is not None:
+            aucs.append(auc)
+        per_label[name] = {
+            "support": int(y[:, j].sum()),
+            "threshold": 0.5 if thresholds is None else float(thresholds[j]),
+            "precision": float(skm.precision_score(y[:, j], pred[:, j], zero_division=0)),
+            "recall": float(skm.recall_score(y[:, j], pred[:, j], zero_division=0)),
+            "f1": float(skm.f1_score(y[:, j], pred[:, j], zero_division=0)),
+            "average_precision": ap, "auroc": auc}
+    exact = float((pred == y).all(axis=1).mean())
+    return {
+        "n": int(len(y)),
+        "rows_without_label": int((y.sum(axis=1) == 0).sum()),
+        "accuracy": exact,
+        "exact_match": exact,
+        "hamming_loss": float((pred != y).mean()),
+        "precision": float(skm.precision_score(y, pred, average="micro", zero_division=0)),
+        "recall": float(skm.recall_score(y, pred, average="micro", zero_division=0)),
+        "micro_f1": float(skm.f1_score(y, pred, average="micro", zero_division=0)),
+        "macro_f1": float(skm.f1_score(y, pred, average="macro", zero_division=0)),
+        "f1": float(skm.f1_score(y, pred, average="macro", zero_division=0)),
+        "map": float(np.mean(aps)) if aps else None,
+        "auroc": float(np.mean(aucs)) if aucs else None,
+        "per_label": per_label,
+    }
+
+
+def format_multilabel(report: dict[str, Any]) -> str:
+    """A readable table of one multi-label report."""
+    keys = ["n", "rows_without_label", "exact_match", "hamming_loss", "micro_f1", "macro_f1",
+            "map", "auroc"]
+    lines = [f"{k:<20} {_fmt(report[k])}" for k in keys]
+    lines.append(f"{'label':<16} {'support':>8} {'thresh':>8} {'precision':>10} {'recall':>8} "
+                 f"{'f1':>8} {'AP':>8}")
+    for name, r in report["per_label"].items():
+        lines.append(f"{name:<16} {r['support']:>8} {r['threshold']:>8.3f} "
+                     f"{r['precision']:>10.4f} {r['recall']:>8.4f} {r['f1']:>8.4f} "
+                     f"{_fmt(r['average_precision']):>8}")
+    return "\n".join(lines)

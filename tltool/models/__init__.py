@@ -12,9 +12,10 @@ from tltool.models.backbones import Backbone, build_backbone
 
 def build_head(kind: str, in_features: int, n_outputs: int, hidden: int,
                dropout: float) -> nn.Module:
-    """linear: one Linear layer; mlp: Linear -> ReLU -> Linear."""
+    """linear: one Linear layer; mlp: Linear -> ReLU -> Linear; multilabel: one shared Linear
+    layer giving a logit per label (the sigmoid lives in the loss and in prediction)."""
     drop = [nn.Dropout(dropout)] if dropout else []
-    if kind == "linear":
+    if kind in ("linear", "multilabel"):
         return nn.Sequential(*drop, nn.Linear(in_features, n_outputs))
     if kind == "mlp":
         return nn.Sequential(*drop, nn.Linear(in_features, hidden), nn.ReLU(),
@@ -23,22 +24,33 @@ def build_head(kind: str, in_features: int, n_outputs: int, hidden: int,
 
 
 class TransferModel(nn.Module):
-    """backbone -> head. BatchNorm layers in frozen blocks stay in inference mode in train()."""
+    """backbone -> head. Frozen blocks stay in inference mode in train(): a frozen block is a
+    fixed function (no dropout, no BatchNorm statistics updates), so its output can be cached."""
 
     def __init__(self, backbone: Backbone, head: nn.Module, spec: dict[str, Any]):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.spec = spec
-        self.frozen_norms: list[nn.Module] = []  # set by tltool.freeze.apply_freeze
+        # Set by tltool.freeze.apply_freeze: modules kept in eval mode, and BatchNorm layers
+        # inside them that should still adapt their statistics (bn_policy "train").
+        self.frozen_modules: list[nn.Module] = []
+        self.adapting_norms: list[nn.Module] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
+    def forward_from(self, z: torch.Tensor, start: int) -> torch.Tensor:
+        """Logits from the cached output of the first `start` backbone blocks."""
+        return self.head(self.backbone.forward_from(z, start))
+
     def train(self, mode: bool = True) -> TransferModel:
         super().train(mode)
-        for module in self.frozen_norms:
-            module.eval()
+        if mode:
+            for module in self.frozen_modules:
+                module.eval()
+            for module in self.adapting_norms:
+                module.train()
         return self
 
 

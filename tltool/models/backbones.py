@@ -34,11 +34,19 @@ class Backbone(nn.Module):
         vector when `pool` (what extraction wants), kept as maps otherwise (prefix caching)."""
         for block in self.blocks[: len(self.blocks) if n is None else n]:
             x = block(x)
-        if not pool:
-            return x
-        if x.dim() > 2:
-            x = x.mean(dim=tuple(range(2, x.dim()))) if x.dim() == 4 else x.flatten(1)
-        return x
+        return self._pool(x) if pool else x
+
+    def forward_from(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Run blocks[start:] on the output of the first `start` blocks (a cached prefix)."""
+        for block in self.blocks[start:]:
+            x = block(x)
+        return self._pool(x)
+
+    @staticmethod
+    def _pool(x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            return x.mean(dim=(2, 3))
+        return x.flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_blocks(x)

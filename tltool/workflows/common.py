@@ -8,14 +8,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from tltool.config import ExperimentConfig, dump_config, validate_config
-from tltool.data.preprocess import TabularPreprocessor
-from tltool.data.tabular import Split
 from tltool.errors import CheckpointError, RunError
+from tltool.inputs import Weights
 from tltool.models import TransferModel, build_model
+from tltool.models.backbones import BackboneSpec
 from tltool.runs import RunFolder, load_checkpoint, resolve_run, write_text
 
 log = logging.getLogger("tltool")
@@ -24,25 +23,30 @@ TRAINING_COMMANDS = ("pretrain", "freeze-finetune")
 CHECKPOINT_FORMAT = "tltool-checkpoint"
 
 
-def resolve_weights(ref: str) -> tuple[Path, dict[str, Any]] | None:
-    """`none`, a checkpoint file, a training run folder or NAME_FOLDER/latest."""
+def resolve_weights(ref: str, spec: BackboneSpec) -> Weights:
+    """`none`, a pretrained set of the backbone (e.g. imagenet), a checkpoint file, a training
+    run folder, or NAME_FOLDER/latest."""
     if ref.strip().lower() in ("none", ""):
-        return None
+        return Weights(ref)
+    if ref in spec.weights:
+        return Weights(ref, name=ref)
     path = Path(ref)
     if path.is_file():
-        return path, load_checkpoint(path)
+        return Weights(ref, path=path, ckpt=load_checkpoint(path))
     if not path.exists() and path.name != "latest":
-        raise RunError(f"model.weights: {ref}: no such run folder or checkpoint file "
-                       f"(use a pretrain run folder, NAME_FOLDER/latest, a .pt file, or none)")
+        named = f", a pretrained set of {spec.name} ({', '.join(spec.weights)})" \
+            if spec.weights else ""
+        raise RunError(f"model.weights: {ref}: no such run folder or checkpoint file (use a "
+                       f"training run folder, NAME_FOLDER/latest, a .pt file{named}, or none)")
     run = resolve_run(path, commands=TRAINING_COMMANDS)
     ckpt_path = run / "checkpoints" / "best.pt"
-    return ckpt_path, load_checkpoint(ckpt_path)
+    return Weights(ref, path=ckpt_path, ckpt=load_checkpoint(ckpt_path))
 
 
-def load_trained(ckpt: dict[str, Any]) -> tuple[TransferModel, TabularPreprocessor]:
+def load_trained(ckpt: dict[str, Any]) -> TransferModel:
     model = build_model(ckpt["spec"])
     load_state(model, ckpt["state_dict"], "checkpoint")
-    return model, TabularPreprocessor.from_state(ckpt["preprocessor"])
+    return model
 
 
 def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:
@@ -63,18 +67,14 @@ def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], origin: 
     module.load_state_dict(state)
 
 
-def checkpoint_payload(model: TransferModel, pre: TabularPreprocessor, classes: list[str],
-                       label: str, command: str, epoch: int) -> dict[str, Any]:
+def checkpoint_payload(model: TransferModel, input_state: dict[str, Any], classes: list[str],
+                       label: str, multilabel: bool, command: str,
+                       epoch: int) -> dict[str, Any]:
+    """Plain tensors and primitives only, so torch.load(weights_only=True) reads it."""
     return {"format": CHECKPOINT_FORMAT, "version": 1, "command": command, "epoch": epoch,
             "spec": model.spec, "classes": list(classes), "label": label,
-            "preprocessor": pre.state_dict(),
+            "multilabel": multilabel, "preprocessor": input_state,
             "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-
-
-def to_tensors(pre: TabularPreprocessor, split: Split, origin: str) -> tuple[torch.Tensor,
-                                                                             torch.Tensor]:
-    x = torch.from_numpy(pre.transform(split.frame, origin))
-    return x, torch.from_numpy(np.asarray(split.y, dtype=np.int64))
 
 
 def run_config(run: Path) -> ExperimentConfig:

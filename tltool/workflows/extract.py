@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 import torch
 
 from tltool.config import ExperimentConfig
-from tltool.data.tabular import load_tabular
+from tltool.engine import Tensors
 from tltool.errors import ConfigError, DataError
+from tltool.inputs import load_inputs
 from tltool.metrics import choose_threshold, classification_report
+from tltool.models import build_model, model_spec
+from tltool.models.backbones import get_spec, resolve_args
 from tltool.runs import write_json
 from tltool.workflows.common import load_trained, log, new_run, resolve_weights
 
@@ -41,21 +45,30 @@ def sklearn_head(kind: str, seed: int, balanced: bool, min_class: int = 5):
 
 
 @torch.no_grad()
-def features_of(model, x: torch.Tensor, blocks: int | None, batch_size: int = 2048) -> np.ndarray:
+def features_of(model, data: Tensors, blocks: int | None, batch_size: int = 256) -> np.ndarray:
     model.eval()
-    parts = [model.backbone.forward_blocks(x[i:i + batch_size], blocks)
-             for i in range(0, len(x), batch_size)]
+    parts = [model.backbone.forward_blocks(data.batch(slice(i, i + batch_size), train=False),
+                                           blocks)
+             for i in range(0, len(data.x), batch_size)]
     return torch.cat(parts).numpy()
 
 
 def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, Any]:
     """Features of every split of source and target, then sklearn heads on `fit_on`."""
-    weights = resolve_weights(cfg.model.weights)
-    if weights is None:
+    m = cfg.model
+    spec = get_spec(m.backbone)
+    weights = resolve_weights(m.weights, spec)
+    if weights.ckpt is None and weights.name is None:
         raise ConfigError("model.weights: extract needs trained weights (a pretrain run folder, "
-                          "NAME_FOLDER/latest or a checkpoint file), got 'none'")
-    _, ckpt = weights
-    model, pre = load_trained(ckpt)
+                          "NAME_FOLDER/latest, a checkpoint file, or a pretrained set such as "
+                          "imagenet), got 'none'")
+    if weights.ckpt is not None:
+        model = load_trained(weights.ckpt)
+        spec = get_spec(weights.ckpt["spec"]["backbone"])
+    else:
+        model = build_model(model_spec(m.backbone, resolve_args(m.backbone, m.backbone_args), 3,
+                                       "linear", 1, 0.0, 1))
+        spec.load_weights(model.backbone, weights.name)
     n_blocks = len(model.backbone.blocks)
     blocks = cfg.extract.blocks
     if blocks is not None and blocks > n_blocks:
@@ -65,35 +78,46 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
     if cfg.extract.fit_on not in domains:
         raise ConfigError(f"extract.fit_on: '{cfg.extract.fit_on}' but the config has no "
                           f"`{cfg.extract.fit_on}` data section")
-    loaded = {d: load_tabular(c, cfg.seed) for d, c in domains.items()}
-    fit_data = loaded[cfg.extract.fit_on]
-    if cfg.decision.rule == "threshold" and len(fit_data.classes) != 2:
+    loaded = {d: load_inputs(c.model_copy(update={"augment": "none"}), d, cfg.seed, spec,
+                             weights) for d, c in domains.items()}
+    fit_inputs = loaded[cfg.extract.fit_on]
+    if fit_inputs.multilabel:
+        raise ConfigError(f"extract: {cfg.extract.fit_on} is multi-label; the sklearn heads "
+                          f"take one label per row (train a multilabel head with "
+                          f"freeze-finetune and strategy linear_probe instead)")
+    if cfg.decision.rule == "threshold" and len(fit_inputs.classes) != 2:
         raise ConfigError("decision.rule: 'threshold' needs a binary label (use 'argmax')")
     feats: dict[tuple[str, str], np.ndarray] = {}
+    timing = {"images_or_rows": 0, "seconds": 0.0}
     with new_run(cfg.output.root, cfg.name, "extract", argv, cfg.seed, cfg) as run:
         run.file("features").mkdir()
-        for d, data in loaded.items():
+        for d, inputs in loaded.items():
             for s in ("train", "val", "test"):
-                split = getattr(data, s)
-                x = torch.from_numpy(pre.transform(split.frame, data.origin))
-                feats[(d, s)] = features_of(model, x, blocks)
+                split, tensors = getattr(inputs.data, s), getattr(inputs, s)
+                start = time.perf_counter()
+                feats[(d, s)] = features_of(model, tensors, blocks)
+                timing["seconds"] += time.perf_counter() - start
+                timing["images_or_rows"] += len(tensors.x)
                 np.savez(run.file("features", f"{d}_{s}.npz"), features=feats[(d, s)],
-                         labels=split.y, ids=split.ids.astype(str),
-                         classes=np.asarray(data.classes, dtype=str))
-        log.info("features: %d per row, written to %s", feats[(d, "train")].shape[1],
+                         labels=np.asarray(split.y), ids=np.asarray(split.ids).astype(str),
+                         classes=np.asarray(inputs.classes, dtype=str))
+        d = cfg.extract.fit_on
+        rate = timing["images_or_rows"] / max(timing["seconds"], 1e-9)
+        log.info("features: %d per row, %d rows at %.0f rows/s, written to %s",
+                 feats[(d, "train")].shape[1], timing["images_or_rows"], rate,
                  run.file("features"))
         heads = {}
-        d = cfg.extract.fit_on
         for kind in cfg.extract.heads:
-            heads[kind] = _fit_head(kind, cfg, feats, fit_data, d)
+            heads[kind] = _fit_head(kind, cfg, feats, fit_inputs.data, d)
             log.info("%s: test accuracy %.4f, auroc %s", kind, heads[kind]["test"]["accuracy"],
                      heads[kind]["test"]["auroc"])
         metrics = {"command": "extract", "name": cfg.name, "seed": cfg.seed,
-                   "weights": cfg.model.weights, "blocks": blocks or n_blocks,
+                   "weights": m.weights, "blocks": blocks or n_blocks,
                    "feature_dim": int(feats[(d, "train")].shape[1]), "fit_on": d,
-                   "data": {k: v.summary() for k, v in loaded.items()}, "heads": heads}
+                   "data": {k: v.data.summary() for k, v in loaded.items()}, "heads": heads}
         write_json(run.file("metrics.json"), metrics)
-    return {"run": str(run.path), "metrics": metrics}
+        write_json(run.file("timing.json"), timing | {"rows_per_second": rate})
+    return {"run": str(run.path), "metrics": metrics, "rows_per_second": rate}
 
 
 def _fit_head(kind: str, cfg: ExperimentConfig, feats, data, d: str) -> dict[str, Any]:

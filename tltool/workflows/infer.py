@@ -1,4 +1,4 @@
-"""evaluate and predict: apply a trained run's model, preprocessing and threshold."""
+"""evaluate and predict: apply a trained run's model, input encoding and decision rule."""
 
 from __future__ import annotations
 
@@ -10,101 +10,120 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tltool.data.tabular import Split, load_tabular, read_csv
-from tltool.engine import predict_proba
+from tltool.engine import Tensors, predict_proba
 from tltool.errors import DataError, RunError
-from tltool.metrics import classification_report, decide, format_report
+from tltool.inputs import encode_images, encode_tabular, encoder_from_state, load_inputs
+from tltool.metrics import decide, decide_multilabel, format_multilabel, format_report
+from tltool.models.backbones import get_spec
 from tltool.runs import load_checkpoint, resolve_run, write_json, write_text
 from tltool.workflows.common import TRAINING_COMMANDS, load_trained, log, new_run, run_config
+from tltool.workflows.train import report
 
 
 def _open_run(ref: str | Path):
     run = resolve_run(ref, commands=TRAINING_COMMANDS)
     cfg = run_config(run)
     ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
-    model, pre = load_trained(ckpt)
+    model = load_trained(ckpt)
     try:
         decision = json.loads((run / "thresholds.json").read_text())
     except (OSError, ValueError):
         raise RunError(f"{run}: thresholds.json missing or unreadable") from None
-    return run, cfg, ckpt, model, pre, decision
+    return run, cfg, ckpt, model, decision
 
 
 def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
              argv: list[str] | None = None) -> dict[str, Any]:
     """Metrics on the test split of the run's data (or of `on`, or a labelled CSV)."""
-    run, cfg, ckpt, model, pre, decision = _open_run(ref)
-    classes, label = ckpt["classes"], ckpt["label"]
+    run, cfg, ckpt, model, decision = _open_run(ref)
+    classes, label, state = ckpt["classes"], ckpt["label"], ckpt["preprocessor"]
+    multilabel = bool(ckpt.get("multilabel"))
     if csv is not None:
-        frame = read_csv(Path(csv))
-        if label not in frame.columns:
-            raise DataError(f"{csv}: label column {label!r} missing; evaluate needs labelled "
-                            f"rows (predict does not)")
-        text = frame[label].astype(str)
-        unknown = sorted(set(text[frame[label].notna()]) - set(classes))
-        if unknown:
-            raise DataError(f"{csv}: label values {unknown} were not classes of the model "
-                            f"({', '.join(classes)})")
-        frame = frame[frame[label].notna()]
-        test = Split(frame, frame[label].astype(str).map(classes.index).to_numpy(np.int64),
-                     frame.index.astype(str).to_numpy())
+        if state.get("kind") == "image":
+            raise DataError("--csv evaluates table rows; for an image model use --on with a "
+                            "data section of the run's config")
+        test, ids = _labelled_csv(Path(csv), label, classes, state)
         origin, domain = csv, "csv"
     else:
-        default = "source" if ckpt["command"] == "pretrain" else "target"
-        domain = on or default
+        domain = on or ("source" if ckpt["command"] == "pretrain" else "target")
         data_cfg = getattr(cfg, domain)
         if data_cfg is None:
             raise RunError(f"{run}: its config has no `{domain}` data section to evaluate on")
-        data = load_tabular(data_cfg, cfg.seed)
-        if data.classes != classes:
-            raise DataError(f"{data.origin}: classes {data.classes} differ from the model's "
-                            f"{classes}; evaluate on data with the same label values")
-        test, origin = data.test, data.origin
-    x = torch.from_numpy(pre.transform(test.frame, str(origin)))
-    proba = predict_proba(model, x)
-    report = classification_report(test.y, proba, classes, decision["threshold"])
+        data_cfg = data_cfg.model_copy(update={"augment": "none"})
+        if state.get("kind") == "image":
+            data_cfg = data_cfg.model_copy(update={"image_size": state["size"]})
+        inputs = load_inputs(data_cfg, domain, cfg.seed, get_spec(ckpt["spec"]["backbone"]),
+                             _state_only(ckpt))
+        if inputs.classes != classes:
+            raise DataError(f"{inputs.data.origin}: classes {inputs.classes} differ from the "
+                            f"model's {classes}; evaluate on data with the same label values")
+        test, origin, ids = inputs.test, inputs.data.origin, inputs.data.test.ids
+    proba = predict_proba(model, test, multilabel)
+    y = test.y.numpy()
+    metrics = report(y, proba, classes, decision)
     result = {"run": str(run), "on": domain, "origin": str(origin), "split": "test",
-              "classes": classes, "decision": decision, "test": report}
-    if decision["threshold"] is not None:
-        result["test_argmax"] = classification_report(test.y, proba, classes, None)
+              "classes": classes, "multilabel": multilabel, "decision": decision,
+              "test": metrics}
+    if not multilabel and decision["threshold"] is not None:
+        result["test_argmax"] = report(y, proba, classes, {"threshold": None})
+    table = format_multilabel(metrics) if multilabel else format_report(metrics, classes)
     with new_run(run.parent.parent, run.parent.name, "evaluate", argv, cfg.seed) as out:
         write_json(out.file("metrics.json"), result)
-        table = format_report(report, classes)
         write_text(out.file("report.txt"), f"{run} on {origin} (test split)\n{table}\n")
-        cm = pd.DataFrame(report["confusion_matrix"], index=classes, columns=classes)
-        cm.to_csv(out.file("confusion_matrix.csv"), index_label="true\\predicted")
-        _predictions_frame(test.ids, proba, classes, decision["threshold"], test.y).to_csv(
+        if not multilabel:
+            cm = pd.DataFrame(metrics["confusion_matrix"], index=classes, columns=classes)
+            cm.to_csv(out.file("confusion_matrix.csv"), index_label="true\\predicted")
+        predictions_frame(ids, proba, classes, decision, y).to_csv(
             out.file("test_predictions.csv"), index=False)
     return {"run": str(out.path), "metrics": result, "table": table}
 
 
-def predict(ref: str | Path, input_csv: str, out_csv: str | None = None,
+def _state_only(ckpt: dict[str, Any]):
+    """A Weights-like record that carries only the run's input state (no new weights)."""
+    from tltool.inputs import Weights
+
+    return Weights("run", ckpt={"preprocessor": ckpt["preprocessor"]})
+
+
+def _labelled_csv(path: Path, label: str, classes: list[str],
+                  state: dict) -> tuple[Tensors, np.ndarray]:
+    from tltool.data.tabular import Split, read_csv
+
+    frame = read_csv(path)
+    if label not in frame.columns:
+        raise DataError(f"{path}: label column {label!r} missing; evaluate needs labelled "
+                        f"rows (predict does not)")
+    frame = frame[frame[label].notna()]
+    unknown = sorted(set(frame[label].astype(str)) - set(classes))
+    if unknown:
+        raise DataError(f"{path}: label values {unknown} were not classes of the model "
+                        f"({', '.join(classes)})")
+    y = frame[label].astype(str).map(classes.index).to_numpy(np.int64)
+    split = Split(frame, y, frame.index.astype(str).to_numpy())
+    return encode_tabular(encoder_from_state(state), split, str(path)), split.ids
+
+
+def predict(ref: str | Path, input_path: str, out_csv: str | None = None,
             id_column: str | None = None, argv: list[str] | None = None) -> dict[str, Any]:
-    """Probabilities and decisions for new rows, with the run's preprocessing and threshold."""
-    run, cfg, ckpt, model, pre, decision = _open_run(ref)
-    classes = ckpt["classes"]
-    frame = read_csv(Path(input_csv))
-    x = torch.from_numpy(pre.transform(frame, input_csv))
-    unseen = pre.unseen_counts(frame)
-    if unseen:
-        log.warning("rows with categories not seen in training (encoded as none): %s", unseen)
-    proba = predict_proba(model, x)
-    data_cfg = cfg.target if ckpt["command"] == "freeze-finetune" else cfg.source
-    if id_column is not None and id_column not in frame.columns:
-        raise DataError(f"{input_csv}: --id-column {id_column!r} is not a column "
-                        f"(columns: {', '.join(map(str, frame.columns))})")
-    id_col = id_column or (data_cfg.id_column if data_cfg is not None else None)
-    ids = (frame[id_col].astype(str).to_numpy() if id_col and id_col in frame.columns
-           else frame.index.astype(str).to_numpy())
-    preds = _predictions_frame(ids, proba, classes, decision["threshold"])
+    """Probabilities and decisions for new rows (or images: a folder, or a CSV of paths)."""
+    run, cfg, ckpt, model, decision = _open_run(ref)
+    classes, state = ckpt["classes"], ckpt["preprocessor"]
+    multilabel = bool(ckpt.get("multilabel"))
     if out_csv is not None:
         out_path = Path(out_csv)
         if out_path.is_dir():
             raise DataError(f"--out {out_csv}: is a folder; give a file name")
         if not out_path.parent.exists():
             raise DataError(f"--out {out_csv}: folder {out_path.parent} does not exist")
-    summary = {"run": str(run), "input": input_csv, "rows": len(preds),
-               "decision": decision, "unseen_categories": unseen,
+    notes: dict[str, Any] = {}
+    if state.get("kind") == "image":
+        data, ids, notes = _new_images(Path(input_path), state, id_column)
+    else:
+        data, ids, notes = _new_rows(Path(input_path), state, cfg, ckpt, id_column)
+    proba = predict_proba(model, data, multilabel)
+    preds = predictions_frame(ids, proba, classes, decision)
+    summary = {"run": str(run), "input": input_path, "rows": len(preds), "decision": decision,
+               **notes,
                "predicted_counts": preds["prediction"].value_counts().sort_index().to_dict()}
     with new_run(run.parent.parent, run.parent.name, "predict", argv, cfg.seed) as out:
         write_text(out.file("predictions.csv"), preds.to_csv(index=False))
@@ -114,12 +133,66 @@ def predict(ref: str | Path, input_csv: str, out_csv: str | None = None,
     return {"run": str(out.path), "summary": summary, "out": out_csv}
 
 
-def _predictions_frame(ids, proba: np.ndarray, classes: list[str], threshold: float | None,
-                       y: np.ndarray | None = None) -> pd.DataFrame:
+def _new_rows(path: Path, state, cfg, ckpt, id_column):
+    from tltool.data.tabular import read_csv
+
+    frame = read_csv(path)
+    pre = encoder_from_state(state)
+    x = torch.from_numpy(pre.transform(frame, str(path)))
+    unseen = pre.unseen_counts(frame)
+    if unseen:
+        log.warning("rows with categories not seen in training (encoded as none): %s", unseen)
+    data_cfg = cfg.target if ckpt["command"] == "freeze-finetune" else cfg.source
+    if id_column is not None and id_column not in frame.columns:
+        raise DataError(f"{path}: --id-column {id_column!r} is not a column "
+                        f"(columns: {', '.join(map(str, frame.columns))})")
+    id_col = id_column or (data_cfg.id_column if data_cfg is not None else None)
+    ids = (frame[id_col].astype(str).to_numpy() if id_col and id_col in frame.columns
+           else frame.index.astype(str).to_numpy())
+    return Tensors(x, torch.empty(0)), ids, {"unseen_categories": unseen}
+
+
+def _new_images(path: Path, state, id_column):
+    from tltool.data.images import IMAGE_SUFFIXES, load_image_files
+
+    if path.is_dir():
+        files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: no image files found (looked for "
+                            f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+    elif path.is_file() and path.suffix.lower() == ".csv":
+        from tltool.data.tabular import read_csv
+
+        frame = read_csv(path)
+        column = id_column or "path"
+        if column not in frame.columns:
+            raise DataError(f"{path}: no column {column!r} with image paths (give "
+                            f"--id-column NAME)")
+        files = [str(p if Path(p).is_absolute() else path.parent / p) for p in frame[column]]
+    else:
+        raise DataError(f"{path}: expected a folder of images or a CSV of image paths")
+    x, kept = load_image_files(files, state["size"], "skip")
+    skipped = [files[i] for i in range(len(files)) if i not in set(kept)]
+    if skipped:
+        log.warning("skipped %d unreadable image(s): %s", len(skipped), ", ".join(skipped[:5]))
+    data = encode_images(state | {"augment": "none"}, x, np.zeros(len(x), dtype=np.int64))
+    return data, np.asarray([files[i] for i in kept]), {"skipped_images": skipped}
+
+
+def predictions_frame(ids, proba: np.ndarray, classes: list[str], decision: dict[str, Any],
+                      y: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per input: id, a probability per class/label, the decision (and the truth)."""
     cols: dict[str, Any] = {"id": ids}
     for i, c in enumerate(classes):
         cols[f"p_{c}"] = np.round(proba[:, i], 6)
-    cols["prediction"] = np.asarray(classes, dtype=object)[decide(proba, threshold)]
-    if y is not None:
-        cols["label"] = np.asarray(classes, dtype=object)[y]
+    names = np.asarray(classes, dtype=object)
+    if "per_label" in decision:
+        on = decide_multilabel(proba, decision["per_label"])
+        cols["prediction"] = ["|".join(names[row.astype(bool)]) for row in on]
+        if y is not None:
+            cols["label"] = ["|".join(names[row.astype(bool)]) for row in y.astype(np.int64)]
+    else:
+        cols["prediction"] = names[decide(proba, decision["threshold"])]
+        if y is not None:
+            cols["label"] = names[y]
     return pd.DataFrame(cols)

@@ -7,12 +7,11 @@ from typing import Any
 import numpy as np
 
 from tltool.config import ExperimentConfig
-from tltool.data.preprocess import TabularPreprocessor
-from tltool.data.tabular import TabularData, load_tabular
-from tltool.engine import Phase, Tensors, fit, predict_proba, seed_everything
+from tltool.engine import Phase, Task, fit, predict_proba, seed_everything
 from tltool.errors import CheckpointError, ConfigError
 from tltool.freeze import check_frozen_layers
-from tltool.metrics import choose_threshold, classification_report
+from tltool.inputs import load_inputs
+from tltool.metrics import choose_threshold, classification_report, multilabel_report
 from tltool.models import build_model, model_spec
 from tltool.models.backbones import get_spec, resolve_args
 from tltool.runs import write_json, write_text
@@ -22,7 +21,6 @@ from tltool.workflows.common import (
     log,
     new_run,
     resolve_weights,
-    to_tensors,
 )
 
 
@@ -58,66 +56,68 @@ def phases_of(cfg: ExperimentConfig, command: str, n_blocks: int,
 
 def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any]:
     m = cfg.model
-    get_spec(m.backbone)  # unknown backbone: fail before reading data
-    weights = resolve_weights(m.weights)
-    data = load_tabular(data_cfg, cfg.seed)
-    if weights is None:
-        args = resolve_args(m.backbone, m.backbone_args)
-        pre = TabularPreprocessor().fit(data.train.frame, data.feature_columns,
-                                        data.categorical, data.origin)
-        source_state = None
-    else:
-        ckpt_path, ckpt = weights
-        args = _inherit_args(cfg, ckpt, ckpt_path)
-        # The pretrained first block expects the source's columns, scaling and categories.
-        pre = TabularPreprocessor.from_state(ckpt["preprocessor"])
-        source_state = {k.removeprefix("backbone."): v for k, v in ckpt["state_dict"].items()
-                        if k.startswith("backbone.")}
-    x_train, y_train = to_tensors(pre, data.train, data.origin)
-    x_val, y_val = to_tensors(pre, data.val, data.origin)
-    x_test, y_test = to_tensors(pre, data.test, data.origin)
+    spec = get_spec(m.backbone)  # unknown backbone: fail before reading data
+    section = "source" if command == "pretrain" else "target"
+    weights = resolve_weights(m.weights, spec)
+    args = (_inherit_args(cfg, weights.ckpt, weights.path) if weights.ckpt
+            else resolve_args(m.backbone, m.backbone_args))
+    inputs = load_inputs(data_cfg, section, cfg.seed, spec, weights)
+    data, classes, multilabel = inputs.data, inputs.classes, inputs.multilabel
+    label = getattr(data, "label", None) or data_cfg.label or "label"
+    if m.head == "multilabel" and not multilabel:
+        raise ConfigError(f"model.head: 'multilabel' needs multi-label data; {section} has one "
+                          f"label per row (set {section}.label_sep, or use head linear)")
+    if cfg.decision.rule == "threshold" and not multilabel and len(classes) != 2:
+        raise ConfigError(f"decision.rule: 'threshold' needs a binary or multi-label target; "
+                          f"{label!r} has {len(classes)} classes (use 'argmax')")
     seed_everything(cfg.seed)
-    spec = model_spec(m.backbone, args, x_train.shape[1], m.head, m.head_hidden, m.dropout,
-                      len(data.classes))
-    model = build_model(spec)
-    if source_state is not None:
+    model = build_model(model_spec(m.backbone, args, inputs.n_inputs, m.head, m.head_hidden,
+                                   m.dropout, len(classes)))
+    if weights.name:
+        spec.load_weights(model.backbone, weights.name)
+    elif weights.ckpt:
+        source_state = {k.removeprefix("backbone."): v for k, v in
+                        weights.ckpt["state_dict"].items() if k.startswith("backbone.")}
         load_state(model.backbone, source_state, f"model.weights {m.weights}")
     phases = phases_of(cfg, command, len(model.backbone.blocks), model.backbone.block_names)
-    if weights is not None:
-        unseen = pre.unseen_counts(data.train.frame)
-        if unseen:
-            data.notes.append(f"training rows with categories the source never saw: {unseen}")
-    if cfg.decision.rule == "threshold" and len(data.classes) != 2:
-        raise ConfigError(f"decision.rule: 'threshold' needs a binary label; "
-                          f"{data.label!r} has {len(data.classes)} classes (use 'argmax')")
+    task = Task(multilabel)
 
     with new_run(cfg.output.root, cfg.name, command, argv, cfg.seed, cfg) as run:
         def save(name: str, epoch: int) -> None:
-            run.save_checkpoint(name, checkpoint_payload(model, pre, data.classes, data.label,
-                                                         command, epoch))
+            run.save_checkpoint(name, checkpoint_payload(model, inputs.state, classes, label,
+                                                         multilabel, command, epoch))
 
-        summary = fit(model, Tensors(x_train, y_train), Tensors(x_val, y_val), phases, cfg.train,
-                      data.classes, cfg.seed, save, run.file("metrics.csv"), log.info)
+        summary = fit(model, inputs.train, inputs.val, phases, cfg.train, classes, cfg.seed,
+                      save, run.file("metrics.csv"), log.info, task=task,
+                      bn_policy=m.bn_policy)
         write_text(run.file("freeze_plan.txt"), summary.pop("plan_text") + "\n")
         write_json(run.file("freeze_plan.json"), summary["plans"])
-        thresholds = _decision(cfg, data, predict_proba(model, x_val), y_val.numpy())
+        batch = max(2 * cfg.train.batch_size, 256)
+        proba_val = predict_proba(model, inputs.val, multilabel, batch)
+        proba_test = predict_proba(model, inputs.test, multilabel, batch)
+        thresholds = decision_rule(cfg, classes, multilabel, proba_val, inputs.val.y.numpy())
         write_json(run.file("thresholds.json"), thresholds)
-        t = thresholds["threshold"]
         metrics = {
             "command": command, "name": cfg.name, "seed": cfg.seed,
-            "weights": m.weights, "data": data.summary(), "classes": data.classes,
-            "decision": thresholds,
-            "val": classification_report(y_val.numpy(), predict_proba(model, x_val),
-                                         data.classes, t),
-            "test": classification_report(y_test.numpy(), predict_proba(model, x_test),
-                                          data.classes, t),
-            **{k: summary[k] for k in ("best_epoch", "best_round", "epochs_run", "monitor",
+            "weights": m.weights, "data": data.summary(), "classes": classes,
+            "multilabel": multilabel, "decision": thresholds,
+            "val": report(inputs.val.y.numpy(), proba_val, classes, thresholds),
+            "test": report(inputs.test.y.numpy(), proba_test, classes, thresholds),
+            **{k: summary[k] for k in ("best_epoch", "best_round", "epochs_run", "monitor", "cache",
                                        "freeze_check")},
             "trainable_params": summary["plans"][-1]["trainable_params"],
             "total_params": summary["plans"][-1]["total_params"],
         }
         write_json(run.file("metrics.json"), metrics)
     return {"run": str(run.path), "metrics": metrics}
+
+
+def report(y: np.ndarray, proba: np.ndarray, classes: list[str],
+           decision: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of one split under a saved decision rule."""
+    if "per_label" in decision:
+        return multilabel_report(y, proba, classes, decision["per_label"])
+    return classification_report(y, proba, classes, decision["threshold"])
 
 
 def _inherit_args(cfg: ExperimentConfig, ckpt: dict[str, Any], ckpt_path) -> dict[str, Any]:
@@ -132,20 +132,32 @@ def _inherit_args(cfg: ExperimentConfig, ckpt: dict[str, Any], ckpt_path) -> dic
     args = resolve_args(cfg.model.backbone, cfg.model.backbone_args)
     differ = {k: (src["backbone_args"].get(k), v) for k, v in args.items()
               if src["backbone_args"].get(k) != v}
-    shape_keys = {"hidden"}
-    if differ.keys() & shape_keys:
+    # Regularisation may differ from the source; anything that shapes the network may not.
+    if differ.keys() - {"dropout"}:
         detail = ", ".join(f"{k}: source {a!r} vs config {b!r}" for k, (a, b) in differ.items())
         raise CheckpointError(f"model.backbone_args differ from the source model's ({detail}); "
                               f"leave backbone_args empty to inherit them")
     return args
 
 
-def _decision(cfg: ExperimentConfig, data: TabularData, proba_val: np.ndarray,
-              y_val: np.ndarray) -> dict[str, Any]:
-    """The threshold is chosen on the validation split only, never on test."""
-    rule = cfg.decision.rule
+def decision_rule(cfg: ExperimentConfig, classes: list[str], multilabel: bool,
+                  proba_val: np.ndarray, y_val: np.ndarray) -> dict[str, Any]:
+    """Thresholds are chosen on the validation split only, never on test.
+
+    Multi-label: one threshold per label (0.5 each under rule argmax).
+    """
+    rule, optimize = cfg.decision.rule, cfg.decision.optimize
+    if multilabel:
+        if rule == "argmax":
+            return {"rule": "argmax", "threshold": None, "per_label": [0.5] * len(classes),
+                    "chosen_on": None}
+        chosen = [choose_threshold(y_val[:, j].astype(np.int64), proba_val[:, j], optimize)
+                  for j in range(len(classes))]
+        return {"rule": "threshold", "threshold": None, "optimize": optimize,
+                "per_label": [c["threshold"] for c in chosen],
+                "validation_score": [c["validation_score"] for c in chosen],
+                "chosen_on": "validation"}
     if rule == "argmax":
         return {"rule": "argmax", "threshold": None, "chosen_on": None}
-    chosen = choose_threshold(y_val, proba_val[:, 1], cfg.decision.optimize)
-    return {"rule": "threshold", "positive": data.classes[1], **chosen,
-            "chosen_on": "validation"}
+    chosen = choose_threshold(y_val, proba_val[:, 1], optimize)
+    return {"rule": "threshold", "positive": classes[1], **chosen, "chosen_on": "validation"}

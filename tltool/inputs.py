@@ -1,0 +1,138 @@
+"""From a data section and the chosen weights to model-ready tensors, and back from a checkpoint.
+
+Tabular rows go through a `TabularPreprocessor`; images are stored as uint8 tensors and turned
+into model input batch by batch (`tltool.data.images.make_prepare`). What a trained model needs
+to treat new data the same way is the *input state*, a plain dict saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tltool.config import DataConfig
+from tltool.data.preprocess import TabularPreprocessor
+from tltool.engine import Tensors
+from tltool.datasets import TABLES
+from tltool.errors import ConfigError, DataError
+from tltool.models.backbones import BackboneSpec
+
+
+@dataclass
+class Weights:
+    """What model.weights resolved to: nothing, a named pretrained set, or a checkpoint."""
+
+    ref: str
+    name: str | None = None  # a pretrained set of the backbone, e.g. "imagenet"
+    path: Path | None = None
+    ckpt: dict[str, Any] | None = None
+
+
+@dataclass
+class Inputs:
+    data: Any  # TabularData or ImageData
+    train: Tensors
+    val: Tensors
+    test: Tensors
+    state: dict[str, Any]
+    n_inputs: int
+    multilabel: bool
+
+    @property
+    def classes(self) -> list[str]:
+        return self.data.classes
+
+
+def is_image_data(cfg: DataConfig) -> bool:
+    """Image folders/CSVs and built-in image sets; an unknown built-in name lists all."""
+    if cfg.kind in ("image_folder", "image_csv"):
+        return True
+    if cfg.kind != "builtin" or cfg.name in TABLES:
+        return False
+    from tltool.datasets.images import IMAGE_SETS
+
+    if cfg.name in IMAGE_SETS:
+        return True
+    names = [*TABLES, *IMAGE_SETS]
+    close = difflib.get_close_matches(str(cfg.name), names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise DataError(f"unknown built-in data set {cfg.name!r}; {hint}available: "
+                    f"{', '.join(names)}")
+
+
+def load_inputs(cfg: DataConfig, section: str, seed: int, spec: BackboneSpec,
+                weights: Weights) -> Inputs:
+    """Load a data section and encode it the way the model (and its weights) expect."""
+    image = is_image_data(cfg)
+    if image != (spec.input == "image"):
+        what = "images" if image else "table rows"
+        raise ConfigError(f"{section}: holds {what} but backbone {spec.name!r} takes "
+                          f"{spec.input} input; pick a matching backbone (`tltool backbones`)")
+    source_state = weights.ckpt["preprocessor"] if weights.ckpt else None
+    if image:
+        return _image_inputs(cfg, seed, spec, weights, source_state)
+    return _tabular_inputs(cfg, seed, source_state)
+
+
+def _tabular_inputs(cfg: DataConfig, seed: int, source_state: dict | None) -> Inputs:
+    from tltool.data.tabular import load_tabular
+
+    data = load_tabular(cfg, seed)
+    if source_state is None:
+        pre = TabularPreprocessor().fit(data.train.frame, data.feature_columns,
+                                        data.categorical, data.origin)
+    else:
+        # A pretrained first block expects the source's columns, scaling and categories.
+        pre = TabularPreprocessor.from_state(source_state)
+        unseen = pre.unseen_counts(data.train.frame)
+        if unseen:
+            data.notes.append(f"training rows with categories the source never saw: {unseen}")
+    state = {"kind": "tabular", **pre.state_dict()}
+    splits = [encode_tabular(pre, getattr(data, s), data.origin) for s in ("train", "val", "test")]
+    return Inputs(data, *splits, state, int(splits[0].x.shape[1]), multilabel=False)
+
+
+def encode_tabular(pre: TabularPreprocessor, split, origin: str) -> Tensors:
+    x = torch.from_numpy(pre.transform(split.frame, origin))
+    return Tensors(x, torch.from_numpy(np.asarray(split.y, dtype=np.int64)))
+
+
+def _image_inputs(cfg: DataConfig, seed: int, spec: BackboneSpec, weights: Weights,
+                  source_state: dict | None) -> Inputs:
+    from tltool.data.images import load_images
+
+    if source_state is not None and source_state.get("kind") == "image":
+        size = cfg.image_size or source_state["size"]
+        mean, std = source_state["mean"], source_state["std"]
+    else:
+        size = cfg.image_size or spec.default_size
+        mean, std = spec.norm(weights.name)
+    data = load_images(cfg, seed, size)
+    state = {"kind": "image", "size": int(size), "mean": list(mean), "std": list(std),
+             "channels": 3, "augment": cfg.augment, "multilabel": bool(data.multilabel)}
+    splits = [encode_images(state, getattr(data, s).x, getattr(data, s).y)
+              for s in ("train", "val", "test")]
+    return Inputs(data, *splits, state, 3, multilabel=data.multilabel)
+
+
+def encode_images(state: dict[str, Any], x: torch.Tensor, y: np.ndarray) -> Tensors:
+    """uint8 images + targets; prepare() resizes, normalises (and augments when training)."""
+    from tltool.data.images import make_prepare
+
+    prepare = make_prepare(state["size"], state["mean"], state["std"], state["channels"],
+                           state.get("augment", "none"))
+    y = torch.from_numpy(np.asarray(y))
+    return Tensors(x, y.float() if y.dim() == 2 else y.long(), prepare,
+                   augments=state.get("augment", "none") != "none")
+
+
+def encoder_from_state(state: dict[str, Any]):
+    """The saved input state as an object with the right `encode` for new data."""
+    if state.get("kind") == "image":
+        return state
+    return TabularPreprocessor.from_state(state)
