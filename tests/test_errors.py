@@ -161,4 +161,5 @@ def test_multiclass_label_rejects_a_threshold_rule(cli, write_config, tmp_path):
     path = _csv(tmp_path, "homes.csv", frame)
     cfg = merge(BASE, {"source": {"kind": "csv", "path": path, "label": "Home", "where": {}}})
     res = cli("pretrain", write_config("c", base=cfg))
-    assert res.code == 2 and "decision.rule: 'threshold' needs a binary or multi-label target" in res.err
+    assert res.code == 2
+    assert "decision.rule: 'threshold' needs a binary or multi-label target" in res.err

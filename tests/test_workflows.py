@@ -12,8 +12,8 @@ import torch
 from tltool.metrics import choose_threshold
 
 METRIC_KEYS = ["n", "accuracy", "balanced_accuracy", "precision", "recall", "f1", "auroc",
-               "average_precision", "brier", "log_loss", "threshold", "confusion_matrix", "macro_f1",
-               "per_class"]
+               "average_precision", "brier", "log_loss", "threshold", "confusion_matrix",
+               "macro_f1", "per_class"]
 
 
 def _json(path: Path) -> dict:

@@ -190,27 +190,43 @@ def show_config(
 
 @app.command()
 def datasets() -> None:
-    """List the built-in data sets (they ship with the package; no network needed)."""
+    """List the built-in data sets (tables and images) with their options."""
     from tltool.datasets import TABLES
+    from tltool.datasets.images import describe
 
+    typer.echo("tables (kind: builtin, name: NAME):")
     for t in TABLES.values():
-        typer.echo(f"{t.name:<15} {t.rows:>6} rows  label={t.label} (positive: {t.positive})  "
-                   f"{t.description}")
+        typer.echo(f"  {t.name:<15} {t.rows:>6} rows  label={t.label} (positive: {t.positive})"
+                   f"  {t.description}")
+    typer.echo("images (kind: builtin, name: NAME, options: {...}):")
+    for d in describe():
+        kind = "multi-label" if d["multilabel"] else "single-label"
+        typer.echo(f"  {d['name']:<15} {d['rows']}; {d['image']}; {kind}; classes: "
+                   f"{d['classes']}\n  {'':<15} {d['description']}")
+        for key, text in d["options"].items():
+            typer.echo(f"  {'':<15} option {key}: {text}")
 
 
 @app.command()
 def backbones(
-    inputs: int = typer.Option(20, help="Input width used to count MLP parameters."),
+    inputs: int = typer.Option(20, help="Input width used to count tabular parameters."),
+    name: str = typer.Option(None, "--name", help="Show only this backbone."),
 ) -> None:
-    """List backbones with their freezable blocks (the unit of frozen_layers) and sizes."""
-    from tltool.models.backbones import BACKBONES, build_backbone
+    """List backbones with their ordered freezable blocks (the unit of frozen_layers),
+    parameter counts, input size and pretrained weight names."""
+    from tltool.models.backbones import BACKBONES, build_backbone, get_spec
 
-    for spec in BACKBONES.values():
-        net = build_backbone(spec.name, {}, inputs)
-        typer.echo(f"{spec.name}: {spec.description} (default options, {inputs} inputs)")
-        for i, (name, block) in enumerate(zip(net.block_names, net.blocks, strict=True)):
-            n = sum(p.numel() for p in block.parameters())
-            typer.echo(f"  {i + 1}. {name:<10} {n:>10,} parameters")
+    specs = [_call(lambda: get_spec(name))] if name else list(BACKBONES.values())
+    for spec in specs:
+        net = build_backbone(spec.name, {}, inputs if spec.input == "tabular" else 3)
+        total = sum(p.numel() for p in net.parameters())
+        extra = (f"{inputs} inputs" if spec.input == "tabular" else
+                 f"{spec.default_size} px; weights: {', '.join(spec.weights) or 'none'}")
+        typer.echo(f"{spec.name} ({spec.input}; {extra}; {total:,} parameters, "
+                   f"{net.out_features} features): {spec.description}")
+        for i, (block, module) in enumerate(zip(net.block_names, net.blocks, strict=True)):
+            n = sum(p.numel() for p in module.parameters())
+            typer.echo(f"  {i + 1:>2}. {block:<12} {n:>12,} parameters")
 
 
 def main() -> None:

@@ -17,8 +17,8 @@ import torch
 
 from tltool.config import DataConfig
 from tltool.data.preprocess import TabularPreprocessor
-from tltool.engine import Tensors
 from tltool.datasets import TABLES
+from tltool.engine import Tensors
 from tltool.errors import ConfigError, DataError
 from tltool.models.backbones import BackboneSpec
 

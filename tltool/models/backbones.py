@@ -44,8 +44,12 @@ class Backbone(nn.Module):
 
     @staticmethod
     def _pool(x: torch.Tensor) -> torch.Tensor:
+        """Feature maps (N, C, H, W) -> channel means; token sequences (N, T, D) -> the first
+        (class) token; vectors stay as they are."""
         if x.dim() == 4:
             return x.mean(dim=(2, 3))
+        if x.dim() == 3:
+            return x[:, 0]
         return x.flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,6 +137,12 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resmlp": BackboneSpec("resmlp", "tabular", ResMLPArgs, build_resmlp,
                            "residual MLP for tables: a stem, then `depth` residual blocks"),
 }
+
+# Image backbones (torchvision, EfficientNet-Lite0, a small CNN). vision.py imports Backbone and
+# BackboneSpec from this module, so it is imported only here, after both exist.
+from tltool.models.vision import IMAGE_BACKBONES  # noqa: E402
+
+BACKBONES.update(IMAGE_BACKBONES)
 
 
 def get_spec(name: str) -> BackboneSpec:
