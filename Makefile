@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 TL := $(BIN)/tltool
 DEMO_ROOT ?= runs
 
-.PHONY: install demo test test-slow lint bench transfer-table clean config-doc
+.PHONY: install demo test test-slow lint bench transfer-table digits-table clean config-doc
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -52,3 +52,7 @@ clean:
 config-doc: install
 	{ sed '/^## Every key/q' docs/CONFIG.md; echo; $(TL) config --reference; } > docs/CONFIG.md.tmp
 	mv docs/CONFIG.md.tmp docs/CONFIG.md
+
+# Image transfer: MNIST-5k -> digits (docs/TRANSFER_DIGITS.md).
+digits-table: install
+	$(BIN)/python benchmarks/digits_transfer.py --out docs/TRANSFER_DIGITS.md

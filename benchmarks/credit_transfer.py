@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from tables import Scores, machine_line
 
 from tltool.config import load_config
 from tltool.workflows.extract import extract
@@ -49,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.getLogger("tltool").setLevel(logging.WARNING)
     start = time.time()
-    scores: dict[str, dict[str, list[float]]] = {}
+    scores = Scores()
     with tempfile.TemporaryDirectory() as tmp:
         common = [f"output.root={tmp}"]
         for seed in args.seeds:
@@ -67,24 +67,19 @@ def main() -> None:
                     else:
                         run_sets = sets
                     res = freeze_finetune(load_config(CONFIGS / file, run_sets + extra))
-                    _add(scores, method, col, res["metrics"]["test"]["auroc"])
+                    scores.add(method, col, res["metrics"]["test"]["auroc"])
                 ex = extract(load_config(CONFIGS / "extract.yaml", sets +
                                          ["extract.heads=[logistic_regression]"]))
-                _add(scores, "extract + logistic regression", col,
-                     ex["metrics"]["heads"]["logistic_regression"]["test"]["auroc"])
-                _add(scores, "source-only (no target labels)", col, src_only)
+                scores.add("extract + logistic regression", col,
+                           ex["metrics"]["heads"]["logistic_regression"]["test"]["auroc"])
+                scores.add("source-only (no target labels)", col, src_only)
     table = _table(scores, args.seeds, time.time() - start)
     print(table)
     if args.out:
         args.out.write_text(table)
 
 
-def _add(scores, method, col, value) -> None:
-    scores.setdefault(method, {}).setdefault(col, []).append(value)
-
-
-def _table(scores, seeds, seconds: float) -> str:
-    cols = ["25", "50", "100", "all"]
+def _table(scores: Scores, seeds, seconds: float) -> str:
     lines = [
         "# Transfer on credit_data: fixed-job applicants -> part-time applicants",
         "",
@@ -97,18 +92,9 @@ def _table(scores, seeds, seconds: float) -> str:
         f"uses ceil(n/2) labelled validation rows for early stopping and the decision "
         f"threshold (all 91 for 'all', where n = 180).",
         "",
-        "| method | " + " | ".join(f"n={c}" for c in cols) + " |",
-        "|---|" + "---|" * len(cols),
+        *scores.markdown(["25", "50", "100", "all"], "n={}"),
+        "", machine_line(seconds), "",
     ]
-    for method, by_col in scores.items():
-        cells = []
-        for c in cols:
-            vals = by_col.get(c, [])
-            sd = statistics.pstdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{statistics.mean(vals):.3f} ± {sd:.3f}" if vals else "")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, "
-              f"Python {platform.python_version()}; whole table in {seconds:.0f} s.", ""]
     return "\n".join(lines)
 
 

@@ -66,8 +66,12 @@ def _score_lines(metrics: dict[str, Any]) -> list[str]:
         m = metrics.get(split)
         if m:
             auroc = "n/a" if m["auroc"] is None else f"{m['auroc']:.4f}"
-            out.append(f"{split:<5} accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  "
-                       f"auroc {auroc}  (n={m['n']})")
+            if "map" in m:
+                out.append(f"{split:<5} mAP {m['map']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
+                           f"exact match {m['exact_match']:.4f}  (n={m['n']})")
+            else:
+                out.append(f"{split:<5} accuracy {m['accuracy']:.4f}  f1 {m['f1']:.4f}  "
+                           f"auroc {auroc}  (n={m['n']})")
     return out
 
 

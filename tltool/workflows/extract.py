@@ -109,8 +109,9 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
         heads = {}
         for kind in cfg.extract.heads:
             heads[kind] = _fit_head(kind, cfg, feats, fit_inputs.data, d)
+            auroc = heads[kind]["test"]["auroc"]
             log.info("%s: test accuracy %.4f, auroc %s", kind, heads[kind]["test"]["accuracy"],
-                     heads[kind]["test"]["auroc"])
+                     "n/a" if auroc is None else f"{auroc:.4f}")
         metrics = {"command": "extract", "name": cfg.name, "seed": cfg.seed,
                    "weights": m.weights, "blocks": blocks or n_blocks,
                    "feature_dim": int(feats[(d, "train")].shape[1]), "fit_on": d,

@@ -153,13 +153,14 @@ def _new_rows(path: Path, state, cfg, ckpt, id_column):
 
 
 def _new_images(path: Path, state, id_column):
-    from tltool.data.images import IMAGE_SUFFIXES, load_image_files
+    from tltool.data.images import IMAGE_EXTENSIONS, load_image_files
 
     if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(str(p) for p in path.rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
         if not files:
             raise DataError(f"{path}: no image files found (looked for "
-                            f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+                            f"{', '.join(IMAGE_EXTENSIONS)})")
     elif path.is_file() and path.suffix.lower() == ".csv":
         from tltool.data.tabular import read_csv
 

@@ -1,0 +1,116 @@
+"""Image transfer end to end through the CLI: small CNN on built-in digits sets, multi-label
+mosaics, predictions for a folder of PNG files, and feature extraction."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+IMG = {
+    "seed": 0,
+    "source": {"kind": "builtin", "name": "mnist5k", "n_train": 600, "n_val": 200},
+    "target": {"kind": "builtin", "name": "digits", "options": {"frame": True},
+               "n_train": 100, "n_val": 50, "split": {"val": 0.2, "test": 0.4}},
+    "model": {"backbone": "small_cnn", "backbone_args": {"hidden": 32}},
+    "train": {"epochs": 2, "batch_size": 64, "lr": 0.002},
+}
+
+
+def _json(path):
+    return json.loads(path.read_text())
+
+
+@pytest.fixture
+def mnist_run(cli, write_config, tmp_path):
+    res = cli("pretrain", write_config("mnist", base=IMG))
+    assert res.code == 0, res.err
+    return tmp_path / res.out.strip()
+
+
+def test_mnist_to_digits_transfer_with_frozen_convolutions(mnist_run, cli, write_config,
+                                                           tmp_path):
+    cfg = write_config("digits", {"model": {"weights": str(mnist_run), "frozen_layers": 2}},
+                       base=IMG)
+    res = cli("freeze-finetune", cfg)
+    assert res.code == 0, res.err
+    run = tmp_path / res.out.strip()
+    m = _json(run / "metrics.json")
+    assert m["classes"] == [str(d) for d in range(10)] and m["test"]["n"] == 719
+    assert m["freeze_check"]["unchanged"]
+    assert m["cache"][0]["cached_blocks"] == 2  # the frozen convolutions ran once
+    assert set(m["test"]["per_class"]) == set(m["classes"])
+    plan = _json(run / "freeze_plan.json")[0]
+    assert [b["state"] for b in plan["blocks"]] == ["frozen", "frozen", "trainable", "trainable"]
+    src = torch.load(mnist_run / "checkpoints/best.pt", weights_only=True)
+    dst = torch.load(run / "checkpoints/best.pt", weights_only=True)
+    frozen = [k for k in src["state_dict"] if k.startswith(("backbone.blocks.0.",
+                                                            "backbone.blocks.1."))]
+    assert frozen and all(torch.equal(src["state_dict"][k], dst["state_dict"][k])
+                          for k in frozen)
+    assert dst["preprocessor"]["kind"] == "image" and dst["preprocessor"]["size"] == 28
+    # Source-only: the MNIST model on the digits test split.
+    ev = cli("evaluate", str(mnist_run), "--on", "target")
+    assert ev.code == 0, ev.err
+    assert _json(tmp_path / ev.out.strip() / "metrics.json")["test"]["n"] == 719
+    # Predict on a folder of PNG files (grey, RGB, other sizes) and a broken one.
+    folder = tmp_path / "new"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(folder / "b.png")
+    (folder / "c.png").write_bytes(b"not an image")
+    pr = cli("predict", str(run), str(folder), "--out", "preds.csv")
+    assert pr.code == 0, pr.err
+    preds = pd.read_csv(tmp_path / "preds.csv")
+    assert [p.rsplit("/", 1)[-1] for p in preds["id"]] == ["a.png", "b.png"]
+    assert np.allclose(preds.filter(like="p_").sum(axis=1), 1, atol=1e-4)
+    assert _json(tmp_path / pr.out.strip() / "metrics.json")["skipped_images"][0].endswith(
+        "c.png")
+
+
+def test_multilabel_mosaics_train_sigmoid_heads_with_per_label_thresholds(cli, write_config,
+                                                                          tmp_path):
+    cfg = {"seed": 0, "name": "mosaic",
+           "target": {"kind": "builtin", "name": "mnist_mosaic", "options": {"n": 400},
+                      "split": {"val": 0.25, "test": 0.25, "stratify": False}},
+           "model": {"backbone": "small_cnn", "head": "multilabel",
+                     "backbone_args": {"hidden": 32}},
+           "train": {"epochs": 2, "batch_size": 64, "lr": 0.003},
+           "decision": {"rule": "threshold", "optimize": "f1"}}
+    res = cli("freeze-finetune", write_config("mosaic", base=cfg))
+    assert res.code == 0, res.err
+    run = tmp_path / res.out.strip()
+    m = _json(run / "metrics.json")
+    assert m["multilabel"] and m["classes"] == ["0", "1", "2"]
+    test = m["test"]
+    for key in ("map", "micro_f1", "macro_f1", "exact_match", "hamming_loss"):
+        assert test[key] is not None
+    assert test["rows_without_label"] > 0  # "no label" is a real outcome
+    thr = _json(run / "thresholds.json")
+    assert thr["chosen_on"] == "validation" and len(thr["per_label"]) == 3
+    assert [test["per_label"][c]["threshold"] for c in m["classes"]] == thr["per_label"]
+    ev = cli("evaluate", str(run))
+    assert ev.code == 0, ev.err
+    rows = pd.read_csv(tmp_path / ev.out.strip() / "test_predictions.csv", keep_default_na=False)
+    assert len(rows) == 100 and set(rows.columns) >= {"p_0", "p_1", "p_2", "prediction"}
+
+
+def test_image_config_errors(cli, write_config):
+    res = cli("pretrain", write_config("e1", base=dict(IMG, model={"backbone": "mlp"})))
+    assert res.code == 2 and "source: holds images but backbone 'mlp' takes tabular" in res.err
+    res = cli("pretrain", write_config("e2", {"model": {"head": "multilabel"}}, base=IMG))
+    assert res.code == 2 and "model.head: 'multilabel' needs multi-label data" in res.err
+    res = cli("pretrain", write_config("e3", {"source": {"name": "mnist6k"}}, base=IMG))
+    assert res.code == 2 and "unknown built-in data set 'mnist6k'; did you mean 'mnist5k'?" \
+        in res.err
+
+
+def test_backbones_command_lists_blocks(cli):
+    res = cli("backbones", "--name", "resnet18")
+    assert res.code == 0, res.err
+    assert "stem" in res.out and "layer4" in res.out and "IMAGENET1K_V1" in res.out
