@@ -114,3 +114,35 @@ def test_backbones_command_lists_blocks(cli):
     res = cli("backbones", "--name", "resnet18")
     assert res.code == 0, res.err
     assert "stem" in res.out and "layer4" in res.out and "IMAGENET1K_V1" in res.out
+
+
+def _image_folder(root, n_per_class=12, size=32):
+    rng = np.random.default_rng(1)
+    for c, shade in (("dark", 60), ("light", 190)):
+        (root / c).mkdir(parents=True)
+        for i in range(n_per_class):
+            arr = np.clip(rng.normal(shade, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(root / c / f"{i}.png")
+
+
+def test_local_torchvision_weights_file_and_another_architecture(cli, write_config, tmp_path):
+    import torchvision
+
+    _image_folder(tmp_path / "imgs")
+    torch.manual_seed(3)
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    torch.save(torchvision.models.resnet34().state_dict(), tmp_path / "r34.pth")
+    cfg = {"seed": 0, "name": "folder",
+           "target": {"kind": "image_folder", "path": str(tmp_path / "imgs"), "image_size": 32},
+           "model": {"backbone": "resnet18", "weights": str(tmp_path / "r18.pth"),
+                     "frozen_layers": 4},
+           "train": {"epochs": 1, "batch_size": 8}}
+    res = cli("freeze-finetune", write_config("r18", base=cfg))
+    assert res.code == 0, res.err
+    saved = torch.load(tmp_path / res.out.strip() / "checkpoints/best.pt", weights_only=True)
+    original = torch.load(tmp_path / "r18.pth", weights_only=True)
+    assert torch.equal(saved["state_dict"]["backbone.blocks.1.0.conv1.weight"],
+                       original["layer1.0.conv1.weight"])
+    bad = cli("freeze-finetune", write_config("r34", {"model": {"weights": str(
+        tmp_path / "r34.pth")}}, base=cfg))
+    assert bad.code == 2 and "tensors this architecture lacks: layer1.2." in bad.err

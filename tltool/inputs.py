@@ -30,7 +30,8 @@ class Weights:
     ref: str
     name: str | None = None  # a pretrained set of the backbone, e.g. "imagenet"
     path: Path | None = None
-    ckpt: dict[str, Any] | None = None
+    ckpt: dict[str, Any] | None = None  # a tltool checkpoint (model, input state, classes)
+    state: dict[str, Any] | None = None  # a plain backbone state dict from a file
 
 
 @dataclass

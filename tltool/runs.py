@@ -147,7 +147,9 @@ def resolve_run(ref: str | Path, commands: tuple[str, ...] | None = None) -> Pat
     return path
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_weights_file(path: Path) -> dict[str, Any]:
+    """A tltool checkpoint or a plain state dict (name -> tensor), read without unpickling
+    arbitrary objects."""
     if not path.is_file():
         raise RunError(f"{path}: checkpoint not found")
     try:
@@ -155,7 +157,20 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as exc:  # torch raises many kinds for a bad file
         raise RunError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
                        f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
-    if not isinstance(payload, dict) or payload.get("format") != "tltool-checkpoint":
+    if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict) and \
+            payload.get("format") != "tltool-checkpoint":
+        payload = payload["state_dict"]  # the common {"state_dict": ...} wrapper
+    plain = isinstance(payload, dict) and payload and all(
+        isinstance(v, torch.Tensor) for v in payload.values())
+    if not plain and not (isinstance(payload, dict) and
+                          payload.get("format") == "tltool-checkpoint"):
+        raise RunError(f"{path}: neither a tltool checkpoint nor a state dict of tensors")
+    return payload
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    payload = load_weights_file(path)
+    if payload.get("format") != "tltool-checkpoint":
         raise RunError(f"{path}: not a tltool checkpoint (expected a dict with "
                        f"format 'tltool-checkpoint')")
     return payload

@@ -117,15 +117,18 @@ def _backbone(source: nn.Module, blocks: list[nn.Module], names: list[str],
               out_features: int) -> Backbone:
     """A Backbone over modules taken from `source`, remembering where each of its tensors lives
     in `source`'s state dict, so that the library's pretrained files load with the original key
-    names (see `_load_source_state`)."""
+    names (see `load_library_state`)."""
     backbone = Backbone(blocks, names, out_features)
     where = {id(t): k for k, t in source.state_dict(keep_vars=True).items()}
     backbone.source_keys = {k: where[id(t)]
                             for k, t in backbone.state_dict(keep_vars=True).items()}
+    # Tensors of the original model the backbone leaves out (its classifier): a weights file
+    # may carry them; any other extra tensor means the file is of another architecture.
+    backbone.source_dropped = set(where.values()) - set(backbone.source_keys.values())
     return backbone
 
 
-def _load_source_state(backbone: Backbone, state: dict[str, torch.Tensor], what: str) -> None:
+def load_library_state(backbone: Backbone, state: dict[str, torch.Tensor], what: str) -> None:
     """Copy a state dict of the original library model into the re-grouped backbone."""
     keys: dict[str, str] | None = getattr(backbone, "source_keys", None)
     if keys is None:
@@ -143,6 +146,11 @@ def _load_source_state(backbone: Backbone, state: dict[str, torch.Tensor], what:
             raise CheckpointError(f"{what}: {src} has shape {tuple(state[src].shape)} in the "
                                   f"weights file but {tuple(own[key].shape)} in the backbone")
         remapped[key] = state[src]
+    extra = sorted(set(state) - set(keys.values()) - getattr(backbone, "source_dropped", set()))
+    if extra:
+        more = f" (+{len(extra) - 6} more)" if len(extra) > 6 else ""
+        raise CheckpointError(f"{what}: the weights file has tensors this architecture lacks: "
+                              f"{', '.join(extra[:6])}{more} (it belongs to another model)")
     backbone.load_state_dict(remapped)  # strict: every tensor must be accounted for
 
 
@@ -312,7 +320,7 @@ def _torchvision_loader(arch: str) -> Callable[[Backbone, str], None]:
         state = hub_state_dict(weights.url, what)
         if arch == "vit_b_16":
             state = _fit_vit_positions(state, backbone)
-        _load_source_state(backbone, state, what)
+        load_library_state(backbone, state, what)
 
     return load_weights
 
@@ -442,7 +450,7 @@ def _load_lite0(backbone: Backbone, name: str) -> None:
     if name != "imagenet":
         raise ConfigError(f"model.weights: efficientnet_lite0 has no pretrained weights "
                           f"{name!r}; allowed: imagenet (or none, a run folder, a checkpoint file)")
-    _load_source_state(backbone, _lite0_state(), "model.weights imagenet of efficientnet_lite0")
+    load_library_state(backbone, _lite0_state(), "model.weights imagenet of efficientnet_lite0")
 
 
 def lite0_imagenet_classifier() -> nn.Sequential:

@@ -15,7 +15,7 @@ from tltool.errors import CheckpointError, RunError
 from tltool.inputs import Weights
 from tltool.models import TransferModel, build_model
 from tltool.models.backbones import BackboneSpec
-from tltool.runs import RunFolder, load_checkpoint, resolve_run, write_text
+from tltool.runs import RunFolder, load_checkpoint, load_weights_file, resolve_run, write_text
 
 log = logging.getLogger("tltool")
 
@@ -32,7 +32,10 @@ def resolve_weights(ref: str, spec: BackboneSpec) -> Weights:
         return Weights(ref, name=ref)
     path = Path(ref)
     if path.is_file():
-        return Weights(ref, path=path, ckpt=load_checkpoint(path))
+        payload = load_weights_file(path)
+        if payload.get("format") == CHECKPOINT_FORMAT:
+            return Weights(ref, path=path, ckpt=payload)
+        return Weights(ref, path=path, state=payload)  # e.g. a torchvision .pth file
     if not path.exists() and path.name != "latest":
         named = f", a pretrained set of {spec.name} ({', '.join(spec.weights)})" \
             if spec.weights else ""
@@ -41,6 +44,23 @@ def resolve_weights(ref: str, spec: BackboneSpec) -> Weights:
     run = resolve_run(path, commands=TRAINING_COMMANDS)
     ckpt_path = run / "checkpoints" / "best.pt"
     return Weights(ref, path=ckpt_path, ckpt=load_checkpoint(ckpt_path))
+
+
+def load_backbone_weights(model: TransferModel, spec: BackboneSpec, weights: Weights) -> None:
+    """Put the chosen pretrained weights into the model's backbone (nothing for `none`)."""
+    if weights.name:
+        spec.load_weights(model.backbone, weights.name)
+    elif weights.ckpt:
+        state = {k.removeprefix("backbone."): v for k, v in weights.ckpt["state_dict"].items()
+                 if k.startswith("backbone.")}
+        load_state(model.backbone, state, f"model.weights {weights.ref}")
+    elif weights.state is not None:
+        if hasattr(model.backbone, "source_keys"):  # a file in the original library's layout
+            from tltool.models.vision import load_library_state
+
+            load_library_state(model.backbone, weights.state, f"model.weights {weights.ref}")
+        else:
+            load_state(model.backbone, weights.state, f"model.weights {weights.ref}")
 
 
 def load_trained(ckpt: dict[str, Any]) -> TransferModel:

@@ -16,7 +16,13 @@ from tltool.metrics import choose_threshold, classification_report
 from tltool.models import build_model, model_spec
 from tltool.models.backbones import get_spec, resolve_args
 from tltool.runs import write_json
-from tltool.workflows.common import load_trained, log, new_run, resolve_weights
+from tltool.workflows.common import (
+    load_backbone_weights,
+    load_trained,
+    log,
+    new_run,
+    resolve_weights,
+)
 
 
 def sklearn_head(kind: str, seed: int, balanced: bool, min_class: int = 5):
@@ -58,7 +64,7 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
     m = cfg.model
     spec = get_spec(m.backbone)
     weights = resolve_weights(m.weights, spec)
-    if weights.ckpt is None and weights.name is None:
+    if weights.ckpt is None and weights.name is None and weights.state is None:
         raise ConfigError("model.weights: extract needs trained weights (a pretrain run folder, "
                           "NAME_FOLDER/latest, a checkpoint file, or a pretrained set such as "
                           "imagenet), got 'none'")
@@ -66,9 +72,12 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
         model = load_trained(weights.ckpt)
         spec = get_spec(weights.ckpt["spec"]["backbone"])
     else:
+        if spec.input != "image":
+            raise ConfigError("model.weights: a tabular backbone's features need a tltool "
+                              "checkpoint (its preprocessing is saved there)")
         model = build_model(model_spec(m.backbone, resolve_args(m.backbone, m.backbone_args), 3,
                                        "linear", 1, 0.0, 1))
-        spec.load_weights(model.backbone, weights.name)
+        load_backbone_weights(model, spec, weights)
     n_blocks = len(model.backbone.blocks)
     blocks = cfg.extract.blocks
     if blocks is not None and blocks > n_blocks:

@@ -17,7 +17,7 @@ from tltool.models.backbones import get_spec, resolve_args
 from tltool.runs import write_json, write_text
 from tltool.workflows.common import (
     checkpoint_payload,
-    load_state,
+    load_backbone_weights,
     log,
     new_run,
     resolve_weights,
@@ -73,12 +73,7 @@ def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any
     seed_everything(cfg.seed)
     model = build_model(model_spec(m.backbone, args, inputs.n_inputs, m.head, m.head_hidden,
                                    m.dropout, len(classes)))
-    if weights.name:
-        spec.load_weights(model.backbone, weights.name)
-    elif weights.ckpt:
-        source_state = {k.removeprefix("backbone."): v for k, v in
-                        weights.ckpt["state_dict"].items() if k.startswith("backbone.")}
-        load_state(model.backbone, source_state, f"model.weights {m.weights}")
+    load_backbone_weights(model, spec, weights)
     phases = phases_of(cfg, command, len(model.backbone.blocks), model.backbone.block_names)
     task = Task(multilabel)
 
