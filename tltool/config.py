@@ -133,6 +133,15 @@ class TrainConfig(_Strict):
         "auto", description="auto: compute the frozen leading blocks once per round and train "
         "only the rest (skipped with random augmentation or bn_policy train)")
     cache_max_gb: float = Field(4.0, gt=0, description="largest in-memory prefix cache")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a CUDA GPU when "
+                                                   "one is visible, else the CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32; bf16 autocast (CPU or GPU); fp16 with loss scaling (GPU); "
+        "auto: bf16 on GPUs that have it and on CPUs with native bf16 (image models), fp16 on "
+        "older GPUs")
+    channels_last: Literal["auto", "off"] = Field(
+        "auto", description="auto: NHWC memory layout for image models (faster convolutions)")
+    compile: bool = Field(False, description="torch.compile the forward pass")
     rounds: list[RoundConfig] = Field([], description="gradual unfreezing: rounds run in order, "
                                       "each with its own frozen_layers / epochs / lr")
 

@@ -19,6 +19,7 @@ from torch import nn
 from tltool.freeze import FreezePlan, apply_freeze, snapshot_frozen, verify_unchanged
 from tltool.metrics import classification_report, multilabel_report
 from tltool.models import TransferModel
+from tltool.runtime import Runtime
 
 
 @dataclass
@@ -82,27 +83,33 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, data: Tensors, batch_size: int = 512,
-                   start: int = 0) -> torch.Tensor:
-    """Logits in inference mode; `start` > 0 means data.x holds cached prefix outputs."""
+def predict_logits(model: nn.Module, data: Tensors, batch_size: int = 512, start: int = 0,
+                   rt: Runtime | None = None) -> torch.Tensor:
+    """Logits (float32, on the CPU) in inference mode; `start` > 0 means data.x holds cached
+    prefix outputs."""
+    rt = rt or Runtime()
     model.eval()
     out = []
     for i in range(0, len(data.x), batch_size):
-        xb = data.batch(slice(i, i + batch_size), train=False)
-        out.append(model.forward_from(xb, start) if start else model(xb))
+        xb = rt.put(data.batch(slice(i, i + batch_size), train=False))
+        with rt.autocast():
+            logits = model.forward_from(xb, start) if start else model(xb)
+        out.append(logits.float().cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
 def build_prefix_cache(model: TransferModel, data: Tensors, n_blocks: int, batch_size: int,
-                       max_bytes: float) -> Tensors | None:
-    """Outputs of the first n (frozen, inference-mode) blocks, computed once; None when the
-    cache would exceed `max_bytes`."""
+                       max_bytes: float, rt: Runtime | None = None) -> Tensors | None:
+    """Outputs of the first n (frozen, inference-mode) blocks, computed once and kept on the
+    CPU (in bf16 under bf16 autocast); None when the cache would exceed `max_bytes`."""
+    rt = rt or Runtime()
     model.eval()
     parts, used = [], 0
     for i in range(0, len(data.x), batch_size):
-        z = model.backbone.forward_blocks(data.batch(slice(i, i + batch_size), train=False),
-                                          n_blocks, pool=False)
+        xb = rt.put(data.batch(slice(i, i + batch_size), train=False))
+        with rt.autocast():
+            z = model.backbone.forward_blocks(xb, n_blocks, pool=False).cpu()
         used += z.numel() * z.element_size()
         if used / (i + len(z)) * len(data.x) > max_bytes:
             return None
@@ -125,11 +132,11 @@ def _cache_plan(model: TransferModel, train: Tensors, n_frozen: int, train_cfg,
 
 
 def predict_proba(model: nn.Module, data: Tensors | torch.Tensor, multilabel: bool = False,
-                  batch_size: int = 512) -> np.ndarray:
+                  batch_size: int = 512, rt: Runtime | None = None) -> np.ndarray:
     """Class probabilities (softmax) or per-label probabilities (sigmoid), float64."""
     if isinstance(data, torch.Tensor):
         data = Tensors(data, torch.empty(0))
-    logits = predict_logits(model, data, batch_size)
+    logits = predict_logits(model, data, batch_size, rt=rt)
     return Task(multilabel).proba(logits).double().numpy()
 
 
@@ -160,14 +167,16 @@ def _score(report: dict[str, Any], val_loss: float, monitor: str) -> float:
 def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase], train_cfg,
         classes: list[str], seed: int, save: Callable[[str, int], None],
         metrics_csv, log: Callable[[str], None], task: Task = Task(),
-        bn_policy: str = "eval") -> dict[str, Any]:
+        bn_policy: str = "eval", rt: Runtime | None = None) -> dict[str, Any]:
     """Train through every phase; restore and return the best weights' summary.
 
     `save(name, epoch)` writes a checkpoint ("best.pt"/"last.pt"); `metrics_csv` is the path
     of the per-epoch CSV.
     """
+    rt = rt or Runtime()
+    rt.setup(model)
     generator = torch.Generator().manual_seed(seed)
-    loss_fn = task.loss(train.y, len(classes), train_cfg.class_weights)
+    loss_fn = task.loss(train.y, len(classes), train_cfg.class_weights).to(rt.device)
     eval_batch = max(2 * train_cfg.batch_size, 256)
     monitor = train_cfg.early_stopping.monitor
     patience = train_cfg.early_stopping.patience
@@ -192,11 +201,12 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
             tr, va = train, val
             if start:
                 limit = train_cfg.cache_max_gb * 2**30
-                tr = build_prefix_cache(model, train, start, eval_batch, limit)
-                va = tr and build_prefix_cache(model, val, start, eval_batch, limit)
+                tr = build_prefix_cache(model, train, start, eval_batch, limit, rt)
+                va = tr and build_prefix_cache(model, val, start, eval_batch, limit, rt)
                 if tr is None or va is None:
                     start, why, tr, va = 0, "prefix cache over cache_max_gb", train, val
             caches.append({"round": r, "cached_blocks": start, "reason": why})
+            forward = rt.wrap(lambda xb, s=start: model.forward_from(xb, s) if s else model(xb))
             log(f"round {r}: {why}")
             lr_backbone = max((g["lr"] for g in groups if g["name"] != "head"), default=0.0)
             log(f"round {r}: {phase.strategy}, {plan.frozen_layers} block(s) frozen, "
@@ -205,8 +215,8 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
             for _ in range(phase.epochs):
                 epoch_total += 1
                 train_loss = _train_epoch(model, tr, optimizer, loss_fn,
-                                          train_cfg.batch_size, generator, start)
-                logits = predict_logits(model, va, eval_batch, start)
+                                          train_cfg.batch_size, generator, start, rt, forward)
+                logits = predict_logits(model, va, eval_batch, start, rt)
                 val_loss = task.val_loss(logits, val.y)
                 report = task.report(val.y.numpy(), task.proba(logits).double().numpy(), classes)
                 writer.writerow({
@@ -244,7 +254,7 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
 
 def _train_epoch(model: TransferModel, data: Tensors, optimizer: torch.optim.Optimizer,
                  loss_fn: nn.Module, batch_size: int, generator: torch.Generator,
-                 start: int = 0) -> float:
+                 start: int, rt: Runtime, forward: Callable) -> float:
     model.train()
     order = torch.randperm(len(data.y), generator=generator)
     total, seen = 0.0, 0
@@ -253,10 +263,11 @@ def _train_epoch(model: TransferModel, data: Tensors, optimizer: torch.optim.Opt
         if len(idx) == 1 and len(order) > 1:
             continue  # a single row breaks BatchNorm and adds only noise
         optimizer.zero_grad(set_to_none=True)
-        xb = data.batch(idx, train=True)
-        loss = loss_fn(model.forward_from(xb, start) if start else model(xb), data.y[idx])
-        loss.backward()
-        optimizer.step()
+        xb, yb = rt.put(data.batch(idx, train=True)), rt.put(data.y[idx])
+        with rt.autocast():
+            logits = forward(xb)
+        loss = loss_fn(logits.float(), yb)
+        rt.backward_step(loss, optimizer)
         total += loss.item() * len(idx)
         seen += len(idx)
     return total / max(seen, 1)

@@ -94,7 +94,7 @@ def checkpoint_payload(model: TransferModel, input_state: dict[str, Any], classe
     return {"format": CHECKPOINT_FORMAT, "version": 1, "command": command, "epoch": epoch,
             "spec": model.spec, "classes": list(classes), "label": label,
             "multilabel": multilabel, "preprocessor": input_state,
-            "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
 
 
 def run_config(run: Path) -> ExperimentConfig:

@@ -16,6 +16,7 @@ from tltool.metrics import choose_threshold, classification_report
 from tltool.models import build_model, model_spec
 from tltool.models.backbones import get_spec, resolve_args
 from tltool.runs import write_json
+from tltool.runtime import Runtime, make_runtime
 from tltool.workflows.common import (
     load_backbone_weights,
     load_trained,
@@ -51,11 +52,15 @@ def sklearn_head(kind: str, seed: int, balanced: bool, min_class: int = 5):
 
 
 @torch.no_grad()
-def features_of(model, data: Tensors, blocks: int | None, batch_size: int = 256) -> np.ndarray:
+def features_of(model, data: Tensors, blocks: int | None, rt: Runtime,
+                batch_size: int = 256) -> np.ndarray:
+    """Pooled backbone features (float32) of every row, batch by batch."""
     model.eval()
-    parts = [model.backbone.forward_blocks(data.batch(slice(i, i + batch_size), train=False),
-                                           blocks)
-             for i in range(0, len(data.x), batch_size)]
+    parts = []
+    for i in range(0, len(data.x), batch_size):
+        xb = rt.put(data.batch(slice(i, i + batch_size), train=False))
+        with rt.autocast():
+            parts.append(model.backbone.forward_blocks(xb, blocks).float().cpu())
     return torch.cat(parts).numpy()
 
 
@@ -96,6 +101,8 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
                           f"freeze-finetune and strategy linear_probe instead)")
     if cfg.decision.rule == "threshold" and len(fit_inputs.classes) != 2:
         raise ConfigError("decision.rule: 'threshold' needs a binary label (use 'argmax')")
+    rt = make_runtime(cfg.train, spec.input == "image")
+    rt.setup(model)
     feats: dict[tuple[str, str], np.ndarray] = {}
     timing = {"images_or_rows": 0, "seconds": 0.0}
     with new_run(cfg.output.root, cfg.name, "extract", argv, cfg.seed, cfg) as run:
@@ -104,7 +111,7 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
             for s in ("train", "val", "test"):
                 split, tensors = getattr(inputs.data, s), getattr(inputs, s)
                 start = time.perf_counter()
-                feats[(d, s)] = features_of(model, tensors, blocks)
+                feats[(d, s)] = features_of(model, tensors, blocks, rt)
                 timing["seconds"] += time.perf_counter() - start
                 timing["images_or_rows"] += len(tensors.x)
                 np.savez(run.file("features", f"{d}_{s}.npz"), features=feats[(d, s)],
@@ -126,7 +133,8 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
                    "feature_dim": int(feats[(d, "train")].shape[1]), "fit_on": d,
                    "data": {k: v.data.summary() for k, v in loaded.items()}, "heads": heads}
         write_json(run.file("metrics.json"), metrics)
-        write_json(run.file("timing.json"), timing | {"rows_per_second": rate})
+        write_json(run.file("timing.json"), timing | {"rows_per_second": rate} |
+                   rt.describe())
     return {"run": str(run.path), "metrics": metrics, "rows_per_second": rate}
 
 

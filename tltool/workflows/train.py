@@ -15,6 +15,7 @@ from tltool.metrics import choose_threshold, classification_report, multilabel_r
 from tltool.models import build_model, model_spec
 from tltool.models.backbones import get_spec, resolve_args
 from tltool.runs import write_json, write_text
+from tltool.runtime import make_runtime
 from tltool.workflows.common import (
     checkpoint_payload,
     load_backbone_weights,
@@ -76,20 +77,22 @@ def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any
     load_backbone_weights(model, spec, weights)
     phases = phases_of(cfg, command, len(model.backbone.blocks), model.backbone.block_names)
     task = Task(multilabel)
+    rt = make_runtime(cfg.train, spec.input == "image")
 
     with new_run(cfg.output.root, cfg.name, command, argv, cfg.seed, cfg) as run:
         def save(name: str, epoch: int) -> None:
             run.save_checkpoint(name, checkpoint_payload(model, inputs.state, classes, label,
                                                          multilabel, command, epoch))
 
+        write_json(run.file("runtime.json"), rt.describe())
         summary = fit(model, inputs.train, inputs.val, phases, cfg.train, classes, cfg.seed,
                       save, run.file("metrics.csv"), log.info, task=task,
-                      bn_policy=m.bn_policy)
+                      bn_policy=m.bn_policy, rt=rt)
         write_text(run.file("freeze_plan.txt"), summary.pop("plan_text") + "\n")
         write_json(run.file("freeze_plan.json"), summary["plans"])
         batch = max(2 * cfg.train.batch_size, 256)
-        proba_val = predict_proba(model, inputs.val, multilabel, batch)
-        proba_test = predict_proba(model, inputs.test, multilabel, batch)
+        proba_val = predict_proba(model, inputs.val, multilabel, batch, rt)
+        proba_test = predict_proba(model, inputs.test, multilabel, batch, rt)
         thresholds = decision_rule(cfg, classes, multilabel, proba_val, inputs.val.y.numpy())
         write_json(run.file("thresholds.json"), thresholds)
         metrics = {
