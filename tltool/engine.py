@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -183,6 +184,8 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
     best = {"score": -np.inf, "epoch": 0, "round": 0, "state": copy.deepcopy(model.state_dict())}
     plans: list[FreezePlan] = []
     checks, caches = [], []
+    # Wall times go to timing.json, never to metrics.json (which must be reproducible).
+    timing: dict[str, list[float]] = {"cache_build_seconds": [], "train_epoch_seconds": []}
     epoch_total = 0
     fields = ["round", "epoch", "train_loss", "val_loss", "val_accuracy", "val_auroc", "val_f1",
               "lr_head", "lr_backbone", "trainable_params"]
@@ -199,6 +202,7 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
             lrs = {g["name"]: g["lr"] for g in groups}  # head + one group per block
             start, why = _cache_plan(model, train, plan.frozen_layers, train_cfg, bn_policy)
             tr, va = train, val
+            built = time.perf_counter()
             if start:
                 limit = train_cfg.cache_max_gb * 2**30
                 tr = build_prefix_cache(model, train, start, eval_batch, limit, rt)
@@ -206,6 +210,7 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
                 if tr is None or va is None:
                     start, why, tr, va = 0, "prefix cache over cache_max_gb", train, val
             caches.append({"round": r, "cached_blocks": start, "reason": why})
+            timing["cache_build_seconds"].append(round(time.perf_counter() - built, 4))
             forward = rt.wrap(lambda xb, s=start: model.forward_from(xb, s) if s else model(xb))
             log(f"round {r}: {why}")
             lr_backbone = max((g["lr"] for g in groups if g["name"] != "head"), default=0.0)
@@ -214,8 +219,10 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
             stale = 0
             for _ in range(phase.epochs):
                 epoch_total += 1
+                tick = time.perf_counter()
                 train_loss = _train_epoch(model, tr, optimizer, loss_fn,
                                           train_cfg.batch_size, generator, start, rt, forward)
+                timing["train_epoch_seconds"].append(round(time.perf_counter() - tick, 4))
                 logits = predict_logits(model, va, eval_batch, start, rt)
                 val_loss = task.val_loss(logits, val.y)
                 report = task.report(val.y.numpy(), task.proba(logits).double().numpy(), classes)
@@ -245,7 +252,7 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
         save("best.pt", 0)
     return {"best_epoch": best["epoch"], "best_round": best["round"], "epochs_run": epoch_total,
             "monitor": monitor, "plans": [p.as_dict() for p in plans],
-            "cache": caches,
+            "cache": caches, "timing": timing,
             "plan_text": "\n\n".join(f"round {i}\n{p.as_text()}" for i, p in
                                      enumerate(plans, start=1)),
             "freeze_check": {"frozen_tensors": sum(c["frozen_tensors"] for c in checks),

@@ -89,6 +89,7 @@ def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any
                       save, run.file("metrics.csv"), log.info, task=task,
                       bn_policy=m.bn_policy, rt=rt)
         write_text(run.file("freeze_plan.txt"), summary.pop("plan_text") + "\n")
+        write_json(run.file("timing.json"), summary.pop("timing"))
         write_json(run.file("freeze_plan.json"), summary["plans"])
         batch = max(2 * cfg.train.batch_size, 256)
         proba_val = predict_proba(model, inputs.val, multilabel, batch, rt)
