@@ -56,3 +56,7 @@ config-doc: install
 # Image transfer: MNIST-5k -> digits (docs/TRANSFER_DIGITS.md).
 digits-table: install
 	$(BIN)/python benchmarks/digits_transfer.py --out docs/TRANSFER_DIGITS.md
+
+# Speed: tltool's engine against a plain reference loop, side by side (docs/SPEED.md).
+bench: install
+	$(BIN)/python benchmarks/speed.py --out docs/SPEED.md
