@@ -28,26 +28,28 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
     ap.add_argument("--data", default="fashion_mnist", choices=["fashion_mnist", "mnist5k"])
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     args = ap.parse_args()
     logging.getLogger("tltool").setLevel(logging.WARNING)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| data | images | size | backbone img/s | command wall s | peak RSS MiB |")
-    print("|---|---|---|---|---|---|")
+    print("| data | images | size | precision | backbone img/s | command wall s | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for size in args.sizes:
+        for size, precision in [(s, p) for s in args.sizes for p in args.precision]:
             options = {"limit": args.images} if args.data == "fashion_mnist" else {}
             cfg = validate_config({
                 "name": "extract-speed", "output": {"root": tmp},
                 "target": {"kind": "builtin", "name": args.data, "options": options,
                            "image_size": size, "split": {"val": 0.1, "test": 0.1}},
                 "model": {"backbone": "efficientnet_lite0", "weights": "imagenet"},
+                "train": {"precision": precision},
                 "extract": {"heads": ["logistic_regression"]}}, origin="extract_speed")
             start = time.perf_counter()
             res = extract(cfg)
             wall = time.perf_counter() - start
             timing = json.loads((Path(res["run"]) / "timing.json").read_text())
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            print(f"| {args.data} | {timing['images_or_rows']} | {size} | "
+            print(f"| {args.data} | {timing['images_or_rows']} | {size} | {precision} | "
                   f"{timing['rows_per_second']:.0f} | {wall:.1f} | {rss:.0f} |")
 
 
