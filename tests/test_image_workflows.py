@@ -146,3 +146,23 @@ def test_local_torchvision_weights_file_and_another_architecture(cli, write_conf
     bad = cli("freeze-finetune", write_config("r34", {"model": {"weights": str(
         tmp_path / "r34.pth")}}, base=cfg))
     assert bad.code == 2 and "tensors this architecture lacks: layer1.2." in bad.err
+
+
+def test_lazy_decoding_gives_the_same_model_as_decoding_once(cli, write_config, tmp_path):
+    _image_folder(tmp_path / "imgs")
+    (tmp_path / "imgs" / "dark" / "broken.png").write_bytes(b"no image")
+    cfg = {"seed": 0, "name": "lazy",
+           "target": {"kind": "image_folder", "path": str(tmp_path / "imgs"), "image_size": 28,
+                      "on_bad_image": "skip"},
+           "model": {"backbone": "small_cnn", "backbone_args": {"hidden": 16},
+                     "frozen_layers": 1},
+           "train": {"epochs": 2, "batch_size": 8}}
+    eager = cli("freeze-finetune", write_config("eager", base=cfg))
+    lazy = cli("freeze-finetune", write_config("lazy", {"target": {
+        "decode_once_max_gb": 1e-9}}, base=cfg))
+    assert eager.code == 0 and lazy.code == 0, (eager.err, lazy.err)
+    me = _json(tmp_path / eager.out.strip() / "metrics.json")
+    ml = _json(tmp_path / lazy.out.strip() / "metrics.json")
+    assert me["test"] == ml["test"] and me["val"] == ml["val"]
+    assert any("decoded batch by batch" in n for n in ml["data"]["notes"])
+    assert any("broken.png" in n for n in ml["data"]["notes"])  # skipped and counted

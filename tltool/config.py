@@ -57,6 +57,9 @@ class DataConfig(_Strict):
         "none", description="training-only augmentation preset (never used at evaluation)")
     on_bad_image: Literal["error", "skip"] = Field(
         "error", description="an unreadable image: stop with its path, or skip and count it")
+    decode_once_max_gb: float = Field(
+        2.0, gt=0, description="image files are decoded once into memory up to this size; "
+        "beyond it they are decoded batch by batch (flat memory, slower epochs)")
     label: str | None = Field(None, description="label column (default: the data set's own)")
     positive: Scalar | None = Field(None, description="positive class of a binary label")
     id_column: str | None = Field(None, description="column with row ids, kept out of features")

@@ -46,6 +46,8 @@ class Tensors:
 
     def batch(self, idx: torch.Tensor | slice, train: bool) -> torch.Tensor:
         xb = self.x[idx]
+        if hasattr(xb, "materialize"):  # images decoded on demand (tltool.data.images)
+            xb = xb.materialize()
         return xb if self.prepare is None else self.prepare(xb, train)
 
 

@@ -53,6 +53,32 @@ class ImageSplit:
         return len(self.y)
 
 
+class LazyImages:
+    """Image files decoded on demand, batch by batch, so memory stays flat however many images
+    there are (used when a decoded store would exceed `decode_once_max_gb`). Indexing gives a
+    lazy subset; `materialize()` decodes it to uint8 (B, 3, size, size)."""
+
+    def __init__(self, files: list[Path], size: int):
+        self.files = list(files)
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.files), 3, self.size, self.size)
+
+    def __getitem__(self, idx) -> LazyImages:
+        if isinstance(idx, slice):
+            return LazyImages(self.files[idx], self.size)
+        return LazyImages([self.files[int(i)] for i in np.asarray(idx).reshape(-1)], self.size)
+
+    def materialize(self) -> torch.Tensor:
+        x, _, _ = _decode_all(self.files, self.size, "error", [str(f) for f in self.files])
+        return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
+
+
 @dataclass
 class ImageData:
     origin: str
@@ -338,6 +364,44 @@ def _decode_all(files: list[Path], size: int, on_bad_image: str, shown: list[str
     return out, kept, bad
 
 
+def _probe_all(files: list[Path], on_bad_image: str, shown: list[str],
+               where: list[str] | None = None) -> tuple[list[int], list[tuple[int, str]]]:
+    """Check that every file opens as an image (header only, no pixel decoding)."""
+    from PIL import Image
+
+    def one(f: Path) -> str | None:
+        try:
+            with Image.open(f) as img:
+                img.size  # noqa: B018 - reading the header is the check
+            return None
+        except FileNotFoundError:
+            return "file not found"
+        except Exception as exc:  # any reader error means "not an image"
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        problems = list(pool.map(one, files, chunksize=64))
+    bad = [(i, p) for i, p in enumerate(problems) if p is not None]
+    if bad and on_bad_image == "error":
+        i, reason = bad[0]
+        prefix = where[i] if where else ""
+        raise DataError(f"{prefix}{shown[i]}: not a readable image ({reason}); allowed: a valid "
+                        f"{ALLOWED} file, or set on_bad_image: skip to leave such files out")
+    return [i for i, p in enumerate(problems) if p is None], bad
+
+
+def _store(cfg: DataConfig, files: list[Path], size: int, shown: list[str], notes: list[str],
+           where: list[str] | None = None):
+    """Decode once into uint8 when that fits in cfg.decode_once_max_gb, else decode lazily."""
+    need = len(files) * 3 * size * size
+    if need <= cfg.decode_once_max_gb * 2**30:
+        return _decode_all(files, size, cfg.on_bad_image, shown, where)
+    kept, bad = _probe_all(files, cfg.on_bad_image, shown, where)
+    notes.append(f"{len(kept)} images decoded batch by batch when used ({need / 2**30:.1f} GiB "
+                 f"decoded would exceed decode_once_max_gb {cfg.decode_once_max_gb})")
+    return LazyImages([files[i] for i in kept], size), kept, bad
+
+
 def _listing(names: list[str]) -> str:
     shown = ", ".join(names[:_NOTE_LIST])
     more = len(names) - _NOTE_LIST
@@ -450,7 +514,7 @@ def _from_folder(cfg: DataConfig, size: int, notes: list[str]):
     if ignored or loose:
         notes.append(f"ignored {ignored + loose} file(s) that are not images in class folders")
     ids = [p.relative_to(root).as_posix() for p in files]
-    x, kept, bad = _decode_all(files, size, cfg.on_bad_image, [str(f) for f in files])
+    x, kept, bad = _store(cfg, files, size, [str(f) for f in files], notes)
     if bad:
         notes.append(_skip_note(bad, ids))
     _check_any(kept, files, root)
@@ -530,7 +594,7 @@ def _from_csv(cfg: DataConfig, size: int, notes: list[str]):
         shown.append(rel)
         files.append(f)
     where = [f"{csv}: {_row(i)}: " for i in rows]
-    x, kept, bad = _decode_all(files, size, cfg.on_bad_image, [str(f) for f in files], where)
+    x, kept, bad = _store(cfg, files, size, [str(f) for f in files], notes, where)
     if bad:
         gone = [b for b in bad if b[0] in set(missing)]
         broken = [b for b in bad if b[0] not in set(missing)]
