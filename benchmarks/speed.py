@@ -220,7 +220,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
+    ap.add_argument("--sizes", type=int, nargs="*", default=[64, 224],
+                    help="image sizes of the resnet18 cases (none: only the MLP cases)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     if args.case:
@@ -292,7 +293,7 @@ def _fmt(r: dict) -> str:
 def _report(rows: list[dict], peak: dict) -> str:
     head = ("| model | px | samples | mode | precision | epochs | ref s/epoch | tltool s/epoch "
             "| samples/s ref / tltool | tltool speedup | cache bound | peak RSS MiB ref / "
-            "tltool | useful GFLOP/s as % of matmul peak ref / tltool |")
+            "tltool | reference-equivalent GFLOP/s as % of matmul peak, ref / tltool |")
     sep = "|" + "---|" * 13
     lines = [f"Machine: {platform.machine()} {platform.processor() or ''}, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}; 2048x2048 matmul "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from tltool.metrics import choose_threshold
@@ -164,3 +165,27 @@ def test_resmlp_backbone_transfers(cli, write_config, tmp_path):
     assert ft.code == 0, ft.err
     plan = _json(tmp_path / ft.out.strip() / "freeze_plan.json")[0]
     assert [b["state"] for b in plan["blocks"]] == ["frozen", "bias_only", "trainable"]
+
+
+def test_epoch_scores_match_the_full_reports():
+    from tltool.metrics import classification_report, epoch_scores, multilabel_report
+
+    rng = np.random.default_rng(0)
+    for k in (2, 4):
+        y = rng.integers(0, k, 300)
+        proba = rng.dirichlet(np.ones(k), 300)
+        proba[np.arange(300), y] += rng.random(300)  # some signal, some ties
+        proba = proba / proba.sum(1, keepdims=True)
+        if k == 2:  # rounded scores: ties must be ranked as sklearn ranks them
+            proba[:, 1] = np.round(proba[:, 1], 2)
+            proba[:, 0] = 1 - proba[:, 1]
+        fast = epoch_scores(y, proba, multilabel=False)
+        full = classification_report(y, proba, [str(i) for i in range(k)])
+        for key in ("accuracy", "f1", "auroc"):
+            assert fast[key] == pytest.approx(full[key], abs=1e-12), (k, key)
+    y = rng.integers(0, 2, (200, 3)).astype(np.float32)
+    proba = np.round(np.clip(y * 0.6 + rng.random((200, 3)) * 0.5, 0, 1), 2)
+    fast = epoch_scores(y, proba, multilabel=True)
+    full = multilabel_report(y, proba, ["a", "b", "c"])
+    for key in ("accuracy", "f1", "auroc"):
+        assert fast[key] == pytest.approx(full[key], abs=1e-12), key

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tltool.freeze import FreezePlan, apply_freeze, snapshot_frozen, verify_unchanged
-from tltool.metrics import classification_report, multilabel_report
+from tltool.metrics import epoch_scores
 from tltool.models import TransferModel
 from tltool.runtime import Runtime
 
@@ -67,11 +67,6 @@ class Task:
 
     def proba(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
-
-    def report(self, y: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict[str, Any]:
-        if self.multilabel:
-            return multilabel_report(y, proba, classes)
-        return classification_report(y, proba, classes)
 
     def val_loss(self, logits: torch.Tensor, y: torch.Tensor) -> float:
         if self.multilabel:
@@ -227,7 +222,8 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
                 timing["train_epoch_seconds"].append(round(time.perf_counter() - tick, 4))
                 logits = predict_logits(model, va, eval_batch, start, rt)
                 val_loss = task.val_loss(logits, val.y)
-                report = task.report(val.y.numpy(), task.proba(logits).double().numpy(), classes)
+                report = epoch_scores(val.y.numpy(), task.proba(logits).double().numpy(),
+                                      task.multilabel)
                 writer.writerow({
                     "round": r, "epoch": epoch_total, "train_loss": round(train_loss, 6),
                     "val_loss": round(val_loss, 6), "val_accuracy": round(report["accuracy"], 6),

@@ -171,3 +171,47 @@ def format_multilabel(report: dict[str, Any]) -> str:
                      f"{r['precision']:>10.4f} {r['recall']:>8.4f} {r['f1']:>8.4f} "
                      f"{_fmt(r['average_precision']):>8}")
     return "\n".join(lines)
+
+
+def _auroc(y: np.ndarray, score: np.ndarray) -> float | None:
+    """Binary AUROC by the rank-sum (Mann-Whitney) formula, ties averaged, as sklearn's."""
+    from scipy.stats import rankdata
+
+    n1 = int(y.sum())
+    n0 = len(y) - n1
+    if n1 == 0 or n0 == 0:
+        return None
+    ranks = rankdata(score)
+    return float((ranks[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    denom = 2 * tp + fp + fn
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+
+
+def epoch_scores(y: np.ndarray, proba: np.ndarray, multilabel: bool) -> dict[str, Any]:
+    """The validation numbers the training loop logs and monitors each epoch, in plain numpy
+    (the full reports cost more than a small model's epoch). Same definitions as the reports:
+    accuracy (exact match for multi-label), f1 (positive-class F1 for binary, else macro),
+    auroc (binary, or macro over classes/labels)."""
+    if multilabel:
+        yi = y.astype(np.int64)
+        pred = (proba >= 0.5).astype(np.int64)
+        tp = (pred & yi).sum(0)
+        fp = (pred & (1 - yi)).sum(0)
+        fn = ((1 - pred) & yi).sum(0)
+        aucs = [a for j in range(yi.shape[1]) if (a := _auroc(yi[:, j], proba[:, j])) is not None]
+        return {"accuracy": float((pred == yi).all(1).mean()), "f1": float(_f1(tp, fp, fn).mean()),
+                "auroc": float(np.mean(aucs)) if aucs else None}
+    k = proba.shape[1]
+    pred = proba.argmax(1)
+    cm = np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+    tp = np.diag(cm)
+    f1 = _f1(tp, cm.sum(0) - tp, cm.sum(1) - tp)
+    if k == 2:
+        return {"accuracy": float(tp.sum() / len(y)), "f1": float(f1[1]),
+                "auroc": _auroc(y, proba[:, 1])}
+    aucs = [_auroc((y == c).astype(np.int64), proba[:, c]) for c in range(k)]
+    return {"accuracy": float(tp.sum() / len(y)), "f1": float(f1.mean()),
+            "auroc": None if any(a is None for a in aucs) else float(np.mean(aucs))}
