@@ -26,8 +26,8 @@ class _Strict(BaseModel):
 class SplitConfig(_Strict):
     val: float = Field(0.2, gt=0, lt=1, description="fraction of rows held out for validation")
     test: float = Field(0.2, gt=0, lt=1, description="fraction of rows held out for testing")
-    seed: int = Field(0, description="seed of the train/val/test partition (kept fixed across "
-                      "experiment seeds so every run is tested on the same rows)")
+    seed: int = Field(0, ge=0, description="seed of the train/val/test partition (kept fixed "
+                      "across experiment seeds so every run is tested on the same rows)")
     stratify: bool = Field(True, description="keep class proportions equal in every split")
 
     @model_validator(mode="after")
@@ -172,7 +172,7 @@ class OutputConfig(_Strict):
 class ExperimentConfig(_Strict):
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
                       description="experiment name: the run folder's parent")
-    seed: int = Field(0, description="seed of sub-sampling, initialisation and batching")
+    seed: int = Field(0, ge=0, description="seed of sub-sampling, initialisation and batching")
     source: DataConfig | None = Field(None, description="source data (pretrain)")
     target: DataConfig | None = Field(None, description="target data (freeze-finetune)")
     model: ModelConfig = Field(ModelConfig(), description="backbone, weights, freezing, head")

@@ -87,9 +87,12 @@ class TabularPreprocessor:
                     self.dropped.append(col)
                     continue
                 self.categorical.append({"name": col, "categories": cats})
+        if not columns:
+            raise DataError(f"{origin}: no feature columns besides the label (and any id or "
+                            f"dropped columns); a model needs at least one input column")
         if not self.numeric and not self.categorical:
             raise DataError(f"{origin}: no usable feature columns (all were constant or empty "
-                            f"on the training rows: {', '.join(self.dropped) or 'none given'})")
+                            f"on the training rows: {', '.join(self.dropped)})")
         return self
 
     @staticmethod

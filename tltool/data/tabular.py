@@ -82,6 +82,11 @@ def _check_columns(frame: pd.DataFrame, names: list[str], what: str, origin: str
         if name not in frame.columns:
             close = difflib.get_close_matches(name, [str(c) for c in frame.columns], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
+            if len(frame.columns) == 1:
+                sep = next((c for c in ";\t|" if c in str(frame.columns[0])), None)
+                if sep:
+                    hint = (f"; the file seems to use {sep!r} as separator, but tltool reads "
+                            f"comma-separated files")
             raise DataError(f"{origin}: {what} {name!r} is not a column{hint} "
                             f"(columns: {', '.join(map(str, frame.columns))})")
 
