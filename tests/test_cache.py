@@ -46,3 +46,23 @@ def test_random_augmentation_disables_the_cache():
                   metrics_csv="/dev/null", log=lambda _: None)
     assert summary["cache"][0]["cached_blocks"] == 0
     assert "augmentation" in summary["cache"][0]["reason"]
+
+
+def test_augmented_views_are_cached_when_asked():
+    torch.manual_seed(0)
+    model = build_model(model_spec("small_cnn", {}, 3, "linear", 8, 0.0, 2))
+    x, y = torch.randn(20, 3, 28, 28), torch.randint(0, 2, (20,))
+    calls = []
+
+    def prepare(b, train):
+        calls.append(train)
+        return b.flip(-1) if train else b
+
+    aug = Tensors(x, y, prepare=prepare, augments=True)
+    summary = fit(model, aug, Tensors(x[:8], y[:8]), [Phase(2, "freeze", 3, 0.01, 1)],
+                  TrainConfig(epochs=3, batch_size=10, cache_views=2), ["a", "b"], 0,
+                  save=lambda *_: None, metrics_csv="/dev/null", log=lambda _: None)
+    assert summary["cache"][0]["cached_blocks"] == 2
+    assert "2 augmented views" in summary["cache"][0]["reason"]
+    # Two augmented passes over the 20 training images (batch of eval size), none per epoch.
+    assert calls.count(True) == 2

@@ -136,6 +136,9 @@ class TrainConfig(_Strict):
         "auto", description="auto: compute the frozen leading blocks once per round and train "
         "only the rest (skipped with random augmentation or bn_policy train)")
     cache_max_gb: float = Field(4.0, gt=0, description="largest in-memory prefix cache")
+    cache_views: int = Field(0, ge=0, description="with random augmentation: cache this many "
+                             "augmented views of the frozen prefix and cycle through them "
+                             "(0: compute the prefix every epoch)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a CUDA GPU when "
                                                    "one is visible, else the CPU")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

@@ -98,14 +98,15 @@ def predict_logits(model: nn.Module, data: Tensors, batch_size: int = 512, start
 
 @torch.no_grad()
 def build_prefix_cache(model: TransferModel, data: Tensors, n_blocks: int, batch_size: int,
-                       max_bytes: float, rt: Runtime | None = None) -> Tensors | None:
+                       max_bytes: float, rt: Runtime | None = None,
+                       augmented: bool = False) -> Tensors | None:
     """Outputs of the first n (frozen, inference-mode) blocks, computed once and kept on the
     CPU (in bf16 under bf16 autocast); None when the cache would exceed `max_bytes`."""
     rt = rt or Runtime()
     model.eval()
     parts, used = [], 0
     for i in range(0, len(data.x), batch_size):
-        xb = rt.put(data.batch(slice(i, i + batch_size), train=False))
+        xb = rt.put(data.batch(slice(i, i + batch_size), train=augmented))
         with rt.autocast():
             z = model.backbone.forward_blocks(xb, n_blocks, pool=False).cpu()
         used += z.numel() * z.element_size()
@@ -122,10 +123,14 @@ def _cache_plan(model: TransferModel, train: Tensors, n_frozen: int, train_cfg,
         return 0, "cache: off"
     if n_frozen == 0:
         return 0, "no frozen blocks"
-    if train.augments:
-        return 0, "random training augmentation feeds the frozen blocks: computed every epoch"
     if bn_policy == "train":
         return 0, "bn_policy train: frozen BatchNorm statistics change every batch"
+    if train.augments:
+        if not train_cfg.cache_views:
+            return 0, ("random training augmentation feeds the frozen blocks: computed every "
+                       "epoch (set train.cache_views to cache augmented views)")
+        return n_frozen, (f"first {n_frozen} frozen block(s) computed once for each of "
+                          f"{train_cfg.cache_views} augmented views, cycled over the epochs")
     return n_frozen, f"first {n_frozen} frozen block(s) computed once"
 
 
@@ -198,14 +203,17 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
             optimizer = _optimizer(groups, train_cfg)
             lrs = {g["name"]: g["lr"] for g in groups}  # head + one group per block
             start, why = _cache_plan(model, train, plan.frozen_layers, train_cfg, bn_policy)
-            tr, va = train, val
+            va = val
             built = time.perf_counter()
+            views: list[Tensors | None] = [train]
             if start:
-                limit = train_cfg.cache_max_gb * 2**30
-                tr = build_prefix_cache(model, train, start, eval_batch, limit, rt)
-                va = tr and build_prefix_cache(model, val, start, eval_batch, limit, rt)
-                if tr is None or va is None:
-                    start, why, tr, va = 0, "prefix cache over cache_max_gb", train, val
+                k = train_cfg.cache_views if train.augments else 1
+                limit = train_cfg.cache_max_gb * 2**30 / (k + 1)
+                views = [build_prefix_cache(model, train, start, eval_batch, limit, rt,
+                                            augmented=train.augments) for _ in range(k)]
+                va = build_prefix_cache(model, val, start, eval_batch, limit, rt)
+                if va is None or any(v is None for v in views):
+                    start, why, views, va = 0, "prefix cache over cache_max_gb", [train], val
             caches.append({"round": r, "cached_blocks": start, "reason": why})
             timing["cache_build_seconds"].append(round(time.perf_counter() - built, 4))
             forward = rt.wrap(lambda xb, s=start: model.forward_from(xb, s) if s else model(xb))
@@ -214,7 +222,8 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
             log(f"round {r}: {phase.strategy}, {plan.frozen_layers} block(s) frozen, "
                 f"{plan.trainable:,}/{plan.total:,} parameters train, up to {phase.epochs} epochs")
             stale = 0
-            for _ in range(phase.epochs):
+            for e in range(phase.epochs):
+                tr = views[e % len(views)]
                 epoch_total += 1
                 tick = time.perf_counter()
                 train_loss = _train_epoch(model, tr, optimizer, loss_fn,
