@@ -38,3 +38,19 @@ def test_bf16_training_runs_and_keeps_fp32_weights():
         ["a", "b"], 0, save=lambda *_: None, metrics_csv="/dev/null", log=lambda _: None,
         rt=make_runtime(cfg, image_model=True))
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_compiled_forward_trains_like_the_eager_one():
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(model_spec("mlp", {"hidden": [16]}, 8, "linear", 8, 0.0, 2))
+        x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
+        cfg = TrainConfig(epochs=2, batch_size=16, compile=compiled)
+        fit(model, Tensors(x, y), Tensors(x[:16], y[:16]), [Phase(0, "full", 2, 0.01, 1)], cfg,
+            ["a", "b"], 0, save=lambda *_: None, metrics_csv="/dev/null", log=lambda _: None,
+            rt=make_runtime(cfg, image_model=False))
+        results.append(model.state_dict())
+    for key, value in results[0].items():
+        assert torch.allclose(results[1][key], value, atol=1e-5), key
