@@ -24,7 +24,10 @@ def _json(path: Path) -> dict:
 def test_pretrain_writes_a_complete_run_folder(pretrained):
     names = {p.name for p in pretrained.iterdir()}
     assert {"config.yaml", "command.txt", "env.json", "run.json", "metrics.csv", "metrics.json",
-            "thresholds.json", "freeze_plan.txt", "freeze_plan.json", "checkpoints"} <= names
+            "thresholds.json", "freeze_plan.txt", "freeze_plan.json", "checkpoints", "plots",
+            "runtime.json", "timing.json"} <= names
+    for png in ("learning_curves.png", "confusion_matrix_test.png"):
+        assert (pretrained / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert _json(pretrained / "run.json")["status"] == "complete"
     for name in ("best.pt", "last.pt"):
         ckpt = torch.load(pretrained / "checkpoints" / name, weights_only=True)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tltool import plots
 from tltool.engine import Tensors, predict_proba
 from tltool.errors import DataError, RunError
 from tltool.inputs import encode_images, encode_tabular, encoder_from_state, load_inputs
@@ -73,6 +74,8 @@ def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
         if not multilabel:
             cm = pd.DataFrame(metrics["confusion_matrix"], index=classes, columns=classes)
             cm.to_csv(out.file("confusion_matrix.csv"), index_label="true\\predicted")
+            plots.confusion_matrix(metrics["confusion_matrix"], classes,
+                                   out.file("plots", "confusion_matrix.png"), f"{origin} (test)")
         predictions_frame(ids, proba, classes, decision, y).to_csv(
             out.file("test_predictions.csv"), index=False)
     return {"run": str(out.path), "metrics": result, "table": table}

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from tltool import plots
 from tltool.config import ExperimentConfig
 from tltool.engine import Phase, Task, fit, predict_proba, seed_everything
 from tltool.errors import CheckpointError, ConfigError
@@ -108,6 +109,11 @@ def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any
             "total_params": summary["plans"][-1]["total_params"],
         }
         write_json(run.file("metrics.json"), metrics)
+        plots.learning_curves(run.file("metrics.csv"), run.file("plots", "learning_curves.png"),
+                              summary["best_epoch"])
+        if not multilabel:
+            plots.confusion_matrix(metrics["test"]["confusion_matrix"], classes,
+                                   run.file("plots", "confusion_matrix_test.png"), "test split")
     return {"run": str(run.path), "metrics": metrics}
 
 

@@ -1,0 +1,72 @@
+"""PNG figures written into run folders: learning curves and confusion matrices.
+
+matplotlib is imported here only (Agg backend, no display needed), so commands that do not plot
+do not pay for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def learning_curves(metrics_csv: Path, out: Path, best_epoch: int | None = None) -> Path:
+    """Training/validation loss and validation scores per epoch; rounds are shaded."""
+    plt = _pyplot()
+    frame = pd.read_csv(metrics_csv)
+    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 3.6))
+    if not frame.empty:
+        ax_loss.plot(frame["epoch"], frame["train_loss"], label="train loss")
+        ax_loss.plot(frame["epoch"], frame["val_loss"], label="val loss")
+        for key in ("val_accuracy", "val_f1", "val_auroc"):
+            if frame[key].notna().any():
+                ax_score.plot(frame["epoch"], frame[key], label=key)
+        for r, rows in frame.groupby("round"):
+            if r % 2 == 0:
+                for ax in (ax_loss, ax_score):
+                    ax.axvspan(rows["epoch"].min() - 0.5, rows["epoch"].max() + 0.5,
+                               color="0.92", zorder=0)
+        if best_epoch:
+            for ax in (ax_loss, ax_score):
+                ax.axvline(best_epoch, color="0.4", linestyle="--", linewidth=1)
+    ax_loss.set(xlabel="epoch", title="loss")
+    ax_score.set(xlabel="epoch", title="validation (dashed: best epoch)")
+    for ax in (ax_loss, ax_score):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def confusion_matrix(matrix: list[list[int]], classes: list[str], out: Path,
+                     title: str = "") -> Path:
+    """Counts with rows = true class, columns = predicted class."""
+    plt = _pyplot()
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(max(3.2, 1.2 + 0.6 * n), max(3.0, 1.0 + 0.6 * n)))
+    ax.imshow(matrix, cmap="Blues")
+    top = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, v in enumerate(row):
+            ax.text(j, i, str(v), ha="center", va="center",
+                    color="white" if v > top / 2 else "black", fontsize=8)
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
