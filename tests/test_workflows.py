@@ -95,7 +95,9 @@ def test_predict_applies_saved_preprocessing(pretrained, cli, tmp_path):
     assert np.allclose(preds["p_good"] + preds["p_bad"], 1, atol=1e-5)
     run = tmp_path / res.out.strip()
     assert pd.read_csv(run / "predictions.csv").equals(preds)
-    assert _json(run / "metrics.json")["unseen_categories"] == {"Home": 1}
+    summary = _json(run / "metrics.json")
+    assert summary["unseen_categories"] == {"Home": 1}
+    assert summary["ignored_columns"] == ["Job"]  # constant in the source: dropped
 
 
 def test_same_config_and_seed_give_identical_metrics(cli, write_config, tmp_path):

@@ -98,7 +98,8 @@ def environment(seed: int | None) -> dict[str, Any]:
     return {
         "tltool": __version__, "python": platform.python_version(),
         "torch": torch.__version__, "numpy": numpy.__version__, "sklearn": sklearn.__version__,
-        "platform": platform.platform(), "device": "cpu", "threads": torch.get_num_threads(),
+        "platform": platform.platform(), "cuda_available": torch.cuda.is_available(),
+        "threads": torch.get_num_threads(),
         "seed": seed, "git_commit": _git_commit(),
     }
 

@@ -152,7 +152,12 @@ def _new_rows(path: Path, state, cfg, ckpt, id_column):
     id_col = id_column or (data_cfg.id_column if data_cfg is not None else None)
     ids = (frame[id_col].astype(str).to_numpy() if id_col and id_col in frame.columns
            else frame.index.astype(str).to_numpy())
-    return Tensors(x, torch.empty(0)), ids, {"unseen_categories": unseen}
+    used = set(pre.input_columns) | ({id_col} if id_col else set())
+    ignored = [str(c) for c in frame.columns if c not in used]
+    if ignored:
+        log.info("columns not used by the model: %s", ", ".join(ignored))
+    return Tensors(x, torch.empty(0)), ids, {"unseen_categories": unseen,
+                                             "ignored_columns": ignored}
 
 
 def _new_images(path: Path, state, id_column):
