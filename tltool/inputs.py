@@ -51,19 +51,16 @@ class Inputs:
 
 def is_image_data(cfg: DataConfig) -> bool:
     """Image folders/CSVs and built-in image sets; an unknown built-in name lists all."""
-    if cfg.kind in ("image_folder", "image_csv"):
-        return True
-    if cfg.kind != "builtin" or cfg.name in TABLES:
-        return False
+    from tltool.data.images import is_image_config
     from tltool.datasets.images import IMAGE_SETS
 
-    if cfg.name in IMAGE_SETS:
-        return True
-    names = [*TABLES, *IMAGE_SETS]
-    close = difflib.get_close_matches(str(cfg.name), names, n=1)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    raise DataError(f"unknown built-in data set {cfg.name!r}; {hint}available: "
-                    f"{', '.join(names)}")
+    if cfg.kind == "builtin" and cfg.name not in TABLES and cfg.name not in IMAGE_SETS:
+        names = [*TABLES, *IMAGE_SETS]
+        close = difflib.get_close_matches(str(cfg.name), names, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise DataError(f"unknown built-in data set {cfg.name!r}; {hint}available: "
+                        f"{', '.join(names)}")
+    return is_image_config(cfg)
 
 
 def load_inputs(cfg: DataConfig, section: str, seed: int, spec: BackboneSpec,
