@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 TL := $(BIN)/tltool
 DEMO_ROOT ?= runs
 
-.PHONY: install demo test test-slow lint bench transfer-table digits-table clean config-doc
+.PHONY: install demo test test-slow lint bench transfer-table digits-table adapt-table clean config-doc
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -56,6 +56,9 @@ config-doc: install
 # Image transfer: MNIST-5k -> digits (docs/TRANSFER_DIGITS.md).
 digits-table: install
 	$(BIN)/python benchmarks/digits_transfer.py --out docs/TRANSFER_DIGITS.md
+
+adapt-table: install
+	$(BIN)/python benchmarks/adapt_table.py --out docs/ADAPT.md
 
 # Speed: tltool's engine against a plain reference loop, side by side (docs/SPEED.md).
 bench: install

@@ -2,16 +2,19 @@
 
 The reference is what torchvision's classification reference script and timm do: a DataLoader
 over the data, `model.train()`, forward through the whole network every batch of every epoch
-(frozen layers included), backward, optimiser step, and an evaluation pass per epoch. tltool
-runs the same model, data, epochs, batch size and optimiser through its own engine
-(`tltool.engine.fit`: freeze plan, frozen-prefix cache, runtime precision).
+(frozen layers included), backward, optimiser step, and an evaluation pass per epoch. It runs
+twice, in NCHW (torchvision's script) and in channels-last (timm's --channels-last), and the
+faster of the two is the one compared. tltool runs the same model, data, epochs, batch size and
+optimiser through its own engine (`tltool.engine.fit`: freeze plan, frozen-prefix cache,
+runtime precision, `channels_last: auto`).
 
 Cases: resnet18 on fixed synthetic images at 64 and 224 px — full fine-tune, first 3 of 4
 stages frozen (stem + layer1..3), linear probe — plus the MLP on credit_data. Each case runs
 in its own process so peak memory (max RSS) is its own. Also measured in the same run: a
 2048x2048 matmul (the machine's practical peak, fp32 and bf16) and, for the frozen cases, a
-hand-written cache (prefix once, then suffix epochs) that gives the bound
-E*T_ref / (T_build + E*T_suffix).
+hand-written cache (prefix once, then suffix epochs, in both layouts) that gives the bound
+E*T_ref / (T_build + E*T_suffix), with T_ref the faster reference and T_build, T_suffix each
+the faster of the two layouts.
 
 Usage: python benchmarks/speed.py [--quick] [--out docs/SPEED.md]
 """
@@ -61,7 +64,8 @@ def forward_flops(module: nn.Module, x: torch.Tensor) -> float:
 # ---------------------------------------------------------------- one case, in a subprocess
 
 
-def resnet_case(mode: str, size: int, n: int, epochs: int, who: str, precision: str) -> dict:
+def resnet_case(mode: str, size: int, n: int, epochs: int, who: str, precision: str,
+                layout: str = "nhwc") -> dict:
     import torchvision
 
     from tltool.config import TrainConfig
@@ -72,6 +76,7 @@ def resnet_case(mode: str, size: int, n: int, epochs: int, who: str, precision: 
     x, y = synthetic(n, size)
     xv, yv = x[:BATCH], y[:BATCH]
     dtype = torch.bfloat16 if precision == "bf16" else None
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
     torch.manual_seed(0)
     out: dict = {}
     if who == "reference":
@@ -81,7 +86,7 @@ def resnet_case(mode: str, size: int, n: int, epochs: int, who: str, precision: 
         for name in frozen:
             for p in getattr(model, name).parameters():
                 p.requires_grad_(False)
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=fmt)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=0.01, momentum=0.9)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y),
@@ -91,7 +96,7 @@ def resnet_case(mode: str, size: int, n: int, epochs: int, who: str, precision: 
         for _ in range(epochs):
             model.train()
             for xb, yb in loader:
-                xb = xb.contiguous(memory_format=torch.channels_last)
+                xb = xb.contiguous(memory_format=fmt)
                 with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
                     loss = loss_fn(model(xb).float(), yb)
                 opt.zero_grad(set_to_none=True)
@@ -99,10 +104,10 @@ def resnet_case(mode: str, size: int, n: int, epochs: int, who: str, precision: 
                 opt.step()
             model.eval()
             with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                model(xv.contiguous(memory_format=torch.channels_last))
+                model(xv.contiguous(memory_format=fmt))
         out["seconds"] = time.perf_counter() - start
         if mode != "full":
-            out.update(hand_cache(model, frozen, x, y, epochs, dtype))
+            out.update(hand_cache(model, frozen, x, y, min(epochs, 3), dtype, fmt))
         full = torchvision.models.resnet18(num_classes=10).eval()
         out["flops_total"] = forward_flops(full, x[:2])
         out["flops_prefix"] = forward_flops(split_resnet(full, frozen)[0], x[:2]) \
@@ -114,7 +119,10 @@ def resnet_case(mode: str, size: int, n: int, epochs: int, who: str, precision: 
                  "probe": Phase(0, "linear_probe", epochs, 0.01, 1.0)}[mode]
         cfg = TrainConfig(epochs=epochs, batch_size=BATCH, lr=0.01, optimizer="sgd",
                           early_stopping={"patience": None})
-        rt = Runtime(channels_last=True, dtype=dtype)
+        from tltool.runtime import cpu_supports_bf16
+
+        rt = Runtime(layout="auto", dtype=dtype,
+                     probe_precision=precision == "auto" and cpu_supports_bf16())
         start = time.perf_counter()
         summary = fit(model, Tensors(x, y), Tensors(xv, yv), [phase], cfg, [str(i) for i in
                       range(10)], 0, save=lambda *_: None, metrics_csv="/dev/null",
@@ -122,6 +130,7 @@ def resnet_case(mode: str, size: int, n: int, epochs: int, who: str, precision: 
         out["seconds"] = time.perf_counter() - start
         out["cache_build"] = summary["timing"]["cache_build_seconds"][0]
         out["cached_blocks"] = summary["cache"][0]["cached_blocks"]
+        out["chosen"] = rt.describe()
     return out
 
 
@@ -135,15 +144,17 @@ def split_resnet(model: nn.Module, frozen: list[str]) -> tuple[nn.Module, nn.Mod
     return prefix, suffix
 
 
-def hand_cache(model: nn.Module, frozen: list[str], x, y, epochs: int, dtype) -> dict:
+def hand_cache(model: nn.Module, frozen: list[str], x, y, epochs: int, dtype, fmt) -> dict:
     """The bound's ingredients: prefix computed once by hand, then suffix-only epochs."""
     prefix, suffix = split_resnet(model, frozen)
+    prefix.to(memory_format=fmt)
+    suffix.to(memory_format=fmt)
     prefix.eval()
     auto = torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
     t = time.perf_counter()
     with torch.no_grad(), auto:
-        z = torch.cat([prefix(x[i:i + 256].contiguous(memory_format=torch.channels_last))
-                       for i in range(0, len(x), 256)])
+        z = torch.cat([prefix(x[i:i + 256].contiguous(memory_format=fmt))
+                       for i in range(0, len(x), 256)]).contiguous(memory_format=fmt)
     build = time.perf_counter() - t
     opt = torch.optim.SGD([p for p in suffix.parameters() if p.requires_grad], lr=0.01)
     loss_fn = nn.CrossEntropyLoss()
@@ -208,7 +219,7 @@ def run_case(spec: dict) -> dict:
         out = mlp_case(spec["mode"], spec["epochs"], spec["who"])
     else:
         out = resnet_case(spec["mode"], spec["size"], spec["n"], spec["epochs"], spec["who"],
-                          spec["precision"])
+                          spec["precision"], spec.get("layout", "nhwc"))
     out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -233,12 +244,14 @@ def main() -> None:
     for size in args.sizes:
         n, e_frozen, e_full = (128, 2, 1) if args.quick else plan[size]
         for mode, epochs in (("full", e_full), ("frozen3", e_frozen), ("probe", e_frozen)):
-            precisions = ("fp32", "bf16") if mode == "full" else ("fp32",)
+            precisions = ("fp32", "bf16", "auto") if mode == "full" else ("fp32",)
             for precision in precisions:
                 base = {"model": "resnet18", "size": size, "n": n, "mode": mode,
                         "epochs": epochs, "precision": precision}
-                ref, ours = (_subprocess(base | {"who": w}) for w in ("reference", "tltool"))
-                rows.append(_row(base, ref, ours, peak))
+                refs = {lay: _subprocess(base | {"who": "reference", "layout": lay})
+                        for lay in ("nchw", "nhwc")}
+                ours = _subprocess(base | {"who": "tltool"})
+                rows.append(_row(base, _faster(refs), ours, peak))
                 print(_fmt(rows[-1]), flush=True)
     for mode in ("full", "frozen1"):
         base = {"model": "mlp", "mode": mode, "epochs": 5 if args.quick else 50,
@@ -260,11 +273,31 @@ def _subprocess(spec: dict) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _faster(refs: dict[str, dict]) -> dict:
+    """The faster reference layout, with the hand cache's best build and suffix times and
+    both layouts' wall times for the report."""
+    best = min(refs, key=lambda lay: refs[lay]["seconds"])
+    out = dict(refs[best], layout=best,
+               both={lay: r["seconds"] for lay, r in refs.items()})
+    if all("hand_build" in r for r in refs.values()):
+        out["hand_build"] = min(r["hand_build"] for r in refs.values())
+        out["hand_suffix_epoch"] = min(r["hand_suffix_epoch"] for r in refs.values())
+    return out
+
+
 def _row(base: dict, ref: dict, ours: dict, peak: dict) -> dict:
     e = base["epochs"]
     row = dict(base, ref_s_epoch=ref["seconds"] / e, tl_s_epoch=ours["seconds"] / e,
                ratio=ref["seconds"] / ours["seconds"], ref_mib=ref["peak_rss_mib"],
                tl_mib=ours["peak_rss_mib"])
+    if "both" in ref:
+        row["ref_layouts"] = " / ".join(f"{ref['both'][lay] / e:.2f}" for lay in ("nchw", "nhwc"))
+        row["ref_layout"] = ref["layout"]
+    chosen = ours.get("chosen", {})
+    if chosen:
+        picks = next(iter(chosen.get("block_layouts", {}).values()), {})
+        row["tl_choice"] = (chosen["precision"] + ", " +
+                            "".join({"nhwc": "L", "nchw": "N"}[v] for v in picks.values()))
     n = int(base["n"]) if base["model"] == "resnet18" else ref.get("rows", 0)
     row["ref_sps"], row["tl_sps"] = n * e / ref["seconds"], n * e / ours["seconds"]
     if "hand_build" in ref:
@@ -275,8 +308,9 @@ def _row(base: dict, ref: dict, ours: dict, peak: dict) -> dict:
         f_all, f_pre = ref["flops_total"], ref["flops_prefix"]
         train_part = 3 * (f_all - f_pre) if base["mode"] != "full" else 3 * f_all
         ref_work = n * e * (f_pre + train_part)
-        row["ref_peak_frac"] = ref_work / ref["seconds"] / 1e9 / peak[base["precision"]]
-        row["tl_peak_frac"] = ref_work / ours["seconds"] / 1e9 / peak[base["precision"]]
+        top = peak["bf16" if base["precision"] == "bf16" else "fp32"]
+        row["ref_peak_frac"] = ref_work / ref["seconds"] / 1e9 / top
+        row["tl_peak_frac"] = ref_work / ours["seconds"] / 1e9 / top
     return row
 
 
@@ -285,16 +319,19 @@ def _fmt(r: dict) -> str:
     frac = (f"{100 * r['ref_peak_frac']:.0f}% / {100 * r['tl_peak_frac']:.0f}%"
             if "ref_peak_frac" in r else "-")
     return (f"| {r['model']} | {r['size']} | {r['n']} | {r['mode']} | {r['precision']} | "
-            f"{r['epochs']} | {r['ref_s_epoch']:.2f} | {r['tl_s_epoch']:.2f} | "
+            f"{r['epochs']} | {r.get('ref_layouts', '-')} | {r['ref_s_epoch']:.2f} | "
+            f"{r['tl_s_epoch']:.2f} | {r.get('tl_choice', '-')} | "
             f"{r['ref_sps']:.0f} / {r['tl_sps']:.0f} | **{r['ratio']:.2f}x** | {bound} | "
             f"{r['ref_mib']:.0f} / {r['tl_mib']:.0f} | {frac} |")
 
 
 def _report(rows: list[dict], peak: dict) -> str:
-    head = ("| model | px | samples | mode | precision | epochs | ref s/epoch | tltool s/epoch "
-            "| samples/s ref / tltool | tltool speedup | cache bound | peak RSS MiB ref / "
-            "tltool | reference-equivalent GFLOP/s as % of matmul peak, ref / tltool |")
-    sep = "|" + "---|" * 13
+    head = ("| model | px | samples | mode | precision | epochs | reference s/epoch NCHW / "
+            "NHWC | ref s/epoch (faster) | tltool s/epoch | tltool chose (precision, layout "
+            "per block: L channels-last, N NCHW) | samples/s ref / tltool | tltool speedup | cache bound "
+            "| peak RSS MiB ref / tltool | reference-equivalent GFLOP/s as % of matmul peak, "
+            "ref / tltool |")
+    sep = "|" + "---|" * 15
     lines = [f"Machine: {platform.machine()} {platform.processor() or ''}, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}; 2048x2048 matmul "
              f"peak {peak['fp32']:.0f} GFLOP/s fp32, {peak['bf16']:.0f} GFLOP/s bf16.", "",

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from tltool.config import TrainConfig
-from tltool.engine import Phase, Tensors, fit
+from tltool.engine import Phase, Tensors, fit, predict_logits
 from tltool.errors import ConfigError
 from tltool.models import build_model, model_spec
-from tltool.runtime import make_runtime
+from tltool.runtime import Runtime, make_runtime
 
 
 def test_impossible_requests_are_config_errors():
@@ -22,8 +22,9 @@ def test_impossible_requests_are_config_errors():
 
 def test_defaults_and_auto():
     rt = make_runtime(TrainConfig(), image_model=True)
-    assert rt.precision == "fp32" and rt.channels_last
-    assert not make_runtime(TrainConfig(), image_model=False).channels_last
+    assert rt.precision == "fp32" and rt.layout == "auto" and not rt.probe_precision
+    assert make_runtime(TrainConfig(), image_model=False).layout == "off"
+    assert make_runtime(TrainConfig(channels_last="on"), image_model=True).layout == "on"
     assert make_runtime(TrainConfig(precision="bf16"), image_model=False).precision == "bf16"
     auto = make_runtime(TrainConfig(precision="auto"), image_model=False)
     assert auto.precision == ("bf16" if torch.cuda.is_available() else "fp32")
@@ -38,6 +39,68 @@ def test_bf16_training_runs_and_keeps_fp32_weights():
         ["a", "b"], 0, save=lambda *_: None, metrics_csv="/dev/null", log=lambda _: None,
         rt=make_runtime(cfg, image_model=True))
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def _resnet(n_classes: int = 3):
+    torch.manual_seed(0)
+    return build_model(model_spec("resnet18", {}, 3, "linear", 8, 0.0, n_classes))
+
+
+def test_any_mix_of_block_layouts_computes_the_same_function():
+    model = _resnet().eval()
+    x = torch.randn(4, 3, 40, 40)
+    with torch.no_grad():
+        ref = model(x)
+        for pattern in ([torch.channels_last] * 5, [torch.channels_last, None,
+                        torch.contiguous_format, torch.channels_last, torch.contiguous_format]):
+            for i, fmt in enumerate(pattern):
+                model.backbone.set_layout(i, fmt)
+            assert torch.allclose(model(x), ref, atol=1e-4)
+            z = model.backbone.forward_blocks(x, 3, pool=False)
+            assert torch.allclose(model.forward_from(z, 3), ref, atol=1e-4)
+
+
+def test_tuning_touches_no_state_and_records_its_choices():
+    model = _resnet().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sample = torch.randn(20, 3, 48, 48)
+    rng = torch.get_rng_state()
+    rt = Runtime(layout="auto", probe_precision=torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    rt.tune(model, sample, label="round 1")
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert model.training  # restored after probing in inference mode
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    picks = rt.chosen["block_layouts"]["round 1"]
+    assert list(picks) == model.backbone.block_names
+    assert set(picks.values()) <= {"nchw", "nhwc"}
+    assert [{"nchw": torch.contiguous_format, "nhwc": torch.channels_last}[v]
+            for v in picks.values()] == model.backbone.layouts
+    if rt.chosen.get("precision_probe"):
+        assert rt.chosen["precision_probe"]["chose"] == rt.precision
+    # tabular models and fixed layouts: nothing to measure
+    mlp = build_model(model_spec("mlp", {"hidden": [8]}, 5, "linear", 8, 0.0, 2))
+    Runtime(layout="auto").tune(mlp, torch.randn(4, 5))
+    off = Runtime(layout="off")
+    off.tune(model, torch.randn(4, 3, 32, 32))
+    assert off.chosen == {}
+
+
+def test_layout_choice_does_not_change_what_training_learns():
+    # Layouts change only the rounding (~1e-6); a ReLU input within that of zero can still
+    # flip one gradient entry, so the data are fixed and the check is on the trained logits.
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(48, 3, 32, 32, generator=g), torch.randint(0, 3, (48,), generator=g)
+    logits = []
+    for layout in ("off", "on", "auto"):
+        model = _resnet()
+        cfg = TrainConfig(epochs=1, batch_size=16, channels_last=layout, optimizer="sgd")
+        fit(model, Tensors(x, y), Tensors(x[:16], y[:16]), [Phase(3, "freeze", 1, 0.01, 1)],
+            cfg, ["a", "b", "c"], 0, save=lambda *_: None, metrics_csv="/dev/null",
+            log=lambda _: None, rt=make_runtime(cfg, image_model=True))
+        logits.append(predict_logits(model, Tensors(x, y)))
+    for other in logits[1:]:
+        assert torch.allclose(other, logits[0], atol=1e-3)
 
 
 @pytest.mark.slow

@@ -143,10 +143,13 @@ class TrainConfig(_Strict):
                                                    "one is visible, else the CPU")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "fp32", description="fp32; bf16 autocast (CPU or GPU); fp16 with loss scaling (GPU); "
-        "auto: bf16 on GPUs that have it and on CPUs with native bf16 (image models), fp16 on "
-        "older GPUs")
-    channels_last: Literal["auto", "off"] = Field(
-        "auto", description="auto: NHWC memory layout for image models (faster convolutions)")
+        "auto: bf16 on GPUs that have it, fp16 on older GPUs; on a CPU with native bf16, bf16 "
+        "for image models only if timing the model on the first batch finds it at least 1.3x "
+        "faster than fp32")
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto", description="memory layout of image models: auto: NHWC or NCHW block by block, "
+        "whichever a short timing on the first batch finds faster (NCHW only when at least "
+        "1.2x faster); on: NHWC everywhere; off: NCHW everywhere")
     compile: bool = Field(False, description="torch.compile the forward pass")
     rounds: list[RoundConfig] = Field([], description="gradual unfreezing: rounds run in order, "
                                       "each with its own frozen_layers / epochs / lr")
@@ -168,6 +171,24 @@ class ExtractConfig(_Strict):
     fit_on: Literal["source", "target"] = Field("target", description="data the heads fit on")
 
 
+class AdaptConfig(_Strict):
+    method: Literal["none", "coral", "mmd", "dann"] = Field(
+        "none", description="domain adaptation when source and target differ: train so that "
+        "the backbone's features of source and target rows look alike. coral: match their "
+        "covariances; mmd: Gaussian-kernel maximum mean discrepancy; dann: a domain "
+        "classifier trained through gradient reversal")
+    weight: float = Field(1.0, ge=0, description="weight of the alignment loss (dann: its "
+                          "largest value, reached by the usual warm-up 2/(1+exp(-10p))-1)")
+    source_weight: float = Field(
+        1.0, ge=0, description="freeze-finetune: weight of the cross-entropy on labelled "
+        "source rows, trained alongside the target's (0: source rows only feed the alignment; "
+        "needs the same classes in source and target when above 0)")
+    unlabeled: Literal["pool", "labelled"] = Field(
+        "pool", description="target rows aligned with the source: pool: every training-split "
+        "row with its label unused (rows n_train leaves out and CSV rows with an empty label "
+        "included; never val or test rows); labelled: only the n_train rows")
+
+
 class OutputConfig(_Strict):
     root: str = Field("runs", description="run folders go to ROOT/NAME/TIMESTAMP-COMMAND")
 
@@ -182,6 +203,9 @@ class ExperimentConfig(_Strict):
     train: TrainConfig = Field(TrainConfig(), description="training schedule")
     decision: DecisionConfig = Field(DecisionConfig(), description="probability -> decision")
     extract: ExtractConfig = Field(ExtractConfig(), description="feature extraction")
+    adapt: AdaptConfig = Field(AdaptConfig(), description="domain adaptation (pretrain: "
+                               "labelled source + unlabelled target rows; freeze-finetune: "
+                               "labelled target + labelled source + unlabelled target rows)")
     output: OutputConfig = Field(OutputConfig(), description="where runs are written")
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tltool.adapt import Adaptation
 from tltool.freeze import FreezePlan, apply_freeze, snapshot_frozen, verify_unchanged
 from tltool.metrics import epoch_scores
 from tltool.models import TransferModel
@@ -113,7 +114,8 @@ def build_prefix_cache(model: TransferModel, data: Tensors, n_blocks: int, batch
         if used / (i + len(z)) * len(data.x) > max_bytes:
             return None
         parts.append(z)
-    return Tensors(torch.cat(parts), data.y)
+    # Stored in the layout the first uncached block runs in: no conversion per batch.
+    return Tensors(model.backbone.laid_out(torch.cat(parts), n_blocks), data.y)
 
 
 def _cache_plan(model: TransferModel, train: Tensors, n_frozen: int, train_cfg,
@@ -170,11 +172,13 @@ def _score(report: dict[str, Any], val_loss: float, monitor: str) -> float:
 def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase], train_cfg,
         classes: list[str], seed: int, save: Callable[[str, int], None],
         metrics_csv, log: Callable[[str], None], task: Task = Task(),
-        bn_policy: str = "eval", rt: Runtime | None = None) -> dict[str, Any]:
+        bn_policy: str = "eval", rt: Runtime | None = None,
+        adapt: Adaptation | None = None) -> dict[str, Any]:
     """Train through every phase; restore and return the best weights' summary.
 
     `save(name, epoch)` writes a checkpoint ("best.pt"/"last.pt"); `metrics_csv` is the path
-    of the per-epoch CSV.
+    of the per-epoch CSV. `adapt`: domain adaptation (an alignment loss on the backbone's
+    features of source and target rows, see tltool.adapt).
     """
     rt = rt or Runtime()
     rt.setup(model)
@@ -190,7 +194,8 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
     timing: dict[str, list[float]] = {"cache_build_seconds": [], "train_epoch_seconds": []}
     epoch_total = 0
     fields = ["round", "epoch", "train_loss", "val_loss", "val_accuracy", "val_auroc", "val_f1",
-              "lr_head", "lr_backbone", "trainable_params"]
+              "lr_head", "lr_backbone", "trainable_params", "align_loss"]
+    total_epochs = max(sum(p.epochs for p in phases), 1)
     with open(metrics_csv, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
@@ -199,21 +204,35 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
                                         phase.backbone_lr_mult, bn_policy=bn_policy,
                                         layer_decay=train_cfg.layer_decay)
             plans.append(plan)
+            # auto layout/precision: timed on a sample batch now that the round's frozen blocks
+            # are known (a frozen prefix runs once, the rest every step).
+            rt.tune(model, train.batch(slice(0, 16), train=False), label=f"round {r}")
             snap = snapshot_frozen(model)
             optimizer = _optimizer(groups, train_cfg)
             lrs = {g["name"]: g["lr"] for g in groups}  # head + one group per block
+            critic = adapt.make_critic(model.backbone.out_features, rt.device) if adapt else None
+            if critic is not None:  # dann: the domain classifier trains at the head's rate
+                optimizer.add_param_group({"params": list(critic.parameters()), "lr": phase.lr,
+                                           "name": "critic"})
             start, why = _cache_plan(model, train, plan.frozen_layers, train_cfg, bn_policy)
             va = val
             built = time.perf_counter()
             views: list[Tensors | None] = [train]
+            others = {} if adapt is None else {k: t for k, t in (("target", adapt.target),
+                                                                  ("source", adapt.source))
+                                               if t is not None}
+            aux = dict(others)
             if start:
                 k = train_cfg.cache_views if train.augments else 1
-                limit = train_cfg.cache_max_gb * 2**30 / (k + 1)
+                limit = train_cfg.cache_max_gb * 2**30 / (k + 1 + len(others))
                 views = [build_prefix_cache(model, train, start, eval_batch, limit, rt,
                                             augmented=train.augments) for _ in range(k)]
                 va = build_prefix_cache(model, val, start, eval_batch, limit, rt)
-                if va is None or any(v is None for v in views):
+                aux = {key: build_prefix_cache(model, t, start, eval_batch, limit, rt)
+                       for key, t in others.items()}
+                if va is None or any(v is None for v in [*views, *aux.values()]):
                     start, why, views, va = 0, "prefix cache over cache_max_gb", [train], val
+                    aux = dict(others)
             caches.append({"round": r, "cached_blocks": start, "reason": why})
             timing["cache_build_seconds"].append(round(time.perf_counter() - built, 4))
             forward = rt.wrap(lambda xb, s=start: model.forward_from(xb, s) if s else model(xb))
@@ -226,8 +245,14 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
                 tr = views[e % len(views)]
                 epoch_total += 1
                 tick = time.perf_counter()
-                train_loss = _train_epoch(model, tr, optimizer, loss_fn,
-                                          train_cfg.batch_size, generator, start, rt, forward)
+                if adapt is None:
+                    train_loss, align_loss = _train_epoch(
+                        model, tr, optimizer, loss_fn, train_cfg.batch_size, generator, start,
+                        rt, forward), None
+                else:
+                    train_loss, align_loss = _adapt_epoch(
+                        model, tr, aux, adapt, optimizer, loss_fn, task, train_cfg.batch_size,
+                        generator, start, rt, (epoch_total - 1) / total_epochs)
                 timing["train_epoch_seconds"].append(round(time.perf_counter() - tick, 4))
                 logits = predict_logits(model, va, eval_batch, start, rt)
                 val_loss = task.val_loss(logits, val.y)
@@ -238,7 +263,8 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
                     "val_loss": round(val_loss, 6), "val_accuracy": round(report["accuracy"], 6),
                     "val_auroc": None if report["auroc"] is None else round(report["auroc"], 6),
                     "val_f1": round(report["f1"], 6), "lr_head": lrs["head"],
-                    "lr_backbone": lr_backbone, "trainable_params": plan.trainable})
+                    "lr_backbone": lr_backbone, "trainable_params": plan.trainable,
+                    "align_loss": None if align_loss is None else round(align_loss, 6)})
                 score = _score(report, val_loss, monitor)
                 if score > best["score"]:
                     best = {"score": score, "epoch": epoch_total, "round": r,
@@ -285,3 +311,53 @@ def _train_epoch(model: TransferModel, data: Tensors, optimizer: torch.optim.Opt
         total += loss.item() * len(idx)
         seen += len(idx)
     return total / max(seen, 1)
+
+
+def _adapt_epoch(model: TransferModel, data: Tensors, aux: dict[str, Tensors],
+                 adapt: Adaptation, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+                 task: Task, batch_size: int, generator: torch.Generator, start: int,
+                 rt: Runtime, progress: float) -> tuple[float, float]:
+    """One epoch over the labelled rows; each step also draws unlabelled target rows (and,
+    in freeze-finetune, labelled source rows) and adds the alignment loss. All rows of a step
+    go through the network as one batch, so trainable BatchNorm layers see both domains."""
+    model.train()
+    if adapt.critic is not None:
+        adapt.critic.train()
+    target, source = aux["target"], aux.get("source")
+    source_loss = task.loss(source.y, 0, "none") if source is not None else None
+    order = torch.randperm(len(data.y), generator=generator)
+    total, aligned, seen, steps = 0.0, 0.0, 0, 0
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        if len(idx) == 1 and len(order) > 1:
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        parts = [data.batch(idx, train=True)]
+        if source is not None:
+            s_idx = torch.randint(len(source.y), (batch_size,), generator=generator)
+            parts.append(source.batch(s_idx, train=True))
+        t_idx = torch.randint(len(target.y), (batch_size,), generator=generator)
+        parts.append(target.batch(t_idx, train=True))
+        x = rt.put(torch.cat(parts))
+        yb = rt.put(data.y[idx])
+        n = len(idx)
+        with rt.autocast():
+            feats = model.backbone.forward_from(x, start) if start else model.backbone(x)
+            logits = model.head(feats[:n])
+            extra = (model.head(feats[n:n + batch_size])
+                     if source is not None and adapt.source_weight > 0 else None)
+        loss = loss_fn(logits.float(), yb)
+        if source is not None:
+            fs = feats[n:n + batch_size]
+            if adapt.source_weight > 0:
+                loss = loss + adapt.source_weight * source_loss(extra.float(),
+                                                                rt.put(source.y[s_idx]))
+        else:
+            fs = feats[:n]
+        align = adapt.loss(fs, feats[-batch_size:], progress)
+        rt.backward_step(loss + align, optimizer)
+        total += loss.item() * n
+        aligned += align.item()
+        seen += n
+        steps += 1
+    return total / max(seen, 1), aligned / max(steps, 1)

@@ -43,6 +43,10 @@ class Inputs:
     state: dict[str, Any]
     n_inputs: int
     multilabel: bool
+    # Every training-pool row with its label unused (the labelled training rows, those n_train
+    # left out and, in tables, rows with an empty label): what domain adaptation aligns.
+    # Built only on request (`load_inputs(..., pool=True)`).
+    pool: Tensors | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -64,17 +68,42 @@ def is_image_data(cfg: DataConfig) -> bool:
 
 
 def load_inputs(cfg: DataConfig, section: str, seed: int, spec: BackboneSpec,
-                weights: Weights) -> Inputs:
-    """Load a data section and encode it the way the model (and its weights) expect."""
+                weights: Weights, like: dict[str, Any] | None = None,
+                pool: bool = False) -> Inputs:
+    """Load a data section and encode it the way the model (and its weights) expect.
+
+    `like`: an input state to encode with instead (the other domain of a domain adaptation
+    run is encoded exactly like the main one). `pool`: also encode the unlabelled pool."""
     image = is_image_data(cfg)
     if image != (spec.input == "image"):
         what = "images" if image else "table rows"
         raise ConfigError(f"{section}: holds {what} but backbone {spec.name!r} takes "
                           f"{spec.input} input; pick a matching backbone (`tltool backbones`)")
-    source_state = weights.ckpt["preprocessor"] if weights.ckpt else None
-    if image:
-        return _image_inputs(cfg, seed, spec, weights, source_state)
-    return _tabular_inputs(cfg, seed, source_state)
+    source_state = like if like is not None else (weights.ckpt["preprocessor"] if weights.ckpt
+                                                  else None)
+    inputs = (_image_inputs(cfg, seed, spec, weights, source_state) if image
+              else _tabular_inputs(cfg, seed, source_state))
+    if pool:
+        inputs.pool = pool_of(inputs)
+    return inputs
+
+
+def pool_of(inputs: Inputs) -> Tensors:
+    """Labelled training rows + unlabelled ones, encoded the same way; labels set to -1."""
+    data, train = inputs.data, inputs.train
+    rest = data.unlabeled
+    if rest is None or len(rest) == 0:
+        x = train.x
+    elif inputs.state["kind"] == "tabular":
+        x = torch.cat([train.x, torch.from_numpy(
+            encoder_from_state(inputs.state).transform(rest.frame, data.origin))])
+    elif hasattr(train.x, "materialize"):  # images decoded on demand
+        from tltool.data.images import LazyImages
+
+        x = LazyImages([*train.x.files, *rest.x.files], train.x.size)
+    else:
+        x = torch.cat([train.x, rest.x])
+    return Tensors(x, torch.full((len(x),), -1, dtype=torch.long), train.prepare, train.augments)
 
 
 def _tabular_inputs(cfg: DataConfig, seed: int, source_state: dict | None) -> Inputs:

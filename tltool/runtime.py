@@ -1,14 +1,14 @@
 """Where and how the numbers are computed: device, precision, memory layout, compilation.
 
-Decided once from the config (`train.device`, `train.precision`, `train.channels_last`,
-`train.compile`) and recorded in the run folder; the training loop asks this object to move
+Decided from the config (`train.device`, `train.precision`, `train.channels_last`,
+`train.compile`) and, where the config says `auto`, by timing the model itself on a sample
+batch (`Runtime.tune`); recorded in the run folder. The training loop asks this object to move
 batches, open an autocast region and scale the loss.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,47 +20,48 @@ from torch import nn
 from tltool.errors import ConfigError
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_fast_bf16() -> bool:
-    """Whether bfloat16 matmuls are clearly faster than fp32 on this CPU, measured (about
-    0.1 s): CPU flags say whether bf16 is supported, not whether it pays (on some AVX512-BF16
-    machines it is slower than fp32)."""
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU runs bfloat16 natively (supported is not the same as faster: on some
+    AVX512-BF16 machines bf16 is slower than fp32, so `precision: auto` then times the model)."""
     try:
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return False
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-    best = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(768, 768, dtype=dtype)
-        a @ a
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            a @ a
-            times.append(time.perf_counter() - start)
-        best[dtype] = min(times)
-    return best[torch.bfloat16] * 1.3 < best[torch.float32]
+
+
+# A layout or precision is taken only when it is clearly faster: timing noise on a busy machine
+# must not flip a choice (and with it the last bits of the results) from run to run.
+LAYOUT_MARGIN = 1.2
+BF16_MARGIN = 1.3
+PROBE_BATCH = 16
+_LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+_layout_memo: dict[tuple, str] = {}
 
 
 @dataclass
 class Runtime:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype | None = None  # autocast dtype; None = fp32
-    channels_last: bool = False
+    layout: str = "off"  # image models: auto (measured per block) | on (NHWC) | off (NCHW)
     compile: bool = False
     scaler: Any = None  # torch.amp.GradScaler for fp16 on GPUs
+    probe_precision: bool = False  # precision auto on a CPU with bf16: measure on the model
+    chosen: dict[str, Any] = field(default_factory=dict)  # what the probes measured and chose
 
     @property
     def precision(self) -> str:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
+    @property
+    def channels_last(self) -> bool:
+        return self.layout != "off"
+
     def describe(self) -> dict[str, Any]:
         name = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
                 else "cpu")
         return {"device": str(self.device), "device_name": name, "precision": self.precision,
-                "channels_last": self.channels_last, "compile": self.compile,
-                "threads": torch.get_num_threads()}
+                "channels_last": self.layout, "compile": self.compile,
+                "threads": torch.get_num_threads(), **self.chosen}
 
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
@@ -71,18 +72,79 @@ class Runtime:
             yield
 
     def put(self, x: torch.Tensor) -> torch.Tensor:
-        """Move a batch to the device (image batches in channels-last layout if asked)."""
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        """Move a batch to the device (the backbone lays it out block by block)."""
         if self.device.type == "cpu":
             return x
         return x.to(self.device, non_blocking=True)
 
     def setup(self, model: nn.Module) -> nn.Module:
         model.to(self.device)
-        if self.channels_last:
-            model.to(memory_format=torch.channels_last)
+        backbone = getattr(model, "backbone", None)
+        if self.layout == "on" and backbone is not None:
+            for i in range(len(backbone.blocks)):
+                backbone.set_layout(i, torch.channels_last)
         return model
+
+    def tune(self, model: nn.Module, sample: torch.Tensor, label: str = "") -> None:
+        """Settle `precision: auto` (once) and `channels_last: auto` (each call: what is frozen
+        may change between rounds) by timing the model's forward pass on a sample batch.
+
+        Inference mode throughout: no BatchNorm statistics, dropout masks or random numbers
+        are touched, so probing never changes what training computes. Choices go to
+        `chosen` (runtime.json), never to metrics.json."""
+        backbone = getattr(model, "backbone", None)
+        if backbone is None or sample.dim() != 4 or not (self.probe_precision or
+                                                         self.layout == "auto"):
+            return
+        was_training = model.training
+        model.eval()
+        x = self.put(sample[:PROBE_BATCH])
+        try:
+            with torch.no_grad():
+                if self.probe_precision:
+                    self._choose_precision(model, x)
+                if self.layout == "auto":
+                    picks = self._choose_layouts(backbone, x)
+                    self.chosen.setdefault("block_layouts", {})[label or "model"] = picks
+        finally:
+            model.train(was_training)
+
+    def _choose_precision(self, model: nn.Module, x: torch.Tensor) -> None:
+        self.probe_precision = False
+        times = {}
+        for dtype in (None, torch.bfloat16):
+            self.dtype = dtype
+            times[dtype] = _best_time(lambda: model(x), self.device, self.autocast)
+        self.dtype = torch.bfloat16 if times[torch.bfloat16] * BF16_MARGIN < times[None] else None
+        self.chosen["precision_probe"] = {
+            "fp32_seconds": round(times[None], 5), "bf16_seconds": round(times[torch.bfloat16], 5),
+            "chose": self.precision, "rule": f"bf16 when at least {BF16_MARGIN}x faster"}
+
+    def _choose_layouts(self, backbone: nn.Module, x: torch.Tensor) -> dict[str, str]:
+        picks = {}
+        for i, (name, block) in enumerate(zip(backbone.block_names, backbone.blocks,
+                                              strict=True)):
+            if x.dim() != 4 or not any(p.dim() == 4 for p in block.parameters()):
+                backbone.set_layout(i, None)
+            else:
+                key = (type(block).__name__, tuple(tuple(p.shape) for p in block.parameters()),
+                       tuple(x.shape), str(self.device), self.dtype)
+                if key not in _layout_memo:
+                    times = {}
+                    for _ in range(3):  # interleaved; the first round warms both up
+                        for layout, fmt in _LAYOUTS.items():
+                            block.to(memory_format=fmt)
+                            xb = x.contiguous(memory_format=fmt)
+                            t = _best_time(lambda b=block, xb=xb: b(xb), self.device,
+                                           self.autocast, reps=1, warmup=False)
+                            times.setdefault(layout, []).append(t)
+                    nchw, nhwc = min(times["nchw"][1:]), min(times["nhwc"][1:])
+                    _layout_memo[key] = "nchw" if nchw * LAYOUT_MARGIN < nhwc else "nhwc"
+                picks[name] = _layout_memo[key]
+                backbone.set_layout(i, _LAYOUTS[picks[name]])
+            with self.autocast():
+                x = block(backbone.laid_out(x, i))
+        return picks
 
     def wrap(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """torch.compile the forward function (state-dict keys stay unchanged)."""
@@ -96,6 +158,22 @@ class Runtime:
         self.scaler.scale(loss).backward()
         self.scaler.step(optimizer)
         self.scaler.update()
+
+
+def _best_time(fn: Callable[[], Any], device: torch.device, autocast: Callable,
+               reps: int = 2, warmup: bool = True) -> float:
+    """Best wall time of fn() under autocast, synchronising a GPU around each call."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for r in range(reps + int(warmup)):
+        sync()
+        start = time.perf_counter()
+        with autocast():
+            fn()
+        sync()
+        if r >= int(warmup):
+            best = min(best, time.perf_counter() - start)
+    return best
 
 
 def make_runtime(train_cfg, image_model: bool) -> Runtime:
@@ -120,7 +198,7 @@ def make_runtime(train_cfg, image_model: bool) -> Runtime:
                 dtype = torch.bfloat16
             else:  # older GPUs: fp16 with loss scaling
                 dtype, scaler = torch.float16, torch.amp.GradScaler("cuda")
-        elif cpu_has_fast_bf16() and image_model:
-            dtype = torch.bfloat16
-    channels_last = image_model and train_cfg.channels_last != "off"
-    return Runtime(device, dtype, channels_last, train_cfg.compile, scaler)
+    probe = (precision == "auto" and device.type == "cpu" and image_model
+             and cpu_supports_bf16())
+    layout = train_cfg.channels_last if image_model else "off"
+    return Runtime(device, dtype, layout, train_cfg.compile, scaler, probe_precision=probe)

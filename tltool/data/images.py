@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from tltool.config import DataConfig
-from tltool.data.tabular import Split, _partition, _subsample
+from tltool.data.tabular import Split, _partition, _subsample, left_out
 from tltool.datasets.images import IMAGE_SETS, get_image_set, load_image_set
 from tltool.errors import DataError
 
@@ -88,6 +88,9 @@ class ImageData:
     val: ImageSplit
     test: ImageSplit
     notes: list[str] = field(default_factory=list)
+    # Training-pool images n_train left out; only domain adaptation (`adapt`) reads them, as
+    # unlabelled images.
+    unlabeled: ImageSplit | None = None
 
     @property
     def channels(self) -> int:
@@ -137,8 +140,8 @@ def load_images(cfg: DataConfig, seed: int, size: int) -> ImageData:
     elif cfg.positive is not None:
         raise DataError(f"{origin}: `positive` does not apply to multi-label data (each of "
                         f"{', '.join(classes)} is its own yes/no label)")
-    train, val, test = _split(x, y, ids, classes, multilabel, cfg, seed, origin, notes)
-    return ImageData(origin, classes, multilabel, train, val, test, notes)
+    train, val, test, rest = _split(x, y, ids, classes, multilabel, cfg, seed, origin, notes)
+    return ImageData(origin, classes, multilabel, train, val, test, notes, rest)
 
 
 def load_image_files(paths: list[str], size: int,
@@ -683,11 +686,12 @@ def _split(x: torch.Tensor, y: np.ndarray, ids: np.ndarray, classes: list[str], 
             raise DataError(f"{origin}: {key_name} = {n} but the {which} split has only "
                             f"{len(part)} images (split val {cfg.split.val} / test "
                             f"{cfg.split.test}); use at most {len(part)} or leave it unset")
+    pool = train
     train = _subsample(train, cfg.n_train, seed, "n_train", origin, cfg)
     val = _subsample(val, cfg.n_val, seed + 1, "n_val", origin, cfg)
 
     def build(part: Split) -> ImageSplit:
         idx = part.frame["row"].to_numpy()
-        return ImageSplit(x[torch.as_tensor(np.array(idx))], y[idx], ids[idx])
+        return ImageSplit(x[torch.as_tensor(np.array(idx, dtype=np.int64))], y[idx], ids[idx])
 
-    return build(train), build(val), build(test)
+    return build(train), build(val), build(test), build(left_out(pool, train))

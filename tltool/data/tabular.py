@@ -42,6 +42,9 @@ class TabularData:
     val: Split
     test: Split
     notes: list[str] = field(default_factory=list)
+    # Training-pool rows whose labels are not used: those n_train left out, and rows with an
+    # empty label cell. Only domain adaptation (`adapt`) reads them, as unlabelled rows.
+    unlabeled: Split | None = None
 
     def summary(self) -> dict:
         counts = {s: int(len(getattr(self, s))) for s in ("train", "val", "test")}
@@ -132,10 +135,12 @@ def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
     if cfg.where:
         frame = select_population(frame, cfg.where, origin)
         notes.append(f"where {cfg.where}: {len(frame)} rows")
-    unlabeled = frame[label].isna()
-    if unlabeled.any():
-        notes.append(f"dropped {int(unlabeled.sum())} rows with no label")
-        frame = frame[~unlabeled]
+    no_label = frame[label].isna() | (frame[label].astype(str).str.strip() == "")
+    unlabeled_frame = frame[no_label]
+    if no_label.any():
+        notes.append(f"{int(no_label.sum())} rows with no label: not trained on (domain "
+                     f"adaptation may use them as unlabelled rows)")
+        frame = frame[~no_label]
     labels = frame[label].astype(str)
     classes = sorted(labels.unique().tolist())
     if len(classes) < 2:
@@ -160,18 +165,44 @@ def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
         raise DataError(f"{origin}: the label {label!r} is also listed as a feature")
     # Type check over every selected row, so a typo is reported whatever split it lands in.
     infer_numeric(frame, list(features), list(cfg.categorical), origin)
+    if len(unlabeled_frame):
+        infer_numeric(unlabeled_frame, list(features), list(cfg.categorical), origin)
     ids = (frame[cfg.id_column].astype(str).to_numpy() if cfg.id_column
            else frame.index.astype(str).to_numpy())
     whole = Split(frame[features], y, ids)
     train, val, test = _partition(whole, cfg, origin, classes)
+    pool = train
     train = _subsample(train, cfg.n_train, seed, "n_train", origin, cfg)
     val = _subsample(val, cfg.n_val, seed + 1, "n_val", origin, cfg)
+    blank_ids = (unlabeled_frame[cfg.id_column].astype(str).to_numpy() if cfg.id_column
+                 else unlabeled_frame.index.astype(str).to_numpy())
+    blank = Split(unlabeled_frame[features], np.full(len(unlabeled_frame), -1, np.int64),
+                  blank_ids)
+    rest = left_out(pool, train)
+    unlabeled = Split(pd.concat([rest.frame, blank.frame]),
+                      np.concatenate([np.full(len(rest), -1, np.int64), blank.y]),
+                      np.concatenate([rest.ids, blank.ids]))
     return TabularData(origin, label, classes, list(features), list(cfg.categorical),
-                       train, val, test, notes)
+                       train, val, test, notes, unlabeled)
 
 
 def take(split: Split, idx: np.ndarray) -> Split:
     return Split(split.frame.iloc[idx], split.y[idx], split.ids[idx])
+
+
+def left_out(pool: Split, kept: Split) -> Split:
+    """The rows of `pool` that a sub-sample `kept` of it does not hold (labels hidden: -1)."""
+    position = {row: i for i, row in enumerate(pool.frame.index)} \
+        if isinstance(pool.frame, pd.DataFrame) and pool.frame.index.is_unique else None
+    if position is None:  # fall back on ids
+        chosen = set(kept.ids.tolist())
+        idx = np.array([i for i, r in enumerate(pool.ids) if r not in chosen], dtype=np.int64)
+    else:
+        mask = np.ones(len(pool), dtype=bool)
+        mask[[position[r] for r in kept.frame.index]] = False
+        idx = np.flatnonzero(mask)
+    rest = take(pool, idx)
+    return Split(rest.frame, np.full(len(idx), -1, np.int64), rest.ids)
 
 
 def _partition(whole: Split, cfg: DataConfig, origin: str, classes: list[str]):

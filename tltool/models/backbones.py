@@ -27,19 +27,33 @@ class Backbone(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.block_names = list(names)
         self.out_features = out_features
+        # Memory layout of each block's 4-d input and weights (None: leave as it comes); set
+        # by tltool.runtime (channels-last where it is faster, block by block).
+        self.layouts: list[torch.memory_format | None] = [None] * len(self.blocks)
+
+    def set_layout(self, i: int, fmt: torch.memory_format | None) -> None:
+        """Run block i in `fmt` (torch.channels_last or torch.contiguous_format)."""
+        if fmt is not None:
+            self.blocks[i].to(memory_format=fmt)
+        self.layouts[i] = fmt
+
+    def laid_out(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """x in the layout block i runs in (a no-op when it already is, or x is not 4-d)."""
+        fmt = self.layouts[i] if i < len(self.layouts) else None
+        return x.contiguous(memory_format=fmt) if fmt is not None and x.dim() == 4 else x
 
     def forward_blocks(self, x: torch.Tensor, n: int | None = None,
                        pool: bool = True) -> torch.Tensor:
         """Output of the first n blocks (all by default); feature maps are average-pooled to a
         vector when `pool` (what extraction wants), kept as maps otherwise (prefix caching)."""
-        for block in self.blocks[: len(self.blocks) if n is None else n]:
-            x = block(x)
+        for i, block in enumerate(self.blocks[: len(self.blocks) if n is None else n]):
+            x = block(self.laid_out(x, i))
         return self._pool(x) if pool else x
 
     def forward_from(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Run blocks[start:] on the output of the first `start` blocks (a cached prefix)."""
-        for block in self.blocks[start:]:
-            x = block(x)
+        for i, block in enumerate(self.blocks[start:], start=start):
+            x = block(self.laid_out(x, i))
         return self._pool(x)
 
     @staticmethod

@@ -103,6 +103,8 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
         raise ConfigError("decision.rule: 'threshold' needs a binary label (use 'argmax')")
     rt = make_runtime(cfg.train, spec.input == "image")
     rt.setup(model)
+    first = next(iter(loaded.values())).train
+    rt.tune(model, first.batch(slice(0, 16), train=False), label="extract")
     feats: dict[tuple[str, str], np.ndarray] = {}
     timing = {"images_or_rows": 0, "seconds": 0.0}
     with new_run(cfg.output.root, cfg.name, "extract", argv, cfg.seed, cfg) as run:

@@ -7,11 +7,12 @@ from typing import Any
 import numpy as np
 
 from tltool import plots
+from tltool.adapt import Adaptation
 from tltool.config import ExperimentConfig
 from tltool.engine import Phase, Task, fit, predict_proba, seed_everything
 from tltool.errors import CheckpointError, ConfigError
 from tltool.freeze import check_frozen_layers
-from tltool.inputs import load_inputs
+from tltool.inputs import load_inputs, pool_of
 from tltool.metrics import choose_threshold, classification_report, multilabel_report
 from tltool.models import build_model, model_spec
 from tltool.models.backbones import get_spec, resolve_args
@@ -79,6 +80,7 @@ def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any
     phases = phases_of(cfg, command, len(model.backbone.blocks), model.backbone.block_names)
     task = Task(multilabel)
     rt = make_runtime(cfg.train, spec.input == "image")
+    adaptation, adapt_info = _adaptation(cfg, command, inputs, spec, weights)
 
     with new_run(cfg.output.root, cfg.name, command, argv, cfg.seed, cfg) as run:
         def save(name: str, epoch: int) -> None:
@@ -88,7 +90,8 @@ def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any
         write_json(run.file("runtime.json"), rt.describe())
         summary = fit(model, inputs.train, inputs.val, phases, cfg.train, classes, cfg.seed,
                       save, run.file("metrics.csv"), log.info, task=task,
-                      bn_policy=m.bn_policy, rt=rt)
+                      bn_policy=m.bn_policy, rt=rt, adapt=adaptation)
+        write_json(run.file("runtime.json"), rt.describe())  # with what `auto` chose
         write_text(run.file("freeze_plan.txt"), summary.pop("plan_text") + "\n")
         write_json(run.file("timing.json"), summary.pop("timing"))
         write_json(run.file("freeze_plan.json"), summary["plans"])
@@ -107,6 +110,7 @@ def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any
                                        "freeze_check")},
             "trainable_params": summary["plans"][-1]["trainable_params"],
             "total_params": summary["plans"][-1]["total_params"],
+            "adapt": adapt_info,
         }
         write_json(run.file("metrics.json"), metrics)
         plots.learning_curves(run.file("metrics.csv"), run.file("plots", "learning_curves.png"),
@@ -115,6 +119,50 @@ def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any
             plots.confusion_matrix(metrics["test"]["confusion_matrix"], classes,
                                    run.file("plots", "confusion_matrix_test.png"), "test split")
     return {"run": str(run.path), "metrics": metrics}
+
+
+def _adaptation(cfg: ExperimentConfig, command: str, inputs, spec,
+                weights) -> tuple[Adaptation | None, dict[str, Any] | None]:
+    """The other domain's rows for `adapt`, encoded exactly like the training rows.
+
+    pretrain: labelled source batches + unlabelled target rows. freeze-finetune: labelled
+    target batches + labelled source rows (cross-entropy at adapt.source_weight) + unlabelled
+    target rows."""
+    a = cfg.adapt
+    if a.method == "none":
+        return None, None
+    other = "target" if command == "pretrain" else "source"
+    other_cfg = getattr(cfg, other)
+    if other_cfg is None:
+        raise ConfigError(f"adapt.method: '{a.method}' aligns source and target features; "
+                          f"{command} trains on the {'source' if other == 'target' else 'target'}"
+                          f" and needs a `{other}` data section for the other domain")
+    state = inputs.state
+    if command == "pretrain":
+        target = load_inputs(other_cfg, other, cfg.seed, spec, weights, like=state,
+                             pool=a.unlabeled == "pool")
+        rows = target.pool if a.unlabeled == "pool" else target.train
+        source_rows = None
+        n_source = len(inputs.train.y)
+    else:
+        source = load_inputs(other_cfg, other, cfg.seed, spec, weights, like=state)
+        if a.source_weight > 0 and (source.classes != inputs.classes
+                                    or source.multilabel != inputs.multilabel):
+            raise ConfigError(f"adapt.source_weight: {a.source_weight} trains the target head "
+                              f"on source labels too, but the source classes "
+                              f"({', '.join(source.classes)}) differ from the target's "
+                              f"({', '.join(inputs.classes)}); set adapt.source_weight: 0 to "
+                              f"use the source rows only for the alignment")
+        rows = pool_of(inputs) if a.unlabeled == "pool" else inputs.train
+        source_rows = source.train
+        n_source = len(source.train.y)
+    info = {"method": a.method, "weight": a.weight, "unlabeled": a.unlabeled,
+            "source_rows": n_source, "target_rows_aligned": int(len(rows.y)),
+            "source_weight": a.source_weight if command == "freeze-finetune" else None}
+    log.info("adapt: %s (weight %s) on %d source rows and %d unlabelled target rows",
+             a.method, a.weight, n_source, len(rows.y))
+    return Adaptation(a.method, a.weight, rows, source_rows if command != "pretrain" else None,
+                      a.source_weight), info
 
 
 def report(y: np.ndarray, proba: np.ndarray, classes: list[str],
