@@ -22,6 +22,15 @@ BASE = {
 }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_probe_cache(tmp_path_factory):
+    """Layout/precision probe results go to a cache of the test session, not ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TLTOOL_CACHE_DIR", str(tmp_path_factory.mktemp("probe-cache")))
+    yield
+    mp.undo()
+
+
 @dataclass
 class Result:
     code: int

@@ -86,6 +86,33 @@ def test_tuning_touches_no_state_and_records_its_choices():
     assert off.chosen == {}
 
 
+def test_probe_results_are_cached_on_disk_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLTOOL_CACHE_DIR", str(tmp_path / "cache"))
+    sample = torch.randn(8, 3, 40, 40)
+    first = Runtime(layout="auto")
+    first.tune(_resnet(), sample, label="r")
+    assert first.chosen["layout_blocks_timed"]["r"] == 5
+    assert (tmp_path / "cache" / "probes.json").is_file()
+    again = Runtime(layout="auto")
+    again.tune(_resnet(), sample, label="r")
+    assert again.chosen["layout_blocks_timed"]["r"] == 0  # nothing timed twice
+    assert again.chosen["block_layouts"] == first.chosen["block_layouts"]
+    # another input size is another question
+    other = Runtime(layout="auto")
+    other.tune(_resnet(), torch.randn(8, 3, 24, 24), label="r")
+    assert other.chosen["layout_blocks_timed"]["r"] == 5
+    # a cache that cannot be written is not an error
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("TLTOOL_CACHE_DIR", str(blocked))
+    from tltool import runtime
+
+    monkeypatch.setattr(runtime, "PROBES", runtime.ProbeCache())
+    fresh = Runtime(layout="auto")
+    fresh.tune(_resnet(), sample, label="r")
+    assert fresh.chosen["layout_blocks_timed"]["r"] == 5
+
+
 def test_layout_choice_does_not_change_what_training_learns():
     # Layouts change only the rounding (~1e-6); a ReLU input within that of zero can still
     # flip one gradient entry, so the data are fixed and the check is on the trained logits.

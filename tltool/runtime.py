@@ -9,9 +9,15 @@ batches, open an autocast region and scale the loss.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import json
+import os
+import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,9 +39,77 @@ def cpu_supports_bf16() -> bool:
 # must not flip a choice (and with it the last bits of the results) from run to run.
 LAYOUT_MARGIN = 1.2
 BF16_MARGIN = 1.3
-PROBE_BATCH = 16
+PROBE_BATCH = 8
 _LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
-_layout_memo: dict[tuple, str] = {}
+
+
+class ProbeCache:
+    """What the probes found, kept on disk per machine (like an autotuner's cache), so a
+    later run on the same machine, torch and thread count reuses the choice instead of timing
+    again, and makes the same one. Location: $TLTOOL_CACHE_DIR, else $XDG_CACHE_HOME/tltool or
+    ~/.cache/tltool; a cache that cannot be read or written is simply not used."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, str] | None = None
+        self._from: Path | None = None
+
+    @staticmethod
+    def path() -> Path:
+        root = os.environ.get("TLTOOL_CACHE_DIR")
+        if not root:
+            base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+            root = str(Path(base) / "tltool")
+        return Path(root) / "probes.json"
+
+    def _load(self) -> dict[str, str]:
+        if self._data is None or self._from != self.path():
+            self._from = self.path()
+            try:
+                self._data = dict(json.loads(self._from.read_text()))
+            except (OSError, ValueError, TypeError):
+                self._data = {}
+        return self._data
+
+    def get(self, key: str) -> str | None:
+        return self._load().get(key)
+
+    def put(self, key: str, value: str) -> None:
+        data = self._load()
+        data[key] = value
+        path = self.path()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError:
+            pass
+
+
+PROBES = ProbeCache()
+
+
+@functools.lru_cache(maxsize=4)
+def _machine(device: str) -> str:
+    """torch version, device, CPU model and threads: what a timing result depends on."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    return f"torch {torch.__version__}|{device}|{name}|{torch.get_num_threads()} threads"
+
+
+def _signature(module: nn.Module) -> str:
+    parts = [type(m).__name__ for m in module.modules()]
+    parts += [f"{k}:{tuple(v.shape)}" for k, v in module.state_dict().items()]
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -87,7 +161,8 @@ class Runtime:
 
     def tune(self, model: nn.Module, sample: torch.Tensor, label: str = "") -> None:
         """Settle `precision: auto` (once) and `channels_last: auto` (each call: what is frozen
-        may change between rounds) by timing the model's forward pass on a sample batch.
+        may change between rounds) by timing the model's forward pass on a sample batch, or
+        from the probe cache when this machine has timed the same blocks before.
 
         Inference mode throughout: no BatchNorm statistics, dropout masks or random numbers
         are touched, so probing never changes what training computes. Choices go to
@@ -99,52 +174,87 @@ class Runtime:
         was_training = model.training
         model.eval()
         x = self.put(sample[:PROBE_BATCH])
+        start = time.perf_counter()
         try:
             with torch.no_grad():
                 if self.probe_precision:
                     self._choose_precision(model, x)
                 if self.layout == "auto":
-                    picks = self._choose_layouts(backbone, x)
+                    picks, timed = self._choose_layouts(backbone, x)
                     self.chosen.setdefault("block_layouts", {})[label or "model"] = picks
+                    self.chosen.setdefault("layout_blocks_timed", {})[label or "model"] = timed
         finally:
             model.train(was_training)
+        self.chosen["probe_seconds"] = round(self.chosen.get("probe_seconds", 0.0) +
+                                             time.perf_counter() - start, 3)
+        self.chosen["probe_cache"] = str(PROBES.path())
 
     def _choose_precision(self, model: nn.Module, x: torch.Tensor) -> None:
         self.probe_precision = False
+        key = (f"precision|{_machine(str(self.device))}|{_signature(model)}|"
+               f"{tuple(x.shape[1:])}")
+        known = PROBES.get(key)
+        if known is not None:
+            self.dtype = torch.bfloat16 if known == "bf16" else None
+            self.chosen["precision_probe"] = {"chose": known, "from": "probe cache"}
+            return
         times = {}
         for dtype in (None, torch.bfloat16):
             self.dtype = dtype
             times[dtype] = _best_time(lambda: model(x), self.device, self.autocast)
         self.dtype = torch.bfloat16 if times[torch.bfloat16] * BF16_MARGIN < times[None] else None
+        PROBES.put(key, self.precision)
         self.chosen["precision_probe"] = {
             "fp32_seconds": round(times[None], 5), "bf16_seconds": round(times[torch.bfloat16], 5),
-            "chose": self.precision, "rule": f"bf16 when at least {BF16_MARGIN}x faster"}
+            "chose": self.precision, "rule": f"bf16 when at least {BF16_MARGIN}x faster",
+            "from": "timed"}
 
-    def _choose_layouts(self, backbone: nn.Module, x: torch.Tensor) -> dict[str, str]:
-        picks = {}
-        for i, (name, block) in enumerate(zip(backbone.block_names, backbone.blocks,
-                                              strict=True)):
+    def _layout_keys(self, backbone: nn.Module, x: torch.Tensor) -> list[str | None]:
+        """Probe-cache key of each block (None: nothing to choose), from one cheap pass."""
+        keys: list[str | None] = []
+        machine = _machine(str(self.device))
+        for i, block in enumerate(backbone.blocks):
             if x.dim() != 4 or not any(p.dim() == 4 for p in block.parameters()):
-                backbone.set_layout(i, None)
+                keys.append(None)
             else:
-                key = (type(block).__name__, tuple(tuple(p.shape) for p in block.parameters()),
-                       tuple(x.shape), str(self.device), self.dtype)
-                if key not in _layout_memo:
-                    times = {}
-                    for _ in range(3):  # interleaved; the first round warms both up
-                        for layout, fmt in _LAYOUTS.items():
-                            block.to(memory_format=fmt)
-                            xb = x.contiguous(memory_format=fmt)
-                            t = _best_time(lambda b=block, xb=xb: b(xb), self.device,
-                                           self.autocast, reps=1, warmup=False)
-                            times.setdefault(layout, []).append(t)
-                    nchw, nhwc = min(times["nchw"][1:]), min(times["nhwc"][1:])
-                    _layout_memo[key] = "nchw" if nchw * LAYOUT_MARGIN < nhwc else "nhwc"
-                picks[name] = _layout_memo[key]
-                backbone.set_layout(i, _LAYOUTS[picks[name]])
+                keys.append(f"layout|{machine}|{_signature(block)}|{tuple(x.shape[1:])}|"
+                            f"batch {PROBE_BATCH}|{self.precision}")
             with self.autocast():
                 x = block(backbone.laid_out(x, i))
-        return picks
+        return keys
+
+    def _choose_layouts(self, backbone: nn.Module,
+                        x: torch.Tensor) -> tuple[dict[str, str], int]:
+        keys = self._layout_keys(backbone, x[:1])
+        cached = [None if k is None else PROBES.get(k) for k in keys]
+        picks, timed = {}, 0
+        for i, (name, block) in enumerate(zip(backbone.block_names, backbone.blocks,
+                                              strict=True)):
+            if keys[i] is None:
+                backbone.set_layout(i, None)
+                continue
+            pick = cached[i]
+            if pick is None:
+                times = {}
+                for _ in range(3):  # interleaved; the first round warms both up
+                    for layout, fmt in _LAYOUTS.items():
+                        block.to(memory_format=fmt)
+                        xb = x.contiguous(memory_format=fmt)
+                        t = _best_time(lambda b=block, xb=xb: b(xb), self.device,
+                                       self.autocast, reps=1, warmup=False)
+                        times.setdefault(layout, []).append(t)
+                nchw, nhwc = min(times["nchw"][1:]), min(times["nhwc"][1:])
+                pick = "nchw" if nchw * LAYOUT_MARGIN < nhwc else "nhwc"
+                PROBES.put(keys[i], pick)
+                timed += 1
+            picks[name] = pick
+            backbone.set_layout(i, _LAYOUTS[pick])
+            if i + 1 < len(keys) and any(c is None and k is not None
+                                         for c, k in zip(cached[i + 1:], keys[i + 1:],
+                                                         strict=True)):
+                with self.autocast():  # the next block to time needs this one's output
+                    x = block(backbone.laid_out(x, i))
+        return picks, timed
 
     def wrap(self, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """torch.compile the forward function (state-dict keys stay unchanged)."""
