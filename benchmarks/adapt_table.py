@@ -59,14 +59,14 @@ def main() -> None:
             columns += [unsup, few]
             for seed in args.seeds:
                 common = [f"output.root={tmp}", f"seed={seed}"]
-                for method in METHODS:
+                plain = None
+                for method in METHODS:  # "none" first: the plain source model
                     sets = common + [f"adapt.method={method}"]
                     src = pretrain(load_config(adapt_cfg, sets))["run"]
+                    plain = plain or src
                     test = evaluate(src, on="target")["metrics"]["test"]
                     scores.add(method, unsup, test[metric])
                     # few labels: the plain source model, fine-tuned with the same method
-                    plain = src if method == "none" else pretrain(load_config(
-                        adapt_cfg, common + ["adapt.method=none"]))["run"]
                     ft = freeze_finetune(load_config(finetune_cfg, sets + [
                         f"model.weights={plain}", f"target.n_train={n}",
                         f"target.n_val={n // 2}"]))

@@ -28,7 +28,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
     ap.add_argument("--data", default="fashion_mnist", choices=["fashion_mnist", "mnist5k"])
-    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"],
+                    help="fp32, bf16 and/or auto (shown as auto -> what it chose)")
     args = ap.parse_args()
     logging.getLogger("tltool").setLevel(logging.WARNING)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -49,7 +50,9 @@ def main() -> None:
             wall = time.perf_counter() - start
             timing = json.loads((Path(res["run"]) / "timing.json").read_text())
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            print(f"| {args.data} | {timing['images_or_rows']} | {size} | {precision} | "
+            asked = (precision if precision == timing["precision"]
+                     else f"{precision} -> {timing['precision']}")
+            print(f"| {args.data} | {timing['images_or_rows']} | {size} | {asked} | "
                   f"{timing['rows_per_second']:.0f} | {wall:.1f} | {rss:.0f} |")
 
 

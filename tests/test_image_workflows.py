@@ -166,3 +166,18 @@ def test_lazy_decoding_gives_the_same_model_as_decoding_once(cli, write_config, 
     assert me["test"] == ml["test"] and me["val"] == ml["val"]
     assert any("decoded batch by batch" in n for n in ml["data"]["notes"])
     assert any("broken.png" in n for n in ml["data"]["notes"])  # skipped and counted
+
+
+def test_adapted_transfer_caches_every_domain_behind_frozen_blocks(mnist_run, cli,
+                                                                   write_config, tmp_path):
+    """freeze-finetune + adapt on images: MNIST rows trained alongside the digits, the
+    unlabelled digits pool aligned, the frozen convolutions computed once for all three."""
+    cfg = write_config("digits-da", {"model": {"weights": str(mnist_run), "frozen_layers": 2},
+                                     "adapt": {"method": "mmd"}}, base=IMG)
+    res = cli("freeze-finetune", cfg)
+    assert res.code == 0, res.err
+    m = _json(tmp_path / res.out.strip() / "metrics.json")
+    assert m["cache"][0]["cached_blocks"] == 2 and m["freeze_check"]["unchanged"]
+    # digits: 1797 images, 40% test, 20% val; the rest is the pool (100 labelled among them)
+    assert m["adapt"]["target_rows_aligned"] == 1797 - 719 - 360
+    assert m["adapt"]["source_rows"] == 600

@@ -101,6 +101,12 @@ def test_probe_results_are_cached_on_disk_and_reused(tmp_path, monkeypatch):
     other = Runtime(layout="auto")
     other.tune(_resnet(), torch.randn(8, 3, 24, 24), label="r")
     assert other.chosen["layout_blocks_timed"]["r"] == 5
+    # a short run does not pay for timing: cached choices where known, else channels-last
+    short = Runtime(layout="auto", probe_precision=True)
+    short.tune(_resnet(), torch.randn(8, 3, 128, 128), label="r", work=100)  # new shapes
+    assert short.chosen["layout_blocks_timed"]["r"] == 0 and "probe_skipped" in short.chosen
+    assert set(short.chosen["block_layouts"]["r"].values()) == {"nhwc"}
+    assert short.precision == "fp32"
     # a cache that cannot be written is not an error
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")

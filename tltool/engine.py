@@ -206,7 +206,8 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
             plans.append(plan)
             # auto layout/precision: timed on a sample batch now that the round's frozen blocks
             # are known (a frozen prefix runs once, the rest every step).
-            rt.tune(model, train.batch(slice(0, 16), train=False), label=f"round {r}")
+            rt.tune(model, train.batch(slice(0, 16), train=False), label=f"round {r}",
+                    work=3 * len(train.y) * sum(p.epochs for p in phases[r - 1:]))
             snap = snapshot_frozen(model)
             optimizer = _optimizer(groups, train_cfg)
             lrs = {g["name"]: g["lr"] for g in groups}  # head + one group per block

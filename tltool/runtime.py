@@ -40,6 +40,10 @@ def cpu_supports_bf16() -> bool:
 LAYOUT_MARGIN = 1.2
 BF16_MARGIN = 1.3
 PROBE_BATCH = 8
+# Timing costs about 100-200 forward passes of one sample; a run with less work than this (in
+# forward-pass equivalents: a training sample-step counts 3) is not worth it and takes the
+# defaults (channels-last, fp32) unless this machine has timed the same blocks before.
+PROBE_MIN_WORK = 3000
 _LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 
@@ -120,6 +124,7 @@ class Runtime:
     compile: bool = False
     scaler: Any = None  # torch.amp.GradScaler for fp16 on GPUs
     probe_precision: bool = False  # precision auto on a CPU with bf16: measure on the model
+    _time_it: bool = True  # this tune() call may time (not a short run)
     chosen: dict[str, Any] = field(default_factory=dict)  # what the probes measured and chose
 
     @property
@@ -159,7 +164,8 @@ class Runtime:
                 backbone.set_layout(i, torch.channels_last)
         return model
 
-    def tune(self, model: nn.Module, sample: torch.Tensor, label: str = "") -> None:
+    def tune(self, model: nn.Module, sample: torch.Tensor, label: str = "",
+             work: int | None = None) -> None:
         """Settle `precision: auto` (once) and `channels_last: auto` (each call: what is frozen
         may change between rounds) by timing the model's forward pass on a sample batch, or
         from the probe cache when this machine has timed the same blocks before.
@@ -175,6 +181,10 @@ class Runtime:
         model.eval()
         x = self.put(sample[:PROBE_BATCH])
         start = time.perf_counter()
+        self._time_it = work is None or work >= PROBE_MIN_WORK
+        if not self._time_it:
+            self.chosen["probe_skipped"] = (f"short run ({work} forward-pass equivalents < "
+                                            f"{PROBE_MIN_WORK}): cached choices or defaults")
         try:
             with torch.no_grad():
                 if self.probe_precision:
@@ -194,9 +204,11 @@ class Runtime:
         key = (f"precision|{_machine(str(self.device))}|{_signature(model)}|"
                f"{tuple(x.shape[1:])}")
         known = PROBES.get(key)
-        if known is not None:
+        if known is not None or not self._time_it:
             self.dtype = torch.bfloat16 if known == "bf16" else None
-            self.chosen["precision_probe"] = {"chose": known, "from": "probe cache"}
+            self.chosen["precision_probe"] = {"chose": self.precision,
+                                              "from": "default" if known is None
+                                              else "probe cache"}
             return
         times = {}
         for dtype in (None, torch.bfloat16):
@@ -233,7 +245,7 @@ class Runtime:
             if keys[i] is None:
                 backbone.set_layout(i, None)
                 continue
-            pick = cached[i]
+            pick = cached[i] or (None if self._time_it else "nhwc")
             if pick is None:
                 times = {}
                 for _ in range(3):  # interleaved; the first round warms both up
@@ -249,7 +261,7 @@ class Runtime:
                 timed += 1
             picks[name] = pick
             backbone.set_layout(i, _LAYOUTS[pick])
-            if i + 1 < len(keys) and any(c is None and k is not None
+            if self._time_it and i + 1 < len(keys) and any(c is None and k is not None
                                          for c, k in zip(cached[i + 1:], keys[i + 1:],
                                                          strict=True)):
                 with self.autocast():  # the next block to time needs this one's output

@@ -104,7 +104,9 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
     rt = make_runtime(cfg.train, spec.input == "image")
     rt.setup(model)
     first = next(iter(loaded.values())).train
-    rt.tune(model, first.batch(slice(0, 16), train=False), label="extract")
+    rt.tune(model, first.batch(slice(0, 16), train=False), label="extract",
+            work=sum(len(getattr(i, s).y) for i in loaded.values() for s in ("train", "val",
+                                                                              "test")))
     feats: dict[tuple[str, str], np.ndarray] = {}
     timing = {"images_or_rows": 0, "seconds": 0.0}
     with new_run(cfg.output.root, cfg.name, "extract", argv, cfg.seed, cfg) as run:
