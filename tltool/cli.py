@@ -151,6 +151,35 @@ def evaluate(
 
 
 @app.command()
+def ensemble(
+    runs: list[str] = typer.Argument(..., help="Two or more pretrain/freeze-finetune runs of "
+                                     "one task and data split (e.g. one config, several "
+                                     "seeds); ROOT/NAME/latest works for each."),
+    name: str = typer.Option(None, "--name", help="Experiment name of the ensemble run "
+                             "(default: the first member's name + '-ensemble')."),
+    rule: str = typer.Option("auto", "--rule", help="threshold (chosen on validation "
+                             "rows; binary or multi-label), argmax, or auto (threshold where "
+                             "it applies, else argmax)."),
+    optimize: str = typer.Option("accuracy", "--optimize", help="What the threshold "
+                                 "maximises: accuracy, f1 or youden."),
+) -> None:
+    """Average the members' probabilities, choose the decision threshold on their validation
+    rows (the design document's 'avg' rule) and score the test split once.
+
+    Example: tltool ensemble runs/credit-finetune/2026*-freeze-finetune --name credit-avg
+    """
+    from tltool.workflows.ensemble import ensemble as run_ensemble
+
+    for key, value, allowed in (("--rule", rule, ("auto", "threshold", "argmax")),
+                                ("--optimize", optimize, ("accuracy", "f1", "youden"))):
+        if value not in allowed:
+            typer.echo(f"error: {key}: got {value!r}; allowed: {', '.join(allowed)}", err=True)
+            raise typer.Exit(2)
+    result = _call(lambda: run_ensemble(runs, name, rule, optimize, sys.argv))
+    _finish(result, [result["table"]])
+
+
+@app.command()
 def predict(
     run: str = typer.Argument(..., help="A trained run folder, or ROOT/NAME/latest."),
     input_csv: str = typer.Argument(..., help="CSV of new rows with the training columns."),

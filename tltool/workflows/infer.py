@@ -108,24 +108,47 @@ def _labelled_csv(path: Path, label: str, classes: list[str],
 
 def predict(ref: str | Path, input_path: str, out_csv: str | None = None,
             id_column: str | None = None, argv: list[str] | None = None) -> dict[str, Any]:
-    """Probabilities and decisions for new rows (or images: a folder, or a CSV of paths)."""
-    run, cfg, ckpt, model, decision = _open_run(ref)
-    classes, state = ckpt["classes"], ckpt["preprocessor"]
-    multilabel = bool(ckpt.get("multilabel"))
+    """Probabilities and decisions for new rows (or images: a folder, or a CSV of paths).
+
+    An ensemble run averages its members' probabilities and applies its own decision rule."""
+    from tltool.runs import run_status
+    from tltool.workflows.ensemble import member_runs
+
+    run = resolve_run(ref, commands=(*TRAINING_COMMANDS, "ensemble"))
+    if (run_status(run) or {}).get("command") == "ensemble":
+        members = [_open_run(m) for m in member_runs(run)]
+        try:
+            decision = json.loads((run / "thresholds.json").read_text())
+        except (OSError, ValueError):
+            raise RunError(f"{run}: thresholds.json missing or unreadable") from None
+    else:
+        members = [_open_run(run)]
+        decision = members[0][4]
+    _, cfg, ckpt, _, _ = members[0]
+    classes, multilabel = ckpt["classes"], bool(ckpt.get("multilabel"))
     if out_csv is not None:
         out_path = Path(out_csv)
         if out_path.is_dir():
             raise DataError(f"--out {out_csv}: is a folder; give a file name")
         if not out_path.parent.exists():
             raise DataError(f"--out {out_csv}: folder {out_path.parent} does not exist")
-    notes: dict[str, Any] = {}
-    if state.get("kind") == "image":
-        data, ids, notes = _new_images(Path(input_path), state, id_column)
-    else:
-        data, ids, notes = _new_rows(Path(input_path), state, cfg, ckpt, id_column)
-    proba = predict_proba(model, data, multilabel)
+    probas: list[np.ndarray] = []
+    ids: Any = None
+    for m_run, m_cfg, m_ckpt, model, _ in members:  # each member encodes the input its way
+        state = m_ckpt["preprocessor"]
+        if state.get("kind") == "image":
+            data, m_ids, notes = _new_images(Path(input_path), state, id_column)
+        else:
+            data, m_ids, notes = _new_rows(Path(input_path), state, m_cfg, m_ckpt, id_column)
+        if probas and not np.array_equal(np.asarray(m_ids), np.asarray(ids)):
+            raise DataError(f"{input_path}: member {m_run} kept other rows than the first "
+                            f"member; cannot average")
+        ids = m_ids
+        probas.append(predict_proba(model, data, multilabel))
+    proba = np.mean(probas, axis=0)
     preds = predictions_frame(ids, proba, classes, decision)
     summary = {"run": str(run), "input": input_path, "rows": len(preds), "decision": decision,
+               "members": len(members),
                **notes,
                "predicted_counts": preds["prediction"].value_counts().sort_index().to_dict()}
     with new_run(run.parent.parent, run.parent.name, "predict", argv, cfg.seed) as out:

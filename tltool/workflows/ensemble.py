@@ -1,0 +1,146 @@
+"""ensemble: average the probabilities of several trained runs, then decide (the design
+document's `avg` rule: several predicted probabilities averaged, a threshold chosen by a sweep
+that maximises accuracy — here on validation rows, never on test).
+
+Members must be runs of the same task on the same data section and split (their seeds,
+n_train and n_val may differ: the usual case is one config trained with several seeds). The
+threshold is chosen on the union of the members' validation rows — rows of the validation
+partition, which no member trained on — and the test split is scored once at the end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tltool.config import DecisionConfig
+from tltool.engine import predict_proba
+from tltool.errors import RunError
+from tltool.inputs import load_inputs
+from tltool.metrics import format_multilabel, format_report
+from tltool.models.backbones import get_spec
+from tltool.runs import write_json, write_text
+from tltool.workflows.common import log, new_run
+from tltool.workflows.train import decision_rule, report
+
+# Keys of a data section that may differ between members (what seeds sub-sample).
+MAY_DIFFER = {"n_train", "n_val", "augment", "decode_once_max_gb", "on_bad_image"}
+
+
+def _domain(ckpt: dict[str, Any]) -> str:
+    return "source" if ckpt["command"] == "pretrain" else "target"
+
+
+def _section(cfg, ckpt, full: bool):
+    """The data section a member trained on (its full val partition when `full`)."""
+    sec = getattr(cfg, _domain(ckpt)).model_copy(update={"augment": "none"})
+    if ckpt["preprocessor"].get("kind") == "image":
+        sec = sec.model_copy(update={"image_size": ckpt["preprocessor"]["size"]})
+    return sec.model_copy(update={"n_val": None}) if full else sec
+
+
+def _check_members(members: list) -> None:
+    run0, cfg0, ckpt0 = members[0][:3]
+    base = getattr(cfg0, _domain(ckpt0)).model_dump()
+    seen = {run0.resolve()}
+    for run, cfg, ckpt, *_ in members[1:]:
+        if run.resolve() in seen:
+            raise RunError(f"{run}: given twice; an ensemble needs different runs")
+        seen.add(run.resolve())
+        if ckpt["classes"] != ckpt0["classes"] or bool(ckpt.get("multilabel")) != \
+                bool(ckpt0.get("multilabel")):
+            raise RunError(f"{run}: classes {ckpt['classes']} differ from {run0}'s "
+                           f"{ckpt0['classes']}; an ensemble averages models of one task")
+        if _domain(ckpt) != _domain(ckpt0):
+            raise RunError(f"{run}: a {ckpt['command']} run, trained on the "
+                           f"{_domain(ckpt)} data; {run0} trained on the {_domain(ckpt0)} data")
+        other = getattr(cfg, _domain(ckpt)).model_dump()
+        diff = [k for k in base if k not in MAY_DIFFER and base[k] != other.get(k)]
+        if diff:
+            detail = ", ".join(f"{k}: {other.get(k)!r} vs {base[k]!r}" for k in diff)
+            raise RunError(f"{run}: trained on other data than {run0} ({detail}); members "
+                           f"must share the data section and split (only n_train / n_val and "
+                           f"the seed may differ)")
+
+
+def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
+             optimize: str = "accuracy", argv: list[str] | None = None) -> dict[str, Any]:
+    from tltool.workflows.infer import _open_run, _state_only
+
+    if len(refs) < 2:
+        raise RunError("ensemble: give at least two trained runs to average")
+    members = [_open_run(r) for r in refs]
+    _check_members(members)
+    run0, cfg0, ckpt0 = members[0][:3]
+    classes, multilabel = ckpt0["classes"], bool(ckpt0.get("multilabel"))
+    if rule == "auto":
+        rule = "threshold" if multilabel or len(classes) == 2 else "argmax"
+    if rule == "threshold" and not multilabel and len(classes) != 2:
+        raise RunError(f"--rule threshold needs a binary or multi-label task; {run0} has "
+                       f"{len(classes)} classes (use --rule argmax)")
+    val_ids: set[str] = set()
+    p_val, p_test = [], []
+    y_val = y_test = full_val_ids = test_ids = None
+    for run, cfg, ckpt, model, _ in members:
+        spec, state = get_spec(ckpt["spec"]["backbone"]), _state_only(ckpt)
+        own = load_inputs(_section(cfg, ckpt, full=False), _domain(ckpt), cfg.seed, spec, state)
+        full = load_inputs(_section(cfg, ckpt, full=True), _domain(ckpt), cfg.seed, spec, state)
+        if full_val_ids is None:
+            full_val_ids, test_ids = full.data.val.ids, full.data.test.ids
+            y_val, y_test = full.val.y.numpy(), full.test.y.numpy()
+        elif not (np.array_equal(full.data.val.ids, full_val_ids)
+                  and np.array_equal(full.data.test.ids, test_ids)):
+            raise RunError(f"{run}: its validation/test rows differ from {run0}'s")
+        val_ids.update(np.asarray(own.data.val.ids).astype(str).tolist())
+        p_val.append(predict_proba(model, full.val, multilabel))
+        p_test.append(predict_proba(model, full.test, multilabel))
+    rows = np.isin(np.asarray(full_val_ids).astype(str), sorted(val_ids))
+    avg_val = np.mean(p_val, axis=0)[rows]
+    avg_test = np.mean(p_test, axis=0)
+    decision = decision_rule(cfg0.model_copy(update={"decision": DecisionConfig(
+        rule=rule, optimize=optimize)}), classes, multilabel, avg_val, y_val[rows])
+    decision["averaged"] = len(members)
+    metrics = {
+        "command": "ensemble", "members": [str(m[0]) for m in members],
+        "domain": _domain(ckpt0), "classes": classes, "multilabel": multilabel,
+        "decision": decision, "val_rows": int(rows.sum()),
+        "val": report(y_val[rows], avg_val, classes, decision),
+        "test": report(y_test, avg_test, classes, decision),
+        "members_test": [{"run": str(run), **{k: report(y_test, p, classes, dec)[k]
+                                              for k in _headline(multilabel)}}
+                         for (run, *_, dec), p in zip(members, p_test, strict=True)],
+    }
+    table = (format_multilabel(metrics["test"]) if multilabel
+             else format_report(metrics["test"], classes))
+    name = name or f"{run0.parent.name}-ensemble"
+    with new_run(run0.parent.parent, name, "ensemble", argv, cfg0.seed) as out:
+        write_json(out.file("ensemble.json"), {"members": metrics["members"]})
+        write_json(out.file("thresholds.json"), decision)
+        write_json(out.file("metrics.json"), metrics)
+        write_text(out.file("report.txt"), f"average of {len(members)} runs, test split\n"
+                                           f"{table}\n")
+        from tltool.workflows.infer import predictions_frame
+
+        predictions_frame(test_ids, avg_test, classes, decision, y_test).to_csv(
+            out.file("test_predictions.csv"), index=False)
+    log.info("ensemble of %d runs: threshold chosen on %d validation rows", len(members),
+             int(rows.sum()))
+    return {"run": str(out.path), "metrics": metrics, "table": table}
+
+
+def _headline(multilabel: bool) -> tuple[str, ...]:
+    return ("map", "micro_f1", "exact_match") if multilabel else ("accuracy", "auroc", "f1")
+
+
+def member_runs(run: Path) -> list[str]:
+    """The member run folders of an ensemble run."""
+    import json
+
+    try:
+        return list(json.loads((run / "ensemble.json").read_text())["members"])
+    except (OSError, ValueError, KeyError):
+        raise RunError(f"{run}: ensemble.json missing or unreadable") from None
+
+
