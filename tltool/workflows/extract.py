@@ -101,6 +101,10 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
                           f"freeze-finetune and strategy linear_probe instead)")
     if cfg.decision.rule == "threshold" and len(fit_inputs.classes) != 2:
         raise ConfigError("decision.rule: 'threshold' needs a binary label (use 'argmax')")
+    if cfg.adapt.method != "none":
+        log.warning("adapt.method %r is not used by extract (its features come from fixed "
+                    "weights); adapt with pretrain or freeze-finetune, then extract from that "
+                    "run", cfg.adapt.method)
     rt = make_runtime(cfg.train, spec.input == "image")
     rt.setup(model)
     first = next(iter(loaded.values())).train
