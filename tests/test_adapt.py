@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from tltool.adapt import Adaptation, coral, dann_scale, mmd
 from tltool.config import TrainConfig, validate_config
@@ -132,11 +134,11 @@ def test_finetune_with_dann_trains_on_both_domains(pretrained, cli, write_config
 
 
 def test_adapt_needs_the_other_domain_and_matching_classes(cli, write_config, tmp_path):
-    no_target = write_config("d1", {"adapt": {"method": "mmd"}})
-    data = json.loads(json.dumps(__import__("yaml").safe_load(open(no_target))))
+    no_target = Path(write_config("d1", {"adapt": {"method": "mmd"}}))
+    data = yaml.safe_load(no_target.read_text())
     del data["target"]
-    (tmp_path / "d1.yaml").write_text(__import__("yaml").safe_dump(data))
-    res = cli("pretrain", str(tmp_path / "d1.yaml"))
+    no_target.write_text(yaml.safe_dump(data))
+    res = cli("pretrain", str(no_target))
     assert res.code == 2 and "needs a `target` data section" in res.err
     assert not (tmp_path / "runs").exists()
     rng = np.random.default_rng(0)
