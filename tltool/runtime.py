@@ -131,10 +131,6 @@ class Runtime:
     def precision(self) -> str:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
-    @property
-    def channels_last(self) -> bool:
-        return self.layout != "off"
-
     def describe(self) -> dict[str, Any]:
         name = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
                 else "cpu")

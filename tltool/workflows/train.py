@@ -161,8 +161,7 @@ def _adaptation(cfg: ExperimentConfig, command: str, inputs, spec,
             "source_weight": a.source_weight if command == "freeze-finetune" else None}
     log.info("adapt: %s (weight %s) on %d source rows and %d unlabelled target rows",
              a.method, a.weight, n_source, len(rows.y))
-    return Adaptation(a.method, a.weight, rows, source_rows if command != "pretrain" else None,
-                      a.source_weight), info
+    return Adaptation(a.method, a.weight, rows, source_rows, a.source_weight), info
 
 
 def report(y: np.ndarray, proba: np.ndarray, classes: list[str],
