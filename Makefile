@@ -3,7 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # The torch pair that installs offline on the project machines; override for other platforms,
-# e.g. `make install TORCH_SPEC="torch torchvision --index-url ..."`.
+# e.g. `make install TORCH_SPEC="torch torchvision --index-url ..." CONSTRAINTS=` (constraints.txt
+# pins the tested pair, so drop it or pass your own file when you choose another build).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed-stamp
 TL := $(BIN)/tltool
@@ -11,11 +12,18 @@ DEMO_ROOT ?= runs
 
 .PHONY: install demo test test-slow lint bench transfer-table digits-table adapt-table clean config-doc
 
-$(STAMP): pyproject.toml
+# Downloads from a package registry can break off mid-file: each pip step is tried three times.
+CONSTRAINTS ?= constraints.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+RETRY := for try in 1 2 3; do
+DONE := && ok=1 && break; echo "pip failed (try $$try of 3)"; [ $$try = 3 ] || sleep 10; done; \
+	[ "$$ok" = 1 ]
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip >/dev/null 2>&1 || true
-	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e '.[dev]'
+	@ok=0; $(RETRY) $(BIN)/pip install -q --retries 10 $(PIP_C) $(TORCH_SPEC) $(DONE)
+	@ok=0; $(RETRY) $(BIN)/pip install -q --retries 10 $(PIP_C) -e '.[dev]' $(DONE)
 	touch $(STAMP)
 
 install: $(STAMP)
