@@ -65,6 +65,12 @@ CASES = {
     "label with one class": (lambda t, w: ["freeze-finetune", w("c", _csv_target(
         _credit_csv(t, edit=lambda f: f[f.Status == "good"]), positive=None))],
         "label 'Status' has a single class 'good'"),
+    "continuous label": (lambda t, w: ["freeze-finetune", w("c", _csv_target(
+        _credit_csv(t), label="Amount", positive=None))],
+        "label 'Amount' has 95 distinct values with a median of"),
+    "fractional label": (lambda t, w: ["freeze-finetune", w("c", _csv_target(
+        _credit_csv(t, edit=lambda f: f.assign(Ratio=f.Amount / f.Price)), label="Ratio",
+        positive=None))], "label 'Ratio' holds fractional numbers"),
     "text in numeric column": (lambda t, w: ["freeze-finetune", w("c", _csv_target(
         _credit_csv(t, edit=_with_text_income)))],
         "column 'Income' holds numbers but row 11 has 'twelve hundred'"),

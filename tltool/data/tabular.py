@@ -146,6 +146,7 @@ def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
     if len(classes) < 2:
         raise DataError(f"{origin}: label {label!r} has a single class {classes[0]!r} in the "
                         f"{len(frame)} selected rows; a classifier needs at least 2 classes")
+    _check_classifiable(frame[label], classes, label, origin)
     positive = cfg.positive
     if positive is None and cfg.kind == "builtin" and cfg.name in TABLES:
         positive = TABLES[cfg.name].positive
@@ -184,6 +185,25 @@ def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
                       np.concatenate([rest.ids, blank.ids]))
     return TabularData(origin, label, classes, list(features), list(cfg.categorical),
                        train, val, test, notes, unlabeled)
+
+
+def _check_classifiable(values: pd.Series, classes: list[str], label: str, origin: str) -> None:
+    """Refuse a label that is a measurement rather than a class (tltool trains classifiers)."""
+    numbers = pd.to_numeric(values, errors="coerce")
+    if numbers.notna().all():
+        fractional = (numbers != numbers.round()).sum()
+        if fractional:
+            example = values[numbers != numbers.round()].iloc[0]
+            raise DataError(f"{origin}: label {label!r} holds fractional numbers (e.g. "
+                            f"{example!r}, {int(fractional)} rows): a continuous target. tltool "
+                            f"trains classifiers; bin the column into classes (e.g. low/high) "
+                            f"or pick a column of class labels")
+    rows_per_class = values.value_counts().median()
+    if len(classes) > 50 and rows_per_class < 10:
+        raise DataError(f"{origin}: label {label!r} has {len(classes)} distinct values with a "
+                        f"median of {rows_per_class:g} rows each: too few rows per class to "
+                        f"learn (a continuous or id-like column?). tltool trains classifiers; "
+                        f"bin the column into classes or pick a column of class labels")
 
 
 def take(split: Split, idx: np.ndarray) -> Split:
