@@ -56,6 +56,20 @@ def test_ensemble_averages_members_and_chooses_the_threshold_on_validation(
     assert pred.code == 0, pred.err
     summary = json.loads((tmp_path / pred.out.strip() / "metrics.json").read_text())
     assert summary["members"] == 3 and summary["rows"] == len(pd.read_csv(NEW_ROWS))
+    # evaluate the ensemble: the same test metrics as the ensemble run's own
+    ev = cli("evaluate", str(run))
+    assert ev.code == 0, ev.err
+    again = json.loads((tmp_path / ev.out.strip() / "metrics.json").read_text())
+    assert again["members"] == 3 and again["test"]["accuracy"] == m["test"]["accuracy"]
+    assert again["test"]["auroc"] == pytest.approx(m["test"]["auroc"])
+    # and on all rows of a labelled CSV, each member encoding them its own way
+    labelled = pd.read_csv(NEW_ROWS).assign(Status="good")
+    labelled.loc[labelled.index[:3], "Status"] = "bad"
+    labelled.to_csv(tmp_path / "labelled.csv", index=False)
+    ev = cli("evaluate", str(run), "--csv", str(tmp_path / "labelled.csv"))
+    assert ev.code == 0, ev.err
+    on_csv = json.loads((tmp_path / ev.out.strip() / "metrics.json").read_text())
+    assert on_csv["test"]["n"] == len(labelled)
 
 
 def test_ensemble_rejects_what_cannot_be_averaged(members, pretrained, cli, tmp_path):

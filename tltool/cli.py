@@ -131,7 +131,7 @@ def extract(
 
 @app.command()
 def evaluate(
-    run: str = typer.Argument(..., help="A pretrain/freeze-finetune run folder, or "
+    run: str = typer.Argument(..., help="A pretrain/freeze-finetune/ensemble run folder, or "
                               "ROOT/NAME/latest for the newest complete one."),
     on: str = typer.Option(None, "--on", help="Data section to test on: source or target "
                            "(default: what the run trained on)."),

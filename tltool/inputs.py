@@ -126,7 +126,7 @@ def _tabular_inputs(cfg: DataConfig, seed: int, source_state: dict | None) -> In
 
 def encode_tabular(pre: TabularPreprocessor, split, origin: str) -> Tensors:
     x = torch.from_numpy(pre.transform(split.frame, origin))
-    return Tensors(x, torch.from_numpy(np.asarray(split.y, dtype=np.int64)))
+    return Tensors(x, torch.from_numpy(np.array(split.y, dtype=np.int64)))
 
 
 def _image_inputs(cfg: DataConfig, seed: int, spec: BackboneSpec, weights: Weights,

@@ -33,38 +33,46 @@ def _open_run(ref: str | Path):
     return run, cfg, ckpt, model, decision
 
 
+def _open_members(ref: str | Path):
+    """A trained run, or an ensemble run's members, and the decision rule to apply."""
+    from tltool.runs import run_status
+    from tltool.workflows.ensemble import member_runs
+
+    run = resolve_run(ref, commands=(*TRAINING_COMMANDS, "ensemble"))
+    if (run_status(run) or {}).get("command") != "ensemble":
+        member = _open_run(run)
+        return run, [member], member[4]
+    members = [_open_run(m) for m in member_runs(run)]
+    try:
+        decision = json.loads((run / "thresholds.json").read_text())
+    except (OSError, ValueError):
+        raise RunError(f"{run}: thresholds.json missing or unreadable") from None
+    return run, members, decision
+
+
 def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
              argv: list[str] | None = None) -> dict[str, Any]:
-    """Metrics on the test split of the run's data (or of `on`, or a labelled CSV)."""
-    run, cfg, ckpt, model, decision = _open_run(ref)
-    classes, label, state = ckpt["classes"], ckpt["label"], ckpt["preprocessor"]
-    multilabel = bool(ckpt.get("multilabel"))
-    if csv is not None:
-        if state.get("kind") == "image":
-            raise DataError("--csv evaluates table rows; for an image model use --on with a "
-                            "data section of the run's config")
-        test, ids = _labelled_csv(Path(csv), label, classes, state)
-        origin, domain = csv, "csv"
-    else:
-        domain = on or ("source" if ckpt["command"] == "pretrain" else "target")
-        data_cfg = getattr(cfg, domain)
-        if data_cfg is None:
-            raise RunError(f"{run}: its config has no `{domain}` data section to evaluate on")
-        data_cfg = data_cfg.model_copy(update={"augment": "none"})
-        if state.get("kind") == "image":
-            data_cfg = data_cfg.model_copy(update={"image_size": state["size"]})
-        inputs = load_inputs(data_cfg, domain, cfg.seed, get_spec(ckpt["spec"]["backbone"]),
-                             _state_only(ckpt))
-        if inputs.classes != classes:
-            raise DataError(f"{inputs.data.origin}: classes {inputs.classes} differ from the "
-                            f"model's {classes}; evaluate on data with the same label values")
-        test, origin, ids = inputs.test, inputs.data.origin, inputs.data.test.ids
-    proba = predict_proba(model, test, multilabel)
+    """Metrics on the test split of the run's data (or of `on`, or a labelled CSV).
+
+    An ensemble run averages its members' probabilities and applies its own decision rule."""
+    run, members, decision = _open_members(ref)
+    _, cfg, ckpt, _, _ = members[0]
+    classes, multilabel = ckpt["classes"], bool(ckpt.get("multilabel"))
+    probas: list[np.ndarray] = []
+    ids: Any = None
+    for m_run, m_cfg, m_ckpt, model, _ in members:  # each member encodes the data its way
+        test, origin, m_ids, domain = _evaluation_data(m_run, m_cfg, m_ckpt, on, csv)
+        if probas and not np.array_equal(np.asarray(m_ids), np.asarray(ids)):
+            raise DataError(f"{origin}: member {m_run} evaluates other rows than the first "
+                            f"member; cannot average")
+        ids = m_ids
+        probas.append(predict_proba(model, test, multilabel))
+    proba = np.mean(probas, axis=0)
     y = test.y.numpy()
     metrics = report(y, proba, classes, decision)
     result = {"run": str(run), "on": domain, "origin": str(origin), "split": "test",
               "classes": classes, "multilabel": multilabel, "decision": decision,
-              "test": metrics}
+              "members": len(members), "test": metrics}
     if not multilabel and decision["threshold"] is not None:
         result["test_argmax"] = report(y, proba, classes, {"threshold": None})
     table = format_multilabel(metrics) if multilabel else format_report(metrics, classes)
@@ -79,6 +87,30 @@ def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
         predictions_frame(ids, proba, classes, decision, y).to_csv(
             out.file("test_predictions.csv"), index=False)
     return {"run": str(out.path), "metrics": result, "table": table}
+
+
+def _evaluation_data(run: Path, cfg, ckpt: dict[str, Any], on: str | None, csv: str | None):
+    """The labelled rows to evaluate one model on, encoded with its own input state."""
+    classes, label, state = ckpt["classes"], ckpt["label"], ckpt["preprocessor"]
+    if csv is not None:
+        if state.get("kind") == "image":
+            raise DataError("--csv evaluates table rows; for an image model use --on with a "
+                            "data section of the run's config")
+        test, ids = _labelled_csv(Path(csv), label, classes, state)
+        return test, csv, ids, "csv"
+    domain = on or ("source" if ckpt["command"] == "pretrain" else "target")
+    data_cfg = getattr(cfg, domain)
+    if data_cfg is None:
+        raise RunError(f"{run}: its config has no `{domain}` data section to evaluate on")
+    data_cfg = data_cfg.model_copy(update={"augment": "none"})
+    if state.get("kind") == "image":
+        data_cfg = data_cfg.model_copy(update={"image_size": state["size"]})
+    inputs = load_inputs(data_cfg, domain, cfg.seed, get_spec(ckpt["spec"]["backbone"]),
+                         _state_only(ckpt))
+    if inputs.classes != classes:
+        raise DataError(f"{inputs.data.origin}: classes {inputs.classes} differ from the "
+                        f"model's {classes}; evaluate on data with the same label values")
+    return inputs.test, inputs.data.origin, inputs.data.test.ids, domain
 
 
 def _state_only(ckpt: dict[str, Any]):
@@ -111,19 +143,7 @@ def predict(ref: str | Path, input_path: str, out_csv: str | None = None,
     """Probabilities and decisions for new rows (or images: a folder, or a CSV of paths).
 
     An ensemble run averages its members' probabilities and applies its own decision rule."""
-    from tltool.runs import run_status
-    from tltool.workflows.ensemble import member_runs
-
-    run = resolve_run(ref, commands=(*TRAINING_COMMANDS, "ensemble"))
-    if (run_status(run) or {}).get("command") == "ensemble":
-        members = [_open_run(m) for m in member_runs(run)]
-        try:
-            decision = json.loads((run / "thresholds.json").read_text())
-        except (OSError, ValueError):
-            raise RunError(f"{run}: thresholds.json missing or unreadable") from None
-    else:
-        members = [_open_run(run)]
-        decision = members[0][4]
+    run, members, decision = _open_members(ref)
     _, cfg, ckpt, _, _ = members[0]
     classes, multilabel = ckpt["classes"], bool(ckpt.get("multilabel"))
     if out_csv is not None:
