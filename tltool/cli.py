@@ -64,8 +64,12 @@ def _score_lines(metrics: dict[str, Any]) -> list[str]:
     out = []
     for split in ("val", "test"):
         m = metrics.get(split)
-        if m:
-            auroc = "n/a" if m["auroc"] is None else f"{m['auroc']:.4f}"
+        if m and "rmse" in m:
+            r2 = "n/a" if m["r2"] is None else f"{m['r2']:.4f}"
+            out.append(f"{split:<5} rmse {m['rmse']:.4g}  mae {m['mae']:.4g}  r2 {r2}  "
+                       f"(n={m['n']})")
+        elif m:
+            auroc = "n/a" if m.get("auroc") is None else f"{m['auroc']:.4f}"
             if "map" in m:
                 out.append(f"{split:<5} mAP {m['map']:.4f}  macro-F1 {m['macro_f1']:.4f}  "
                            f"exact match {m['exact_match']:.4f}  (n={m['n']})")
@@ -195,7 +199,12 @@ def predict(
 
     result = _call(lambda: run_predict(run, input_csv, out, id_column, sys.argv))
     s = result["summary"]
-    _finish(result, [f"{s['rows']} rows predicted: {s['predicted_counts']}"
+    if "predicted" in s:  # regression: the predicted values' summary
+        p = s["predicted"]
+        what = f"mean {p['mean']:.4g}, min {p['min']:.4g}, max {p['max']:.4g}"
+    else:
+        what = str(s["predicted_counts"])
+    _finish(result, [f"{s['rows']} rows predicted: {what}"
                      + (f"; written to {out}" if out else "")])
 
 

@@ -61,6 +61,10 @@ class DataConfig(_Strict):
         2.0, gt=0, description="image files are decoded once into memory up to this size; "
         "beyond it they are decoded batch by batch (flat memory, slower epochs)")
     label: str | None = Field(None, description="label column (default: the data set's own)")
+    task: Literal["classification", "regression"] = Field(
+        "classification", description="classification: the label holds classes; regression: "
+        "the label is a number to predict (tables only; MSE on the standardised label, metrics "
+        "RMSE / MAE / R²)")
     positive: Scalar | None = Field(None, description="positive class of a binary label")
     id_column: str | None = Field(None, description="column with row ids, kept out of features")
     features: list[str] | None = Field(None, description="feature columns (default: all others)")
@@ -78,6 +82,13 @@ class DataConfig(_Strict):
             raise ValueError("kind 'builtin' needs 'name' (see `tltool datasets`)")
         if self.kind != "builtin" and not self.path:
             raise ValueError(f"kind '{self.kind}' needs 'path'")
+        if self.task == "regression":
+            if self.kind in ("image_folder", "image_csv"):
+                raise ValueError("task 'regression' is supported for tables (kind csv or a "
+                                 "built-in table); image data sets hold classes")
+            if self.label_sep or self.positive is not None:
+                key = "label_sep" if self.label_sep else "positive"
+                raise ValueError(f"'{key}' applies to class labels, not to task 'regression'")
         return self
 
 
@@ -166,8 +177,9 @@ class DecisionConfig(_Strict):
 class ExtractConfig(_Strict):
     blocks: int | None = Field(None, ge=1, description="features after this many backbone blocks "
                                "(default: all)")
-    heads: list[Literal["logistic_regression", "random_forest", "svm"]] = Field(
-        ["logistic_regression", "random_forest", "svm"], description="sklearn heads to fit")
+    heads: list[Literal["logistic_regression", "ridge", "random_forest", "svm"]] | None = Field(
+        None, description="sklearn heads to fit (default: logistic_regression, random_forest, "
+        "svm for classes; ridge, random_forest, svm for task regression)")
     fit_on: Literal["source", "target"] = Field("target", description="data the heads fit on")
 
 

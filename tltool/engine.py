@@ -52,13 +52,34 @@ class Tensors:
         return xb if self.prepare is None else self.prepare(xb, train)
 
 
+class StandardisedMSE(nn.Module):
+    """Mean squared error in units of the label's training standard deviation."""
+
+    def __init__(self, std: float):
+        super().__init__()
+        self.std = float(std)
+
+    def forward(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (((pred.reshape(-1) - y.float()) / self.std) ** 2).mean()
+
+
 @dataclass(frozen=True)
 class Task:
-    """Single-label (softmax, cross-entropy) or multi-label (a sigmoid per label, BCE)."""
+    """Single-label (softmax, cross-entropy), multi-label (a sigmoid per label, BCE) or
+    regression (one output in the label's units, MSE on the standardised label)."""
 
     multilabel: bool = False
+    regression: bool = False
+    std: float = 1.0  # regression: the label's training standard deviation
+
+    @classmethod
+    def of(cls, model: nn.Module, multilabel: bool = False) -> Task:
+        scale = getattr(model, "target_scale", None)
+        return cls(multilabel, scale is not None, scale[1] if scale else 1.0)
 
     def loss(self, y: torch.Tensor, n_outputs: int, class_weights: str) -> nn.Module:
+        if self.regression:
+            return StandardisedMSE(self.std)
         if self.multilabel:
             if class_weights == "balanced":
                 pos = y.sum(dim=0).clamp(min=1)
@@ -67,9 +88,14 @@ class Task:
         return _loss_fn(y, n_outputs, class_weights)
 
     def proba(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities; for regression the predicted values themselves (one column)."""
+        if self.regression:
+            return logits
         return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
 
     def val_loss(self, logits: torch.Tensor, y: torch.Tensor) -> float:
+        if self.regression:
+            return float(StandardisedMSE(self.std)(logits, y))
         if self.multilabel:
             return float(nn.functional.binary_cross_entropy_with_logits(logits, y.float()))
         return float(nn.functional.cross_entropy(logits, y))
@@ -138,11 +164,12 @@ def _cache_plan(model: TransferModel, train: Tensors, n_frozen: int, train_cfg,
 
 def predict_proba(model: nn.Module, data: Tensors | torch.Tensor, multilabel: bool = False,
                   batch_size: int = 512, rt: Runtime | None = None) -> np.ndarray:
-    """Class probabilities (softmax) or per-label probabilities (sigmoid), float64."""
+    """Class probabilities (softmax) or per-label probabilities (sigmoid), float64; a
+    regression model's predicted values (one column)."""
     if isinstance(data, torch.Tensor):
         data = Tensors(data, torch.empty(0))
     logits = predict_logits(model, data, batch_size, rt=rt)
-    return Task(multilabel).proba(logits).double().numpy()
+    return Task.of(model, multilabel).proba(logits).double().numpy()
 
 
 def _loss_fn(y: torch.Tensor, n_classes: int, class_weights: str) -> nn.Module:
@@ -195,9 +222,11 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
     epoch_total = 0
     fields = ["round", "epoch", "train_loss", "val_loss", "val_accuracy", "val_auroc", "val_f1",
               "lr_head", "lr_backbone", "trainable_params", "align_loss"]
+    if task.regression:
+        fields[4:7] = ["val_rmse", "val_r2"]
     total_epochs = max(sum(p.epochs for p in phases), 1)
     with open(metrics_csv, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for r, phase in enumerate(phases, start=1):
             plan, groups = apply_freeze(model, phase.frozen_layers, phase.strategy, phase.lr,
@@ -258,12 +287,13 @@ def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase],
                 logits = predict_logits(model, va, eval_batch, start, rt)
                 val_loss = task.val_loss(logits, val.y)
                 report = epoch_scores(val.y.numpy(), task.proba(logits).double().numpy(),
-                                      task.multilabel)
+                                      task.multilabel, task.regression)
                 writer.writerow({
                     "round": r, "epoch": epoch_total, "train_loss": round(train_loss, 6),
-                    "val_loss": round(val_loss, 6), "val_accuracy": round(report["accuracy"], 6),
-                    "val_auroc": None if report["auroc"] is None else round(report["auroc"], 6),
-                    "val_f1": round(report["f1"], 6), "lr_head": lrs["head"],
+                    "val_loss": round(val_loss, 6),
+                    **{f"val_{k}": None if report.get(k) is None else round(report[k], 6)
+                       for k in ("accuracy", "auroc", "f1", "rmse", "r2")},
+                    "lr_head": lrs["head"],
                     "lr_backbone": lr_backbone, "trainable_params": plan.trainable,
                     "align_loss": None if align_loss is None else round(align_loss, 6)})
                 score = _score(report, val_loss, monitor)
@@ -344,8 +374,8 @@ def _adapt_epoch(model: TransferModel, data: Tensors, aux: dict[str, Tensors],
         n = len(idx)
         with rt.autocast():
             feats = model.backbone.forward_from(x, start) if start else model.backbone(x)
-            logits = model.head(feats[:n])
-            extra = (model.head(feats[n:n + batch_size])
+            logits = model.output(feats[:n])
+            extra = (model.output(feats[n:n + batch_size])
                      if source is not None and adapt.source_weight > 0 else None)
         loss = loss_fn(logits.float(), yb)
         if source is not None:

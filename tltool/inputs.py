@@ -47,10 +47,17 @@ class Inputs:
     # left out and, in tables, rows with an empty label): what domain adaptation aligns.
     # Built only on request (`load_inputs(..., pool=True)`).
     pool: Tensors | None = None
+    # Regression: the label's training mean and standard deviation. The model predicts in the
+    # label's own units; the loss compares standardised values (see tltool.engine.Task).
+    target_scale: tuple[float, float] | None = None
 
     @property
     def classes(self) -> list[str]:
         return self.data.classes
+
+    @property
+    def regression(self) -> bool:
+        return self.target_scale is not None
 
 
 def is_image_data(cfg: DataConfig) -> bool:
@@ -121,12 +128,19 @@ def _tabular_inputs(cfg: DataConfig, seed: int, source_state: dict | None) -> In
             data.notes.append(f"training rows with categories the source never saw: {unseen}")
     state = {"kind": "tabular", **pre.state_dict()}
     splits = [encode_tabular(pre, getattr(data, s), data.origin) for s in ("train", "val", "test")]
-    return Inputs(data, *splits, state, int(splits[0].x.shape[1]), multilabel=False)
+    scale = None
+    if data.task == "regression":
+        y = np.asarray(data.train.y, dtype=np.float64)
+        scale = (float(y.mean()), float(y.std()) or 1.0)
+    return Inputs(data, *splits, state, int(splits[0].x.shape[1]), multilabel=False,
+                  target_scale=scale)
 
 
 def encode_tabular(pre: TabularPreprocessor, split, origin: str) -> Tensors:
     x = torch.from_numpy(pre.transform(split.frame, origin))
-    return Tensors(x, torch.from_numpy(np.array(split.y, dtype=np.int64)))
+    y = np.asarray(split.y)
+    y = np.array(y, dtype=np.float32 if y.dtype.kind == "f" else np.int64)
+    return Tensors(x, torch.from_numpy(y))
 
 
 def _image_inputs(cfg: DataConfig, seed: int, spec: BackboneSpec, weights: Weights,

@@ -1,4 +1,5 @@
-"""Classification metrics and decision thresholds (chosen on validation data only)."""
+"""Classification and regression metrics, and decision thresholds (chosen on validation data
+only)."""
 
 from __future__ import annotations
 
@@ -190,11 +191,46 @@ def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
     return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
 
 
-def epoch_scores(y: np.ndarray, proba: np.ndarray, multilabel: bool) -> dict[str, Any]:
+def regression_report(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
+    """Errors of predicted values, in the label's units (R² against predicting the split's
+    own mean; `bias` is the mean of prediction - truth)."""
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    pred = np.asarray(pred, dtype=np.float64).reshape(-1)
+    err = pred - y
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    return {"n": int(len(y)), "rmse": float(np.sqrt((err ** 2).mean())),
+            "mae": float(np.abs(err).mean()), "median_ae": float(np.median(np.abs(err))),
+            "r2": None if ss_tot == 0 else float(1 - (err ** 2).sum() / ss_tot),
+            "bias": float(err.mean()),
+            "spearman": _spearman(y, pred),
+            "label_mean": float(y.mean()), "label_std": float(y.std())}
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    from scipy.stats import spearmanr
+
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(spearmanr(a, b).statistic)
+
+
+def format_regression(report: dict[str, Any]) -> str:
+    keys = ["n", "rmse", "mae", "median_ae", "r2", "bias", "spearman", "label_mean",
+            "label_std"]
+    return "\n".join(f"{k:<18} {_fmt(report[k])}" for k in keys)
+
+
+def epoch_scores(y: np.ndarray, proba: np.ndarray, multilabel: bool,
+                 regression: bool = False) -> dict[str, Any]:
     """The validation numbers the training loop logs and monitors each epoch, in plain numpy
     (the full reports cost more than a small model's epoch). Same definitions as the reports:
     accuracy (exact match for multi-label), f1 (positive-class F1 for binary, else macro),
-    auroc (binary, or macro over classes/labels)."""
+    auroc (binary, or macro over classes/labels); for regression rmse and r2."""
+    if regression:
+        err = proba.reshape(-1) - y.reshape(-1)
+        ss_tot = float(((y - y.mean()) ** 2).sum())
+        return {"rmse": float(np.sqrt((err ** 2).mean())),
+                "r2": None if ss_tot == 0 else float(1 - (err ** 2).sum() / ss_tot)}
     if multilabel:
         yi = y.astype(np.int64)
         pred = (proba >= 0.5).astype(np.int64)
@@ -215,3 +251,13 @@ def epoch_scores(y: np.ndarray, proba: np.ndarray, multilabel: bool) -> dict[str
     aucs = [_auroc((y == c).astype(np.int64), proba[:, c]) for c in range(k)]
     return {"accuracy": float(tp.sum() / len(y)), "f1": float(f1.mean()),
             "auroc": None if any(a is None for a in aucs) else float(np.mean(aucs))}
+
+
+def format_any(report: dict[str, Any], classes: list[str], decision: dict[str, Any]) -> str:
+    """The table of one split's report under its decision rule (regression, multi-label or
+    classes)."""
+    if decision.get("rule") == "regression":
+        return format_regression(report)
+    if "per_label" in decision:
+        return format_multilabel(report)
+    return format_report(report, classes)

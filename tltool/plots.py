@@ -1,4 +1,5 @@
-"""PNG figures written into run folders: learning curves and confusion matrices.
+"""PNG figures written into run folders: learning curves, confusion matrices and, for
+regression, predicted against true values.
 
 matplotlib is imported here only (Agg backend, no display needed), so commands that do not plot
 do not pay for it.
@@ -28,8 +29,8 @@ def learning_curves(metrics_csv: Path, out: Path, best_epoch: int | None = None)
     if not frame.empty:
         ax_loss.plot(frame["epoch"], frame["train_loss"], label="train loss")
         ax_loss.plot(frame["epoch"], frame["val_loss"], label="val loss")
-        for key in ("val_accuracy", "val_f1", "val_auroc"):
-            if frame[key].notna().any():
+        for key in ("val_accuracy", "val_f1", "val_auroc", "val_r2"):
+            if key in frame and frame[key].notna().any():
                 ax_score.plot(frame["epoch"], frame[key], label=key)
         for r, rows in frame.groupby("round"):
             if r % 2 == 0:
@@ -68,5 +69,24 @@ def confusion_matrix(matrix: list[list[int]], classes: list[str], out: Path,
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def predicted_vs_true(y, pred, out: Path, title: str) -> Path:
+    """A regression model's predictions against the true values, with the identity line."""
+    import numpy as np
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.4, 4.2))
+    ax.scatter(y, pred, s=8, alpha=0.5)
+    lo, hi = float(np.min([np.min(y), np.min(pred)])), float(np.max([np.max(y), np.max(pred)]))
+    ax.plot([lo, hi], [lo, hi], color="0.4", lw=1, ls="--")
+    ax.set_xlabel("true")
+    ax.set_ylabel("predicted")
+    ax.set_title(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

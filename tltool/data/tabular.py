@@ -21,7 +21,7 @@ from tltool.errors import DataError
 
 @dataclass
 class Split:
-    """Raw feature rows, integer labels and row ids of one split."""
+    """Raw feature rows, labels (class indices; float values for regression) and row ids."""
 
     frame: pd.DataFrame
     y: np.ndarray
@@ -45,11 +45,17 @@ class TabularData:
     # Training-pool rows whose labels are not used: those n_train left out, and rows with an
     # empty label cell. Only domain adaptation (`adapt`) reads them, as unlabelled rows.
     unlabeled: Split | None = None
+    task: str = "classification"  # or "regression": classes is then [label], y floats
 
     def summary(self) -> dict:
         counts = {s: int(len(getattr(self, s))) for s in ("train", "val", "test")}
-        return {"origin": self.origin, "label": self.label, "classes": self.classes,
-                "rows": counts, "features": self.feature_columns, "notes": self.notes}
+        out = {"origin": self.origin, "label": self.label, "classes": self.classes,
+               "rows": counts, "features": self.feature_columns, "notes": self.notes}
+        if self.task == "regression":
+            out["task"] = "regression"
+            out["label_mean"] = {s: float(np.mean(getattr(self, s).y))
+                                 for s in ("train", "val", "test")}
+        return out
 
 
 def origin_of(cfg: DataConfig) -> str:
@@ -141,6 +147,9 @@ def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
         notes.append(f"{int(no_label.sum())} rows with no label: not trained on (domain "
                      f"adaptation may use them as unlabelled rows)")
         frame = frame[~no_label]
+    if cfg.task == "regression":
+        return _finish(frame, unlabeled_frame, cfg, seed, origin, label, [label],
+                       _numeric_label(frame[label], label, origin), notes)
     labels = frame[label].astype(str)
     classes = sorted(labels.unique().tolist())
     if len(classes) < 2:
@@ -160,6 +169,27 @@ def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
         # The positive class goes last, so column 1 of the probabilities is P(positive).
         classes = [c for c in classes if c != str(positive)] + [str(positive)]
     y = labels.map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
+    return _finish(frame, unlabeled_frame, cfg, seed, origin, label, classes, y, notes)
+
+
+def _numeric_label(values: pd.Series, label: str, origin: str) -> np.ndarray:
+    numbers = pd.to_numeric(values, errors="coerce")
+    bad = numbers.isna() | ~np.isfinite(numbers.astype(float))
+    if bad.any():
+        row = values.index[bad.to_numpy()][0]
+        raise DataError(f"{origin}: task regression needs a number in label {label!r}, but "
+                        f"data row {row} holds {values.loc[row]!r} ({int(bad.sum())} such "
+                        f"rows); fix or blank them (blank labels are left out)")
+    if numbers.nunique() < 2:
+        raise DataError(f"{origin}: label {label!r} is the same number in every selected row; "
+                        f"nothing to regress")
+    return numbers.to_numpy(np.float64)
+
+
+def _finish(frame, unlabeled_frame, cfg: DataConfig, seed: int, origin: str, label: str,
+            classes: list[str], y: np.ndarray, notes: list[str]) -> TabularData:
+    """Features, type checks, the fixed split, sub-samples and the unlabelled pool."""
+    regression = cfg.task == "regression"
     reserved = {label, *cfg.drop, *([cfg.id_column] if cfg.id_column else [])}
     features = cfg.features or [c for c in frame.columns if c not in reserved]
     if label in features:
@@ -171,10 +201,10 @@ def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
     ids = (frame[cfg.id_column].astype(str).to_numpy() if cfg.id_column
            else frame.index.astype(str).to_numpy())
     whole = Split(frame[features], y, ids)
-    train, val, test = _partition(whole, cfg, origin, classes)
+    train, val, test = _partition(whole, cfg, origin, classes, regression)
     pool = train
-    train = _subsample(train, cfg.n_train, seed, "n_train", origin, cfg)
-    val = _subsample(val, cfg.n_val, seed + 1, "n_val", origin, cfg)
+    train = _subsample(train, cfg.n_train, seed, "n_train", origin, cfg, regression)
+    val = _subsample(val, cfg.n_val, seed + 1, "n_val", origin, cfg, regression)
     blank_ids = (unlabeled_frame[cfg.id_column].astype(str).to_numpy() if cfg.id_column
                  else unlabeled_frame.index.astype(str).to_numpy())
     blank = Split(unlabeled_frame[features], np.full(len(unlabeled_frame), -1, np.int64),
@@ -184,7 +214,7 @@ def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
                       np.concatenate([np.full(len(rest), -1, np.int64), blank.y]),
                       np.concatenate([rest.ids, blank.ids]))
     return TabularData(origin, label, classes, list(features), list(cfg.categorical),
-                       train, val, test, notes, unlabeled)
+                       train, val, test, notes, unlabeled, cfg.task)
 
 
 def _check_classifiable(values: pd.Series, classes: list[str], label: str, origin: str) -> None:
@@ -225,12 +255,21 @@ def left_out(pool: Split, kept: Split) -> Split:
     return Split(rest.frame, np.full(len(idx), -1, np.int64), rest.ids)
 
 
-def _partition(whole: Split, cfg: DataConfig, origin: str, classes: list[str]):
+def strata(y: np.ndarray, regression: bool) -> np.ndarray:
+    """What a stratified split keeps in proportion: the class, or the quintile of a number."""
+    if not regression:
+        return y
+    bins = min(5, max(len(y) // 10, 1))
+    return pd.qcut(pd.Series(y).rank(method="first"), bins, labels=False).to_numpy(np.int64)
+
+
+def _partition(whole: Split, cfg: DataConfig, origin: str, classes: list[str],
+               regression: bool = False):
     n = len(whole)
     s = cfg.split
     idx = np.arange(n)
-    strat = whole.y if s.stratify else None
-    if s.stratify:
+    strat = strata(whole.y, regression) if s.stratify else None
+    if s.stratify and not regression:
         counts = np.bincount(whole.y, minlength=len(classes))
         if counts.min() < 3:
             rare = classes[int(counts.argmin())]
@@ -243,7 +282,7 @@ def _partition(whole: Split, cfg: DataConfig, origin: str, classes: list[str]):
         val_share = s.val / (1 - s.test)
         train_idx, val_idx = train_test_split(
             rest, test_size=val_share, random_state=s.seed,
-            stratify=None if strat is None else whole.y[rest])
+            stratify=None if strat is None else strat[rest])
     except ValueError as exc:
         raise DataError(f"{origin}: cannot split {n} rows into train/val/test "
                         f"(val {s.val}, test {s.test}): {exc}") from None
@@ -252,7 +291,7 @@ def _partition(whole: Split, cfg: DataConfig, origin: str, classes: list[str]):
 
 
 def _subsample(split: Split, n: int | None, seed: int, key: str, origin: str,
-               cfg: DataConfig) -> Split:
+               cfg: DataConfig, regression: bool = False) -> Split:
     if n is None:
         return split
     if n > len(split):
@@ -263,7 +302,8 @@ def _subsample(split: Split, n: int | None, seed: int, key: str, origin: str,
     if n == len(split):
         return split
     idx = np.arange(len(split))
-    n_classes = len(np.unique(split.y))
-    stratify = split.y if n >= n_classes and np.bincount(split.y).min() >= 2 else None
+    groups = strata(split.y, regression)
+    n_classes = len(np.unique(groups))
+    stratify = groups if n >= n_classes and np.bincount(groups).min() >= 2 else None
     chosen, _ = train_test_split(idx, train_size=n, random_state=seed, stratify=stratify)
     return take(split, np.sort(chosen))

@@ -32,17 +32,28 @@ class TransferModel(nn.Module):
         self.backbone = backbone
         self.head = head
         self.spec = spec
+        # Regression: the head's output is a standardised value; the model answers in the
+        # label's units (mean + std x output). Fixed by the spec, not trained.
+        self.target_scale = tuple(spec["target_scale"]) if spec.get("target_scale") else None
         # Set by tltool.freeze.apply_freeze: modules kept in eval mode, and BatchNorm layers
         # inside them that should still adapt their statistics (bn_policy "train").
         self.frozen_modules: list[nn.Module] = []
         self.adapting_norms: list[nn.Module] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
+        return self.output(self.backbone(x))
 
     def forward_from(self, z: torch.Tensor, start: int) -> torch.Tensor:
         """Logits from the cached output of the first `start` backbone blocks."""
-        return self.head(self.backbone.forward_from(z, start))
+        return self.output(self.backbone.forward_from(z, start))
+
+    def output(self, features: torch.Tensor) -> torch.Tensor:
+        """The head on backbone features: logits, or a regression value in the label's units."""
+        out = self.head(features)
+        if self.target_scale is not None:
+            mean, std = self.target_scale
+            out = out * std + mean
+        return out
 
     def train(self, mode: bool = True) -> TransferModel:
         super().train(mode)
@@ -55,10 +66,14 @@ class TransferModel(nn.Module):
 
 
 def model_spec(backbone: str, backbone_args: dict[str, Any], in_features: int, head: str,
-               head_hidden: int, dropout: float, n_outputs: int) -> dict[str, Any]:
+               head_hidden: int, dropout: float, n_outputs: int,
+               target_scale: tuple[float, float] | None = None) -> dict[str, Any]:
     """Everything needed to rebuild the architecture; stored in every checkpoint."""
-    return {"backbone": backbone, "backbone_args": backbone_args, "in_features": in_features,
+    spec = {"backbone": backbone, "backbone_args": backbone_args, "in_features": in_features,
             "head": head, "head_hidden": head_hidden, "dropout": dropout, "n_outputs": n_outputs}
+    if target_scale is not None:
+        spec["target_scale"] = [float(v) for v in target_scale]
+    return spec
 
 
 def build_model(spec: dict[str, Any]) -> TransferModel:

@@ -19,7 +19,7 @@ from tltool.config import DecisionConfig
 from tltool.engine import predict_proba
 from tltool.errors import RunError
 from tltool.inputs import load_inputs
-from tltool.metrics import format_multilabel, format_report
+from tltool.metrics import format_any
 from tltool.models.backbones import get_spec
 from tltool.runs import write_json, write_text
 from tltool.workflows.common import log, new_run
@@ -75,6 +75,10 @@ def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
     _check_members(members)
     run0, cfg0, ckpt0 = members[0][:3]
     classes, multilabel = ckpt0["classes"], bool(ckpt0.get("multilabel"))
+    regression = bool(ckpt0["spec"].get("target_scale"))
+    if regression and rule not in ("auto", "argmax"):
+        raise RunError(f"--rule {rule}: {run0} predicts a number (task regression); its "
+                       f"ensemble averages the predicted values (leave --rule auto)")
     if rule == "auto":
         rule = "threshold" if multilabel or len(classes) == 2 else "argmax"
     if rule == "threshold" and not multilabel and len(classes) != 2:
@@ -100,7 +104,7 @@ def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
     avg_val = np.mean(p_val, axis=0)[rows]
     avg_test = np.mean(p_test, axis=0)
     decision = decision_rule(cfg0.model_copy(update={"decision": DecisionConfig(
-        rule=rule, optimize=optimize)}), classes, multilabel, avg_val, y_val[rows])
+        rule=rule, optimize=optimize)}), classes, multilabel, avg_val, y_val[rows], regression)
     decision["averaged"] = len(members)
     metrics = {
         "command": "ensemble", "members": [str(m[0]) for m in members],
@@ -109,11 +113,10 @@ def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
         "val": report(y_val[rows], avg_val, classes, decision),
         "test": report(y_test, avg_test, classes, decision),
         "members_test": [{"run": str(run), **{k: report(y_test, p, classes, dec)[k]
-                                              for k in _headline(multilabel)}}
+                                              for k in _headline(multilabel, regression)}}
                          for (run, *_, dec), p in zip(members, p_test, strict=True)],
     }
-    table = (format_multilabel(metrics["test"]) if multilabel
-             else format_report(metrics["test"], classes))
+    table = format_any(metrics["test"], classes, decision)
     name = name or f"{run0.parent.name}-ensemble"
     with new_run(run0.parent.parent, name, "ensemble", argv, cfg0.seed) as out:
         write_json(out.file("ensemble.json"), {"members": metrics["members"]})
@@ -125,12 +128,17 @@ def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
 
         predictions_frame(test_ids, avg_test, classes, decision, y_test).to_csv(
             out.file("test_predictions.csv"), index=False)
-    log.info("ensemble of %d runs: threshold chosen on %d validation rows", len(members),
-             int(rows.sum()))
+    if decision.get("chosen_on") == "validation":
+        log.info("ensemble of %d runs: threshold chosen on %d validation rows", len(members),
+                 int(rows.sum()))
+    else:
+        log.info("ensemble of %d runs (%s)", len(members), decision["rule"])
     return {"run": str(out.path), "metrics": metrics, "table": table}
 
 
-def _headline(multilabel: bool) -> tuple[str, ...]:
+def _headline(multilabel: bool, regression: bool = False) -> tuple[str, ...]:
+    if regression:
+        return ("rmse", "mae", "r2")
     return ("map", "micro_f1", "exact_match") if multilabel else ("accuracy", "auroc", "f1")
 
 

@@ -12,7 +12,7 @@ from tltool.config import ExperimentConfig
 from tltool.engine import Tensors
 from tltool.errors import ConfigError, DataError
 from tltool.inputs import load_inputs
-from tltool.metrics import choose_threshold, classification_report
+from tltool.metrics import choose_threshold, classification_report, regression_report
 from tltool.models import build_model, model_spec
 from tltool.models.backbones import get_spec, resolve_args
 from tltool.runs import write_json
@@ -49,6 +49,41 @@ def sklearn_head(kind: str, seed: int, balanced: bool, min_class: int = 5):
         return make_pipeline(StandardScaler(), CalibratedClassifierCV(
             svc, method="sigmoid", cv=min(5, min_class), ensemble=False))
     raise ValueError(kind)
+
+
+CLASSIFIER_HEADS = ("logistic_regression", "random_forest", "svm")
+REGRESSOR_HEADS = ("ridge", "random_forest", "svm")
+
+
+def sklearn_regressor(kind: str, seed: int):
+    """A fresh classic regressor; the label is standardised for it and mapped back."""
+    from sklearn.compose import TransformedTargetRegressor
+    from sklearn.ensemble import RandomForestRegressor
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVR
+
+    if kind == "ridge":
+        inner = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
+    elif kind == "random_forest":
+        inner = RandomForestRegressor(n_estimators=300, random_state=seed, n_jobs=1)
+    elif kind == "svm":
+        inner = make_pipeline(StandardScaler(), SVR())
+    else:
+        raise ValueError(kind)
+    return TransformedTargetRegressor(regressor=inner, transformer=StandardScaler())
+
+
+def _heads(cfg: ExperimentConfig, regression: bool, section: str) -> list[str]:
+    allowed = REGRESSOR_HEADS if regression else CLASSIFIER_HEADS
+    heads = cfg.extract.heads if cfg.extract.heads is not None else list(allowed)
+    wrong = [h for h in heads if h not in allowed]
+    if wrong:
+        task = "regression" if regression else "classification"
+        raise ConfigError(f"extract.heads: {wrong} cannot fit {section}'s {task} label; "
+                          f"allowed for {task}: {', '.join(allowed)}")
+    return heads
 
 
 @torch.no_grad()
@@ -99,7 +134,9 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
         raise ConfigError(f"extract: {cfg.extract.fit_on} is multi-label; the sklearn heads "
                           f"take one label per row (train a multilabel head with "
                           f"freeze-finetune and strategy linear_probe instead)")
-    if cfg.decision.rule == "threshold" and len(fit_inputs.classes) != 2:
+    regression = fit_inputs.regression
+    heads_wanted = _heads(cfg, regression, cfg.extract.fit_on)
+    if cfg.decision.rule == "threshold" and (regression or len(fit_inputs.classes) != 2):
         raise ConfigError("decision.rule: 'threshold' needs a binary label (use 'argmax')")
     if cfg.adapt.method != "none":
         log.warning("adapt.method %r is not used by extract (its features come from fixed "
@@ -131,7 +168,13 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
                  feats[(d, "train")].shape[1], timing["images_or_rows"], rate,
                  run.file("features"))
         heads = {}
-        for kind in cfg.extract.heads:
+        for kind in heads_wanted:
+            if regression:
+                heads[kind] = _fit_regressor(kind, cfg, feats, fit_inputs.data, d)
+                test = heads[kind]["test"]
+                log.info("%s: test rmse %.4g, r2 %s", kind, test["rmse"],
+                         "n/a" if test["r2"] is None else f"{test['r2']:.4f}")
+                continue
             heads[kind] = _fit_head(kind, cfg, feats, fit_inputs.data, d)
             auroc = heads[kind]["test"]["auroc"]
             log.info("%s: test accuracy %.4f, auroc %s", kind, heads[kind]["test"]["accuracy"],
@@ -144,6 +187,17 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
         write_json(run.file("timing.json"), timing | {"rows_per_second": rate} |
                    rt.describe())
     return {"run": str(run.path), "metrics": metrics, "rows_per_second": rate}
+
+
+def _fit_regressor(kind: str, cfg: ExperimentConfig, feats, data, d: str) -> dict[str, Any]:
+    head = sklearn_regressor(kind, cfg.seed)
+    try:
+        head.fit(feats[(d, "train")], data.train.y)
+    except ValueError as exc:
+        raise DataError(f"{data.origin}: cannot fit {kind} on {len(data.train)} rows: "
+                        f"{exc}") from None
+    return {"val": regression_report(data.val.y, head.predict(feats[(d, "val")])),
+            "test": regression_report(data.test.y, head.predict(feats[(d, "test")]))}
 
 
 def _fit_head(kind: str, cfg: ExperimentConfig, feats, data, d: str) -> dict[str, Any]:

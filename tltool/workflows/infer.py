@@ -14,7 +14,7 @@ from tltool import plots
 from tltool.engine import Tensors, predict_proba
 from tltool.errors import DataError, RunError
 from tltool.inputs import encode_images, encode_tabular, encoder_from_state, load_inputs
-from tltool.metrics import decide, decide_multilabel, format_multilabel, format_report
+from tltool.metrics import decide, decide_multilabel, format_any
 from tltool.models.backbones import get_spec
 from tltool.runs import load_checkpoint, resolve_run, write_json, write_text
 from tltool.workflows.common import TRAINING_COMMANDS, load_trained, log, new_run, run_config
@@ -75,11 +75,15 @@ def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
               "members": len(members), "test": metrics}
     if not multilabel and decision["threshold"] is not None:
         result["test_argmax"] = report(y, proba, classes, {"threshold": None})
-    table = format_multilabel(metrics) if multilabel else format_report(metrics, classes)
+    table = format_any(metrics, classes, decision)
+    regression = decision.get("rule") == "regression"
     with new_run(run.parent.parent, run.parent.name, "evaluate", argv, cfg.seed) as out:
         write_json(out.file("metrics.json"), result)
         write_text(out.file("report.txt"), f"{run} on {origin} (test split)\n{table}\n")
-        if not multilabel:
+        if regression:
+            plots.predicted_vs_true(y, proba[:, 0], out.file("plots", "predicted_vs_true.png"),
+                                    f"{origin} (test)")
+        elif not multilabel:
             cm = pd.DataFrame(metrics["confusion_matrix"], index=classes, columns=classes)
             cm.to_csv(out.file("confusion_matrix.csv"), index_label="true\\predicted")
             plots.confusion_matrix(metrics["confusion_matrix"], classes,
@@ -96,7 +100,8 @@ def _evaluation_data(run: Path, cfg, ckpt: dict[str, Any], on: str | None, csv: 
         if state.get("kind") == "image":
             raise DataError("--csv evaluates table rows; for an image model use --on with a "
                             "data section of the run's config")
-        test, ids = _labelled_csv(Path(csv), label, classes, state)
+        regression = bool(ckpt["spec"].get("target_scale"))
+        test, ids = _labelled_csv(Path(csv), label, classes, state, regression)
         return test, csv, ids, "csv"
     domain = on or ("source" if ckpt["command"] == "pretrain" else "target")
     data_cfg = getattr(cfg, domain)
@@ -120,15 +125,21 @@ def _state_only(ckpt: dict[str, Any]):
     return Weights("run", ckpt={"preprocessor": ckpt["preprocessor"]})
 
 
-def _labelled_csv(path: Path, label: str, classes: list[str],
-                  state: dict) -> tuple[Tensors, np.ndarray]:
-    from tltool.data.tabular import Split, read_csv
+def _labelled_csv(path: Path, label: str, classes: list[str], state: dict,
+                  regression: bool = False) -> tuple[Tensors, np.ndarray]:
+    from tltool.data.tabular import Split, _numeric_label, read_csv
 
     frame = read_csv(path)
     if label not in frame.columns:
         raise DataError(f"{path}: label column {label!r} missing; evaluate needs labelled "
                         f"rows (predict does not)")
-    frame = frame[frame[label].notna()]
+    frame = frame[frame[label].notna() & (frame[label].astype(str).str.strip() != "")]
+    if frame.empty:
+        raise DataError(f"{path}: no row has a value in label column {label!r}")
+    if regression:
+        split = Split(frame, _numeric_label(frame[label], label, str(path)),
+                      frame.index.astype(str).to_numpy())
+        return encode_tabular(encoder_from_state(state), split, str(path)), split.ids
     unknown = sorted(set(frame[label].astype(str)) - set(classes))
     if unknown:
         raise DataError(f"{path}: label values {unknown} were not classes of the model "
@@ -167,10 +178,14 @@ def predict(ref: str | Path, input_path: str, out_csv: str | None = None,
         probas.append(predict_proba(model, data, multilabel))
     proba = np.mean(probas, axis=0)
     preds = predictions_frame(ids, proba, classes, decision)
+    if decision.get("rule") == "regression":
+        described = preds["prediction"].describe()
+        outcome = {"predicted": {k: float(described[k]) for k in ("mean", "std", "min", "max")}}
+    else:
+        outcome = {"predicted_counts":
+                   preds["prediction"].value_counts().sort_index().to_dict()}
     summary = {"run": str(run), "input": input_path, "rows": len(preds), "decision": decision,
-               "members": len(members),
-               **notes,
-               "predicted_counts": preds["prediction"].value_counts().sort_index().to_dict()}
+               "members": len(members), **notes, **outcome}
     with new_run(run.parent.parent, run.parent.name, "predict", argv, cfg.seed) as out:
         write_text(out.file("predictions.csv"), preds.to_csv(index=False))
         write_json(out.file("metrics.json"), summary)
@@ -233,8 +248,15 @@ def _new_images(path: Path, state, id_column):
 
 def predictions_frame(ids, proba: np.ndarray, classes: list[str], decision: dict[str, Any],
                       y: np.ndarray | None = None) -> pd.DataFrame:
-    """One row per input: id, a probability per class/label, the decision (and the truth)."""
+    """One row per input: id, a probability per class/label, the decision (and the truth);
+    regression: id, the predicted value (and the truth and the error)."""
     cols: dict[str, Any] = {"id": ids}
+    if decision.get("rule") == "regression":
+        cols["prediction"] = np.round(proba[:, 0], 6)
+        if y is not None:
+            cols["label"] = y
+            cols["error"] = np.round(proba[:, 0] - y, 6)
+        return pd.DataFrame(cols)
     for i, c in enumerate(classes):
         cols[f"p_{c}"] = np.round(proba[:, i], 6)
     names = np.asarray(classes, dtype=object)

@@ -13,7 +13,12 @@ from tltool.engine import Phase, Task, fit, predict_proba, seed_everything
 from tltool.errors import CheckpointError, ConfigError
 from tltool.freeze import check_frozen_layers
 from tltool.inputs import load_inputs, pool_of
-from tltool.metrics import choose_threshold, classification_report, multilabel_report
+from tltool.metrics import (
+    choose_threshold,
+    classification_report,
+    multilabel_report,
+    regression_report,
+)
 from tltool.models import build_model, model_spec
 from tltool.models.backbones import get_spec, resolve_args
 from tltool.runs import write_json, write_text
@@ -67,18 +72,23 @@ def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any
     inputs = load_inputs(data_cfg, section, cfg.seed, spec, weights)
     data, classes, multilabel = inputs.data, inputs.classes, inputs.multilabel
     label = getattr(data, "label", None) or data_cfg.label or "label"
-    if m.head == "multilabel" and not multilabel:
+    regression = inputs.regression
+    if regression:
+        _check_regression(cfg, section, label)
+    elif m.head == "multilabel" and not multilabel:
         raise ConfigError(f"model.head: 'multilabel' needs multi-label data; {section} has one "
                           f"label per row (set {section}.label_sep, or use head linear)")
-    if cfg.decision.rule == "threshold" and not multilabel and len(classes) != 2:
+    if cfg.decision.rule == "threshold" and not multilabel and len(classes) != 2 \
+            and not regression:
         raise ConfigError(f"decision.rule: 'threshold' needs a binary or multi-label target; "
                           f"{label!r} has {len(classes)} classes (use 'argmax')")
     seed_everything(cfg.seed)
     model = build_model(model_spec(m.backbone, args, inputs.n_inputs, m.head, m.head_hidden,
-                                   m.dropout, len(classes)))
+                                   m.dropout, 1 if regression else len(classes),
+                                   inputs.target_scale))
     load_backbone_weights(model, spec, weights)
     phases = phases_of(cfg, command, len(model.backbone.blocks), model.backbone.block_names)
-    task = Task(multilabel)
+    task = Task.of(model, multilabel)
     rt = make_runtime(cfg.train, spec.input == "image")
     adaptation, adapt_info = _adaptation(cfg, command, inputs, spec, weights)
 
@@ -98,7 +108,8 @@ def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any
         batch = max(2 * cfg.train.batch_size, 256)
         proba_val = predict_proba(model, inputs.val, multilabel, batch, rt)
         proba_test = predict_proba(model, inputs.test, multilabel, batch, rt)
-        thresholds = decision_rule(cfg, classes, multilabel, proba_val, inputs.val.y.numpy())
+        thresholds = decision_rule(cfg, classes, multilabel, proba_val, inputs.val.y.numpy(),
+                                   regression)
         write_json(run.file("thresholds.json"), thresholds)
         metrics = {
             "command": command, "name": cfg.name, "seed": cfg.seed,
@@ -115,10 +126,32 @@ def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any
         write_json(run.file("metrics.json"), metrics)
         plots.learning_curves(run.file("metrics.csv"), run.file("plots", "learning_curves.png"),
                               summary["best_epoch"])
-        if not multilabel:
+        if regression:
+            plots.predicted_vs_true(inputs.test.y.numpy(), proba_test[:, 0],
+                                    run.file("plots", "predicted_vs_true_test.png"),
+                                    f"{label} (test split)")
+        elif not multilabel:
             plots.confusion_matrix(metrics["test"]["confusion_matrix"], classes,
                                    run.file("plots", "confusion_matrix_test.png"), "test split")
     return {"run": str(run.path), "metrics": metrics}
+
+
+def _check_regression(cfg: ExperimentConfig, section: str, label: str) -> None:
+    """What a regression run cannot use (the options that only mean something for classes)."""
+    if cfg.model.head == "multilabel":
+        raise ConfigError(f"model.head: 'multilabel' predicts labels; {section} has task "
+                          f"regression (use head linear or mlp)")
+    if cfg.decision.rule == "threshold":
+        raise ConfigError(f"decision.rule: 'threshold' turns probabilities into classes; "
+                          f"{section} has task regression, which predicts {label!r} itself "
+                          f"(remove the decision section)")
+    if cfg.train.early_stopping.monitor != "val_loss":
+        raise ConfigError(f"train.early_stopping.monitor: "
+                          f"{cfg.train.early_stopping.monitor!r} is a classification score; "
+                          f"a regression run monitors val_loss (standardised MSE)")
+    if cfg.train.class_weights == "balanced":
+        raise ConfigError("train.class_weights: 'balanced' weighs classes; a regression run "
+                          "has none (set it to none)")
 
 
 def _adaptation(cfg: ExperimentConfig, command: str, inputs, spec,
@@ -147,7 +180,8 @@ def _adaptation(cfg: ExperimentConfig, command: str, inputs, spec,
     else:
         source = load_inputs(other_cfg, other, cfg.seed, spec, weights, like=state)
         if a.source_weight > 0 and (source.classes != inputs.classes
-                                    or source.multilabel != inputs.multilabel):
+                                    or source.multilabel != inputs.multilabel
+                                    or source.regression != inputs.regression):
             raise ConfigError(f"adapt.source_weight: {a.source_weight} trains the target head "
                               f"on source labels too, but the source classes "
                               f"({', '.join(source.classes)}) differ from the target's "
@@ -167,6 +201,8 @@ def _adaptation(cfg: ExperimentConfig, command: str, inputs, spec,
 def report(y: np.ndarray, proba: np.ndarray, classes: list[str],
            decision: dict[str, Any]) -> dict[str, Any]:
     """The metrics of one split under a saved decision rule."""
+    if decision.get("rule") == "regression":
+        return regression_report(y, proba[:, 0])
     if "per_label" in decision:
         return multilabel_report(y, proba, classes, decision["per_label"])
     return classification_report(y, proba, classes, decision["threshold"])
@@ -193,11 +229,15 @@ def _inherit_args(cfg: ExperimentConfig, ckpt: dict[str, Any], ckpt_path) -> dic
 
 
 def decision_rule(cfg: ExperimentConfig, classes: list[str], multilabel: bool,
-                  proba_val: np.ndarray, y_val: np.ndarray) -> dict[str, Any]:
+                  proba_val: np.ndarray, y_val: np.ndarray,
+                  regression: bool = False) -> dict[str, Any]:
     """Thresholds are chosen on the validation split only, never on test.
 
-    Multi-label: one threshold per label (0.5 each under rule argmax).
+    Multi-label: one threshold per label (0.5 each under rule argmax). Regression: the
+    predicted value is the answer (no threshold).
     """
+    if regression:
+        return {"rule": "regression", "threshold": None, "chosen_on": None}
     rule, optimize = cfg.decision.rule, cfg.decision.optimize
     if multilabel:
         if rule == "argmax":
