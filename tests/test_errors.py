@@ -100,7 +100,7 @@ CASES = {
     "extract without weights": (lambda t, w: ["extract", w("c")],
                                 "extract needs trained weights"),
     "checkpoint file not a checkpoint": (lambda t, w: ["freeze-finetune", w("c", {"model": {
-        "weights": _csv(t, "w.pt", text="not a checkpoint")}})], "not a readable checkpoint"),
+        "weights": _csv(t, "w.pt", text="not a checkpoint")}})], "not a PyTorch weights file"),
     "only a label column": (lambda t, w: ["freeze-finetune", w("c", base=dict(BASE, **_csv_target(
         _csv(t, "y.csv", text="Status\n" + "good\nbad\n" * 10))))],
         "no feature columns besides the label"),

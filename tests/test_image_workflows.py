@@ -71,6 +71,26 @@ def test_mnist_to_digits_transfer_with_frozen_convolutions(mnist_run, cli, write
     assert np.allclose(preds.filter(like="p_").sum(axis=1), 1, atol=1e-4)
     assert _json(tmp_path / pr.out.strip() / "metrics.json")["skipped_images"][0].endswith(
         "c.png")
+    # hidden folders (e.g. .ipynb_checkpoints) are not searched
+    (folder / ".ipynb_checkpoints").mkdir()
+    Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(
+        folder / ".ipynb_checkpoints" / "a-checkpoint.png")
+    pr = cli("predict", str(run), str(folder), "--out", "preds2.csv")
+    assert pr.code == 0 and len(pd.read_csv(tmp_path / "preds2.csv")) == 2
+    # one image file; a CSV of paths keeps the ids as written
+    pr = cli("predict", str(run), str(folder / "b.png"), "--out", "one.csv")
+    assert pr.code == 0, pr.err
+    assert len(pd.read_csv(tmp_path / "one.csv")) == 1
+    pd.DataFrame({"path": ["b.png", "a.png"]}).to_csv(folder / "list.csv", index=False)
+    pr = cli("predict", str(run), str(folder / "list.csv"), "--out", "listed.csv")
+    assert pr.code == 0, pr.err
+    assert pd.read_csv(tmp_path / "listed.csv")["id"].tolist() == ["b.png", "a.png"]
+    # bad inputs: a missing path, an empty path cell
+    pr = cli("predict", str(run), str(folder / "nothere"))
+    assert pr.code == 2 and "not found" in pr.err
+    pd.DataFrame({"path": ["b.png", None]}).to_csv(folder / "holes.csv", index=False)
+    pr = cli("predict", str(run), str(folder / "holes.csv"))
+    assert pr.code == 2 and "row 3: empty image path in column 'path'" in pr.err
 
 
 def test_multilabel_mosaics_train_sigmoid_heads_with_per_label_thresholds(cli, write_config,
@@ -181,3 +201,11 @@ def test_adapted_transfer_caches_every_domain_behind_frozen_blocks(mnist_run, cl
     # digits: 1797 images, 40% test, 20% val; the rest is the pool (100 labelled among them)
     assert m["adapt"]["target_rows_aligned"] == 1797 - 719 - 360
     assert m["adapt"]["source_rows"] == 600
+
+
+def test_image_size_the_backbone_cannot_take_is_a_config_error(cli, write_config, tmp_path):
+    cfg = write_config("tiny", {"source": {"image_size": 2}, "train": {"epochs": 1}}, base=IMG)
+    res = cli("pretrain", cfg)
+    assert res.code == 2 and "Traceback" not in res.err
+    assert "source.image_size: backbone 'small_cnn' cannot take 2x2 images" in res.err
+    assert not (tmp_path / "runs").exists()

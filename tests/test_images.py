@@ -193,6 +193,33 @@ def test_csv_missing_file_names_the_row(multilabel_csv):
     assert "skipped 1 missing image file(s): imgs/gone.png" in data.notes
 
 
+def test_csv_duplicate_images_are_dropped_or_refused(multilabel_csv):
+    lines = multilabel_csv.read_text().splitlines()
+    multilabel_csv.write_text("\n".join([*lines, lines[1], "./" + lines[2]]) + "\n")
+    data = load_images(_csv_cfg(multilabel_csv, label_sep="|"), seed=0, size=8)
+    assert len(_all_ids(data)) == 12 == len(set(_all_ids(data)))
+    assert "dropped 2 row(s) that list an image already listed (e.g. row 14 repeats row 2)" \
+        in data.notes
+    multilabel_csv.write_text("\n".join([*lines, "imgs/1.png,b,k99"]) + "\n")
+    with pytest.raises(DataError, match="row 14 lists the image of row 3 again with another "
+                                        "label"):
+        load_images(_csv_cfg(multilabel_csv, label_sep="|"), seed=0, size=8)
+
+
+def test_hidden_folders_are_skipped_and_linked_folders_followed(folder, tmp_path):
+    _png(folder / "cat" / ".ipynb_checkpoints" / "c0-checkpoint.png")
+    extra = tmp_path / "elsewhere"
+    for i in range(3):
+        _png(extra / f"x{i}.png", seed=40 + i)
+    (folder / "dog" / "linked").symlink_to(extra, target_is_directory=True)
+    (folder / "dog" / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    data = load_images(_folder_cfg(folder), seed=0, size=16)
+    ids = _all_ids(data)
+    assert not any(".ipynb_checkpoints" in i for i in ids)
+    assert sum(i.startswith("dog/linked/") for i in ids) == 3 and len(ids) == 15
+    assert "ignored 1 broken symbolic link(s) in class folders" in data.notes
+
+
 def test_csv_missing_column_and_empty_csv(multilabel_csv, tmp_path):
     with pytest.raises(DataError) as exc:
         load_images(_csv_cfg(multilabel_csv, image_column="path"), seed=0, size=8)

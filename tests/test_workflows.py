@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from tltool.datasets import load_table
 from tltool.metrics import choose_threshold
 
 METRIC_KEYS = ["n", "accuracy", "balanced_accuracy", "precision", "recall", "f1", "auroc",
@@ -194,3 +195,20 @@ def test_epoch_scores_match_the_full_reports():
     full = multilabel_report(y, proba, ["a", "b", "c"])
     for key in ("accuracy", "f1", "auroc"):
         assert fast[key] == pytest.approx(full[key], abs=1e-12), key
+
+
+def test_evaluate_warns_when_the_data_changed_since_training(cli, write_config, tmp_path,
+                                                             caplog):
+    frame = load_table("credit_data")
+    frame.iloc[:3000].to_csv(tmp_path / "c.csv", index=False)
+    cfg = write_config("changing", {"source": {"kind": "csv", "path": str(tmp_path / "c.csv"),
+                                               "label": "Status", "name": None},
+                                    "train": {"epochs": 1}})
+    res = cli("pretrain", cfg)
+    assert res.code == 0, res.err
+    run = tmp_path / res.out.strip()
+    assert cli("evaluate", str(run)).code == 0
+    assert "data changed" not in caplog.text
+    frame.to_csv(tmp_path / "c.csv", index=False)  # more rows: the split moves
+    assert cli("evaluate", str(run)).code == 0
+    assert "the data changed since" in caplog.text

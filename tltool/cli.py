@@ -186,10 +186,13 @@ def ensemble(
 @app.command()
 def predict(
     run: str = typer.Argument(..., help="A trained run folder, or ROOT/NAME/latest."),
-    input_csv: str = typer.Argument(..., help="CSV of new rows with the training columns."),
+    input_csv: str = typer.Argument(..., help="Tables: a CSV of new rows with the training "
+                                    "columns. Images: a folder of images, one image file, or a "
+                                    "CSV of image paths (the run's image_column, else 'path')."),
     out: str = typer.Option(None, "--out", help="Also write the predictions to this CSV."),
     id_column: str = typer.Option(None, "--id-column", help="Input column that identifies "
-                                  "rows (default: the config's id_column, else the row index)."),
+                                  "rows (default: the config's id_column, else the row index; "
+                                  "images: the path)."),
 ) -> None:
     """Probabilities and decisions for new rows, with the run's preprocessing and threshold.
 

@@ -303,6 +303,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text  # not YAML: keep the text as a string
+    if value == "" and text.strip():
+        value = text.strip()  # YAML's block markers (| or >) alone: the user meant the text
     parts = key.strip().split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):

@@ -8,6 +8,7 @@ to treat new data the same way is the *input state*, a plain dict saved in every
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from tltool.datasets import TABLES
 from tltool.engine import Tensors
 from tltool.errors import ConfigError, DataError
 from tltool.models.backbones import BackboneSpec
+
+log = logging.getLogger("tltool")
 
 
 @dataclass
@@ -90,6 +93,8 @@ def load_inputs(cfg: DataConfig, section: str, seed: int, spec: BackboneSpec,
                                                   else None)
     inputs = (_image_inputs(cfg, seed, spec, weights, source_state) if image
               else _tabular_inputs(cfg, seed, source_state))
+    for note in inputs.data.notes:  # also in metrics.json; said now so a user sees it
+        log.info("%s: %s", section, note)
     if pool:
         inputs.pool = pool_of(inputs)
     return inputs
@@ -177,3 +182,17 @@ def encoder_from_state(state: dict[str, Any]):
     if state.get("kind") == "image":
         return state
     return TabularPreprocessor.from_state(state)
+
+
+def split_digest(data) -> dict[str, Any]:
+    """Row count and a hash of the row ids of each split: saved with a run, so `evaluate`
+    can tell when the data behind a config changed since training (a re-split folder or CSV
+    could put training rows into the test split)."""
+    import hashlib
+
+    out = {}
+    for name in ("train", "val", "test"):
+        ids = [str(i) for i in np.asarray(getattr(data, name).ids).tolist()]
+        out[name] = {"rows": len(ids),
+                     "sha1": hashlib.sha1("\n".join(ids).encode("utf-8")).hexdigest()[:16]}
+    return out

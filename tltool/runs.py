@@ -153,11 +153,20 @@ def load_weights_file(path: Path) -> dict[str, Any]:
     arbitrary objects."""
     if not path.is_file():
         raise RunError(f"{path}: checkpoint not found")
+    allowed = ("allowed: a tltool checkpoint (a run's checkpoints/best.pt) or a PyTorch state "
+               "dict of tensors saved with torch.save(model.state_dict(), path)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for a bad file
-        raise RunError(f"{path}: not a readable checkpoint ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+        text = str(exc)
+        if "weights_only" in text or "Unsupported global" in text:
+            # a whole pickled object (model, optimizer, ...): never unpickled here, as code in
+            # a pickle runs on load
+            raise RunError(f"{path}: holds pickled Python objects (e.g. a whole model saved "
+                           f"with torch.save(model)), which tltool does not load; save "
+                           f"model.state_dict() instead. {allowed}") from None
+        raise RunError(f"{path}: not a PyTorch weights file ({type(exc).__name__}); "
+                       f"{allowed}") from None
     if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict) and \
             payload.get("format") != "tltool-checkpoint":
         payload = payload["state_dict"]  # the common {"state_dict": ...} wrapper
@@ -165,7 +174,8 @@ def load_weights_file(path: Path) -> dict[str, Any]:
         isinstance(v, torch.Tensor) for v in payload.values())
     if not plain and not (isinstance(payload, dict) and
                           payload.get("format") == "tltool-checkpoint"):
-        raise RunError(f"{path}: neither a tltool checkpoint nor a state dict of tensors")
+        raise RunError(f"{path}: neither a tltool checkpoint nor a state dict of tensors; "
+                       f"{allowed}")
     return payload
 
 

@@ -369,13 +369,14 @@ def _decode_all(files: list[Path], size: int, on_bad_image: str, shown: list[str
 
 def _probe_all(files: list[Path], on_bad_image: str, shown: list[str],
                where: list[str] | None = None) -> tuple[list[int], list[tuple[int, str]]]:
-    """Check that every file opens as an image (header only, no pixel decoding)."""
+    """Check that every file decodes as an image (pixels read once, nothing kept), so a
+    truncated file is found now and not epochs into training."""
     from PIL import Image
 
     def one(f: Path) -> str | None:
         try:
             with Image.open(f) as img:
-                img.size  # noqa: B018 - reading the header is the check
+                img.load()
             return None
         except FileNotFoundError:
             return "file not found"
@@ -484,6 +485,31 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
 
 
+def walk_files(top: Path) -> tuple[list[Path], int]:
+    """Every file under `top`, following symlinked folders (each real folder once), skipping
+    hidden files and folders (.ipynb_checkpoints, .git, ...). Also returns the number of
+    broken links."""
+    found: list[Path] = []
+    broken = 0
+    seen: set[str] = set()
+    for here, dirs, names in os.walk(top, followlinks=True):
+        real = os.path.realpath(here)
+        if real in seen:  # a link back up the tree
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            path = Path(here) / name
+            if path.is_file():
+                found.append(path)
+            elif path.is_symlink():
+                broken += 1
+    return sorted(found), broken
+
+
 def _from_folder(cfg: DataConfig, size: int, notes: list[str]):
     root = Path(cfg.path)
     if not root.exists():
@@ -500,9 +526,10 @@ def _from_folder(cfg: DataConfig, size: int, notes: list[str]):
                         f"with one sub-folder per class ({ALLOWED} files)")
     files: list[Path] = []
     labels: list[int] = []
-    ignored = 0
+    ignored = broken = 0
     for k, d in enumerate(class_dirs):
-        found = sorted(p for p in d.rglob("*") if p.is_file())
+        found, dead = walk_files(d)
+        broken += dead
         images = [p for p in found if _is_image(p)]
         ignored += len(found) - len(images)
         if not images:
@@ -516,6 +543,8 @@ def _from_folder(cfg: DataConfig, size: int, notes: list[str]):
     loose = sum(1 for p in root.iterdir() if p.is_file())
     if ignored or loose:
         notes.append(f"ignored {ignored + loose} file(s) that are not images in class folders")
+    if broken:
+        notes.append(f"ignored {broken} broken symbolic link(s) in class folders")
     ids = [p.relative_to(root).as_posix() for p in files]
     x, kept, bad = _store(cfg, files, size, [str(f) for f in files], notes)
     if bad:
@@ -523,6 +552,22 @@ def _from_folder(cfg: DataConfig, size: int, notes: list[str]):
     _check_any(kept, files, root)
     y = np.asarray(labels, dtype=np.int64)[kept]
     return x, y, [d.name for d in class_dirs], np.array([ids[i] for i in kept])
+
+
+def _drop_duplicates(rows: np.ndarray, duplicates: list[tuple[int, int]], labels: pd.Series,
+                     csv: Path, notes: list[str]) -> np.ndarray:
+    """The same image listed twice would land in training and test alike: keep its first row
+    (the same label again is dropped with a note; another label is an error)."""
+    for later, first in duplicates:
+        a, b = labels.iloc[first], labels.iloc[later]
+        if not (pd.isna(a) and pd.isna(b)) and str(a).strip() != str(b).strip():
+            raise DataError(f"{csv}: {_row(later)} lists the image of {_row(first)} again with "
+                            f"another label ({str(b)!r} vs {str(a)!r}); an image needs one row "
+                            f"(join several labels with label_sep for multi-label data)")
+    notes.append(f"dropped {len(duplicates)} row(s) that list an image already listed "
+                 f"(e.g. {_row(duplicates[0][0])} repeats {_row(duplicates[0][1])})")
+    drop = {later for later, _ in duplicates}
+    return np.array([i for i in rows if int(i) not in drop], dtype=np.int64)
 
 
 def _check_any(kept: list[int], files: list, where) -> None:
@@ -582,6 +627,8 @@ def _from_csv(cfg: DataConfig, size: int, notes: list[str]):
     shown: list[str] = []
     files: list[Path] = []
     missing: list[int] = []
+    first_row: dict[str, int] = {}
+    duplicates: list[tuple[int, int]] = []
     for i in rows:
         raw = frame[cfg.image_column].iloc[i]
         if pd.isna(raw) or not str(raw).strip():
@@ -589,6 +636,11 @@ def _from_csv(cfg: DataConfig, size: int, notes: list[str]):
                             f"{cfg.image_column!r}")
         rel = str(raw).strip()
         f = Path(rel) if Path(rel).is_absolute() else root / rel
+        key = os.path.normpath(str(f))
+        if key in first_row:
+            duplicates.append((int(i), first_row[key]))
+            continue
+        first_row[key] = int(i)
         if not f.is_file():
             if cfg.on_bad_image == "error":
                 raise DataError(f"{csv}: {_row(i)}: image file not found: {f} (relative paths "
@@ -596,6 +648,8 @@ def _from_csv(cfg: DataConfig, size: int, notes: list[str]):
             missing.append(len(files))
         shown.append(rel)
         files.append(f)
+    if duplicates:
+        rows = _drop_duplicates(rows, duplicates, frame[label], csv, notes)
     where = [f"{csv}: {_row(i)}: " for i in rows]
     x, kept, bad = _store(cfg, files, size, [str(f) for f in files], notes, where)
     if bad:

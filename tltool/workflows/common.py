@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from tltool.config import ExperimentConfig, dump_config, validate_config
-from tltool.errors import CheckpointError, RunError
+from tltool.errors import CheckpointError, ConfigError, RunError
 from tltool.inputs import Weights
 from tltool.models import TransferModel, build_model
 from tltool.models.backbones import BackboneSpec
@@ -120,3 +120,22 @@ def new_run(cfg_root: str | Path, name: str, command: str, argv: list[str] | Non
         run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
         raise
     run.set_status("complete")
+
+
+def check_input_fits(model: TransferModel, inputs, section: str) -> None:
+    """One image through the network before any run folder exists: an image size the
+    backbone cannot take (too small for its downsampling, or not the size a ViT was built
+    for) is a config error, not a traceback epochs later."""
+    if inputs.state.get("kind") != "image" or len(inputs.train.x) == 0:
+        return
+    size = inputs.state["size"]
+    try:
+        with torch.no_grad():
+            model.eval()
+            model(inputs.train.batch(slice(0, 1), train=False))
+    except (RuntimeError, ValueError) as exc:
+        reason = str(exc).splitlines()[0][:200]
+        raise ConfigError(f"{section}.image_size: backbone {model.spec['backbone']!r} cannot "
+                          f"take {size}x{size} images ({reason}); use an image_size it can take "
+                          f"(the backbone's default is what `tltool backbones` lists) or "
+                          f"backbone_args that match it") from None

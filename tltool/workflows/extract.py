@@ -18,6 +18,7 @@ from tltool.models.backbones import get_spec, resolve_args
 from tltool.runs import write_json
 from tltool.runtime import Runtime, make_runtime
 from tltool.workflows.common import (
+    check_input_fits,
     load_backbone_weights,
     load_trained,
     log,
@@ -142,6 +143,8 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
         log.warning("adapt.method %r is not used by extract (its features come from fixed "
                     "weights); adapt with pretrain or freeze-finetune, then extract from that "
                     "run", cfg.adapt.method)
+    for d, inputs in loaded.items():
+        check_input_fits(model, inputs, d)
     rt = make_runtime(cfg.train, spec.input == "image")
     rt.setup(model)
     first = next(iter(loaded.values())).train

@@ -115,7 +115,26 @@ def _evaluation_data(run: Path, cfg, ckpt: dict[str, Any], on: str | None, csv: 
     if inputs.classes != classes:
         raise DataError(f"{inputs.data.origin}: classes {inputs.classes} differ from the "
                         f"model's {classes}; evaluate on data with the same label values")
+    if domain == ("source" if ckpt["command"] == "pretrain" else "target"):
+        _warn_if_changed(run, inputs)
     return inputs.test, inputs.data.origin, inputs.data.test.ids, domain
+
+
+def _warn_if_changed(run: Path, inputs) -> None:
+    """The data the run trained on, re-read now, should split into the same rows."""
+    from tltool.inputs import split_digest
+
+    try:
+        then = json.loads((run / "metrics.json").read_text())["data"]["splits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a run from before split digests were saved
+    now = split_digest(inputs.data)
+    if now["test"] != then["test"] or now["train"]["rows"] != then["train"]["rows"]:
+        log.warning("%s: the data changed since %s trained on it (test split %d rows now, %d "
+                    "then, %s rows): the test split may now hold rows the model trained on, "
+                    "so these metrics are not a clean test", inputs.data.origin, run.name,
+                    now["test"]["rows"], then["test"]["rows"],
+                    "the same" if now["test"] == then["test"] else "other")
 
 
 def _state_only(ckpt: dict[str, Any]):
@@ -168,7 +187,8 @@ def predict(ref: str | Path, input_path: str, out_csv: str | None = None,
     for m_run, m_cfg, m_ckpt, model, _ in members:  # each member encodes the input its way
         state = m_ckpt["preprocessor"]
         if state.get("kind") == "image":
-            data, m_ids, notes = _new_images(Path(input_path), state, id_column)
+            data, m_ids, notes = _new_images(Path(input_path), state, id_column,
+                                             _data_section(m_cfg, m_ckpt))
         else:
             data, m_ids, notes = _new_rows(Path(input_path), state, m_cfg, m_ckpt, id_column)
         if probas and not np.array_equal(np.asarray(m_ids), np.asarray(ids)):
@@ -203,7 +223,7 @@ def _new_rows(path: Path, state, cfg, ckpt, id_column):
     unseen = pre.unseen_counts(frame)
     if unseen:
         log.warning("rows with categories not seen in training (encoded as none): %s", unseen)
-    data_cfg = cfg.target if ckpt["command"] == "freeze-finetune" else cfg.source
+    data_cfg = _data_section(cfg, ckpt)
     if id_column is not None and id_column not in frame.columns:
         raise DataError(f"{path}: --id-column {id_column!r} is not a column "
                         f"(columns: {', '.join(map(str, frame.columns))})")
@@ -218,32 +238,63 @@ def _new_rows(path: Path, state, cfg, ckpt, id_column):
                                              "ignored_columns": ignored}
 
 
-def _new_images(path: Path, state, id_column):
-    from tltool.data.images import IMAGE_EXTENSIONS, load_image_files
+def _data_section(cfg, ckpt):
+    return cfg.target if ckpt["command"] == "freeze-finetune" else cfg.source
 
+
+def _new_images(path: Path, state, id_column, data_cfg):
+    """A folder of images (searched recursively), one image file, or a CSV of image paths
+    (the column and root the run trained with, as for kind image_csv)."""
+    from tltool.data.images import IMAGE_EXTENSIONS, load_image_files, walk_files
+
+    if not path.exists():
+        raise DataError(f"{path}: not found; give a folder of images, an image file or a CSV "
+                        f"of image paths")
     if path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*")
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        files = [str(p) for p in walk_files(path)[0] if p.suffix.lower() in IMAGE_EXTENSIONS]
         if not files:
             raise DataError(f"{path}: no image files found (looked for "
                             f"{', '.join(IMAGE_EXTENSIONS)})")
-    elif path.is_file() and path.suffix.lower() == ".csv":
-        from tltool.data.tabular import read_csv
-
-        frame = read_csv(path)
-        column = id_column or "path"
-        if column not in frame.columns:
-            raise DataError(f"{path}: no column {column!r} with image paths (give "
-                            f"--id-column NAME)")
-        files = [str(p if Path(p).is_absolute() else path.parent / p) for p in frame[column]]
+        ids = list(files)
+    elif path.suffix.lower() in IMAGE_EXTENSIONS:
+        files = ids = [str(path)]
+    elif path.suffix.lower() == ".csv":
+        files, ids = _image_paths(path, id_column, data_cfg)
     else:
-        raise DataError(f"{path}: expected a folder of images or a CSV of image paths")
+        raise DataError(f"{path}: expected a folder of images, an image file "
+                        f"({', '.join(IMAGE_EXTENSIONS)}) or a CSV of image paths")
     x, kept = load_image_files(files, state["size"], "skip")
     skipped = [files[i] for i in range(len(files)) if i not in set(kept)]
     if skipped:
-        log.warning("skipped %d unreadable image(s): %s", len(skipped), ", ".join(skipped[:5]))
+        log.warning("skipped %d unreadable or missing image(s): %s", len(skipped),
+                    ", ".join(skipped[:5]))
     data = encode_images(state | {"augment": "none"}, x, np.zeros(len(x), dtype=np.int64))
-    return data, np.asarray([files[i] for i in kept]), {"skipped_images": skipped}
+    return data, np.asarray([ids[i] for i in kept]), {"skipped_images": skipped}
+
+
+def _image_paths(path: Path, id_column: str | None, data_cfg) -> tuple[list[str], list[str]]:
+    """Image files listed in a CSV, and the id of each row (the path as written, or
+    --id-column)."""
+    from tltool.data.tabular import read_csv
+
+    frame = read_csv(path)
+    trained = getattr(data_cfg, "kind", None) == "image_csv"
+    column = data_cfg.image_column if trained else "path"
+    if column not in frame.columns:
+        raise DataError(f"{path}: no column {column!r} with image paths (the column the run "
+                        f"trained with; columns: {', '.join(map(str, frame.columns))})")
+    if id_column is not None and id_column not in frame.columns:
+        raise DataError(f"{path}: --id-column {id_column!r} is not a column "
+                        f"(columns: {', '.join(map(str, frame.columns))})")
+    root = Path(data_cfg.root) if trained and data_cfg.root else path.parent
+    files, ids = [], []
+    for i, raw in enumerate(frame[column]):
+        if pd.isna(raw) or not str(raw).strip():
+            raise DataError(f"{path}: row {i + 2}: empty image path in column {column!r}")
+        rel = str(raw).strip()
+        files.append(rel if Path(rel).is_absolute() else str(root / rel))
+        ids.append(rel if id_column is None else str(frame[id_column].iloc[i]))
+    return files, ids
 
 
 def predictions_frame(ids, proba: np.ndarray, classes: list[str], decision: dict[str, Any],

@@ -12,7 +12,7 @@ from tltool.config import ExperimentConfig
 from tltool.engine import Phase, Task, fit, predict_proba, seed_everything
 from tltool.errors import CheckpointError, ConfigError
 from tltool.freeze import check_frozen_layers
-from tltool.inputs import load_inputs, pool_of
+from tltool.inputs import load_inputs, pool_of, split_digest
 from tltool.metrics import (
     choose_threshold,
     classification_report,
@@ -24,6 +24,7 @@ from tltool.models.backbones import get_spec, resolve_args
 from tltool.runs import write_json, write_text
 from tltool.runtime import make_runtime
 from tltool.workflows.common import (
+    check_input_fits,
     checkpoint_payload,
     load_backbone_weights,
     log,
@@ -87,6 +88,7 @@ def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any
                                    m.dropout, 1 if regression else len(classes),
                                    inputs.target_scale))
     load_backbone_weights(model, spec, weights)
+    check_input_fits(model, inputs, section)
     phases = phases_of(cfg, command, len(model.backbone.blocks), model.backbone.block_names)
     task = Task.of(model, multilabel)
     rt = make_runtime(cfg.train, spec.input == "image")
@@ -113,7 +115,8 @@ def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any
         write_json(run.file("thresholds.json"), thresholds)
         metrics = {
             "command": command, "name": cfg.name, "seed": cfg.seed,
-            "weights": m.weights, "data": data.summary(), "classes": classes,
+            "weights": m.weights, "data": data.summary() | {"splits": split_digest(data)},
+            "classes": classes,
             "multilabel": multilabel, "decision": thresholds,
             "val": report(inputs.val.y.numpy(), proba_val, classes, thresholds),
             "test": report(inputs.test.y.numpy(), proba_test, classes, thresholds),
