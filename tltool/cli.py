@@ -261,7 +261,15 @@ def backbones(
     parameter counts, input size and pretrained weight names."""
     from tltool.models.backbones import BACKBONES, build_backbone, get_spec
 
-    specs = [_call(lambda: get_spec(name))] if name else list(BACKBONES.values())
+    if name and name not in BACKBONES:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(BACKBONES), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        typer.echo(f"error: --name: unknown backbone {name!r}; {hint}available: "
+                   f"{', '.join(BACKBONES)}", err=True)
+        raise typer.Exit(2)
+    specs = [get_spec(name)] if name else list(BACKBONES.values())
     for spec in specs:
         net = build_backbone(spec.name, {}, inputs if spec.input == "tabular" else 3)
         total = sum(p.numel() for p in net.parameters())

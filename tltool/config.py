@@ -111,8 +111,9 @@ class ModelConfig(_Strict):
         "freeze", description="freeze: first N blocks frozen; bias_only: only biases and head "
         "train; full: everything trains; linear_probe: only the head trains")
     head: Literal["linear", "mlp", "multilabel"] = Field(
-        "linear", description="linear | mlp (softmax over classes) | multilabel (a sigmoid per "
-        "label, binary cross-entropy, a threshold per label chosen on validation)")
+        "linear", description="linear | mlp (softmax over classes; on multi-label data a "
+        "sigmoid per label, as multilabel) | multilabel (a sigmoid per label, binary "
+        "cross-entropy, a threshold per label chosen on validation)")
     bn_policy: Literal["eval", "train"] = Field(
         "eval", description="BatchNorm in frozen blocks: eval (statistics fixed, inference mode "
         "even after model.train()) or train (statistics adapt to the target: AdaBN-style "
