@@ -159,7 +159,7 @@ def load_weights_file(path: Path) -> dict[str, Any]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for a bad file
         text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text:
+        if "Unsupported global" in text:
             # a whole pickled object (model, optimizer, ...): never unpickled here, as code in
             # a pickle runs on load
             raise RunError(f"{path}: holds pickled Python objects (e.g. a whole model saved "

@@ -6,6 +6,7 @@ that loads with `torch.load(weights_only=True)`, and `predict` applies exactly t
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -13,10 +14,21 @@ import pandas as pd
 
 from tltool.errors import DataError
 
+log = logging.getLogger("tltool")
+
 MISSING = "(missing)"
 # A text column counts as numeric when at least this share of its values parse as numbers;
 # the rest are then typos to report, not categories to learn.
 NUMERIC_SHARE = 0.9
+
+
+def value_text(v: Any) -> str:
+    """A cell as a category or class name. Whole numbers read as floats (pandas turns a
+    number column with one empty cell into floats) keep their integer spelling: 1.0 -> "1",
+    so the same file with or without a blank cell gives the same categories."""
+    if isinstance(v, (float, np.floating)) and np.isfinite(v) and float(v).is_integer():
+        return str(int(v))
+    return str(v)
 
 
 def csv_line(index: Any) -> str:
@@ -86,18 +98,27 @@ class TabularPreprocessor:
                 if len(cats) <= 1:
                     self.dropped.append(col)
                     continue
+                if len(cats) > 20 and len(cats) > 0.5 * len(frame):
+                    log.warning("%s: column %r has %d distinct values in %d training rows: "
+                                "one-hot it is mostly unseen values at prediction time (an id, "
+                                "a date, free text, or numbers written with separators?); set "
+                                "it as id_column, list it under drop, or fix its format",
+                                origin, col, len(cats), len(frame))
                 self.categorical.append({"name": col, "categories": cats})
         if not columns:
             raise DataError(f"{origin}: no feature columns besides the label (and any id or "
                             f"dropped columns); a model needs at least one input column")
         if not self.numeric and not self.categorical:
             raise DataError(f"{origin}: no usable feature columns (all were constant or empty "
-                            f"on the training rows: {', '.join(self.dropped)})")
+                            f"on the {len(frame)} training rows: {', '.join(self.dropped)})")
+        if self.dropped:
+            log.info("%s: left out column(s) constant or empty on the training rows: %s",
+                     origin, ", ".join(self.dropped))
         return self
 
     @staticmethod
     def _as_text(series: pd.Series) -> pd.Series:
-        return series.map(lambda v: MISSING if pd.isna(v) else str(v))
+        return series.map(lambda v: MISSING if pd.isna(v) else value_text(v))
 
     # -- applying
     @property
@@ -138,6 +159,8 @@ class TabularPreprocessor:
         """How many rows hold a category not seen in training, per column."""
         out = {}
         for c in self.categorical:
+            if c["name"] not in frame.columns:
+                continue  # transform() reports missing columns
             n = int((~self._as_text(frame[c["name"]]).isin(c["categories"])).sum())
             if n:
                 out[c["name"]] = n

@@ -14,7 +14,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from tltool.config import DataConfig
-from tltool.data.preprocess import infer_numeric
+from tltool.data.preprocess import infer_numeric, value_text
 from tltool.datasets import TABLES, load_table
 from tltool.errors import DataError
 
@@ -150,7 +150,7 @@ def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
     if cfg.task == "regression":
         return _finish(frame, unlabeled_frame, cfg, seed, origin, label, [label],
                        _numeric_label(frame[label], label, origin), notes)
-    labels = frame[label].astype(str)
+    labels = frame[label].map(value_text)
     classes = sorted(labels.unique().tolist())
     if len(classes) < 2:
         raise DataError(f"{origin}: label {label!r} has a single class {classes[0]!r} in the "
@@ -159,6 +159,18 @@ def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
     positive = cfg.positive
     if positive is None and cfg.kind == "builtin" and cfg.name in TABLES:
         positive = TABLES[cfg.name].positive
+    if isinstance(positive, bool):  # YAML reads yes/no/true/on unquoted as booleans
+        spelled = [c for c in classes if c.lower() in
+                   (("true", "yes", "y", "on", "1") if positive else ("false", "no", "n", "off",
+                                                                      "0"))]
+        if len(spelled) != 1:
+            raise DataError(f"{origin}: positive class {positive!r} (YAML reads an unquoted "
+                            f"yes/no/true/false/on/off as a boolean; quote it, e.g. "
+                            f"positive: \"yes\") is not a value of {label!r}; values: "
+                            f"{', '.join(classes)}")
+        positive = spelled[0]
+    elif positive is not None:
+        positive = value_text(positive)
     if positive is not None:
         if len(classes) != 2:
             raise DataError(f"{origin}: `positive` only applies to a binary label; "

@@ -146,6 +146,7 @@ def _state_only(ckpt: dict[str, Any]):
 
 def _labelled_csv(path: Path, label: str, classes: list[str], state: dict,
                   regression: bool = False) -> tuple[Tensors, np.ndarray]:
+    from tltool.data.preprocess import value_text
     from tltool.data.tabular import Split, _numeric_label, read_csv
 
     frame = read_csv(path)
@@ -159,11 +160,12 @@ def _labelled_csv(path: Path, label: str, classes: list[str], state: dict,
         split = Split(frame, _numeric_label(frame[label], label, str(path)),
                       frame.index.astype(str).to_numpy())
         return encode_tabular(encoder_from_state(state), split, str(path)), split.ids
-    unknown = sorted(set(frame[label].astype(str)) - set(classes))
+    text = frame[label].map(value_text)
+    unknown = sorted(set(text) - set(classes))
     if unknown:
         raise DataError(f"{path}: label values {unknown} were not classes of the model "
                         f"({', '.join(classes)})")
-    y = frame[label].astype(str).map(classes.index).to_numpy(np.int64)
+    y = text.map(classes.index).to_numpy(np.int64)
     split = Split(frame, y, frame.index.astype(str).to_numpy())
     return encode_tabular(encoder_from_state(state), split, str(path)), split.ids
 
