@@ -39,6 +39,11 @@ def _call(fn: Callable[[], Any]) -> Any:
 
     try:
         return fn()
+    except KeyboardInterrupt as exc:
+        terminated = type(exc).__name__ == "Terminated"
+        typer.echo(f"tltool: stopped by {'SIGTERM' if terminated else 'Ctrl-C'}; a run folder "
+                   f"it had started is marked failed", err=True)
+        raise typer.Exit(code=143 if terminated else 130) from None
     except TLError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=exc.exit_code) from None
@@ -254,7 +259,7 @@ def datasets() -> None:
 
 @app.command()
 def backbones(
-    inputs: int = typer.Option(20, help="Input width used to count tabular parameters."),
+    inputs: int = typer.Option(20, min=1, help="Input width used to count tabular parameters."),
     name: str = typer.Option(None, "--name", help="Show only this backbone."),
 ) -> None:
     """List backbones with their ordered freezable blocks (the unit of frozen_layers),
@@ -282,8 +287,19 @@ def backbones(
             typer.echo(f"  {i + 1:>2}. {block:<12} {n:>12,} parameters")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (timeout, Slurm, docker stop): stop like Ctrl-C, so the run is marked failed."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main() -> None:
+    import signal
+
     logging.basicConfig(level=logging.INFO, format="tltool: %(message)s", stream=sys.stderr)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     app()
 
 

@@ -20,7 +20,7 @@ Scalar = str | int | float | bool
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class SplitConfig(_Strict):
@@ -202,14 +202,18 @@ class AdaptConfig(_Strict):
         "included; never val or test rows); labelled: only the n_train rows")
 
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
 class OutputConfig(_Strict):
     root: str = Field("runs", description="run folders go to ROOT/NAME/TIMESTAMP-COMMAND")
 
 
 class ExperimentConfig(_Strict):
-    name: str = Field("experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+    name: str = Field("experiment", pattern=NAME_PATTERN,
                       description="experiment name: the run folder's parent")
-    seed: int = Field(0, ge=0, description="seed of sub-sampling, initialisation and batching")
+    seed: int = Field(0, ge=0, lt=2**32, description="seed of sub-sampling, initialisation "
+                      "and batching")
     source: DataConfig | None = Field(None, description="source data (pretrain)")
     target: DataConfig | None = Field(None, description="target data (freeze-finetune)")
     model: ModelConfig = Field(ModelConfig(), description="backbone, weights, freezing, head")
@@ -250,11 +254,31 @@ def dump_config(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML where a key given twice in one mapping is an error (plain YAML keeps the
+    last one silently, so a second `train:` section would quietly replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (lines {seen[key]} and {line}); give "
+                    f"each key once", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give a YAML config file (e.g. "
+                          f"configs/credit/pretrain.yaml)")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -339,7 +363,11 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{where}: got {got!r}; allowed: {allowed}"
     if kind == "value_error":
         return f"{where}: {err['msg'].removeprefix('Value error, ')}"
-    return f"{where}: {err['msg'].lower()}; got {got!r}"
+    if kind == "string_pattern_mismatch" and loc == ["name"]:
+        return (f"name: got {got!r}; allowed: letters, digits, '.', '_' and '-', starting with "
+                f"a letter or digit (it names a folder)")
+    msg = err["msg"]
+    return f"{where}: {msg[:1].lower() + msg[1:]}; got {got!r}"
 
 
 def _fields_at(loc: list[Any]) -> list[str]:

@@ -22,6 +22,8 @@ from tltool import __version__
 from tltool.errors import RunError
 
 STATUS_FILE = "run.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -30,6 +32,7 @@ def _atomic_write(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run is shared like any file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -115,9 +118,19 @@ def _git_commit() -> str | None:
 
 def run_status(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((path / STATUS_FILE).read_text())
+        status = json.loads((path / STATUS_FILE).read_text())
+    except PermissionError:
+        raise RunError(f"{path / STATUS_FILE}: cannot read it (permission denied)") from None
     except (OSError, ValueError):
         return None
+    return status if isinstance(status, dict) else None
+
+
+def _run_order(path: Path) -> tuple:
+    """Newest last: the folder's time stamp, then its -N suffix as a number (-10 after -9)."""
+    stem = path.name
+    head, _, tail = stem.rpartition("-")
+    return (stem[:15], int(tail) if tail.isdigit() and head else 1)
 
 
 def resolve_run(ref: str | Path, commands: tuple[str, ...] | None = None) -> Path:
@@ -133,17 +146,17 @@ def resolve_run(ref: str | Path, commands: tuple[str, ...] | None = None) -> Pat
         if not runs:
             kinds = f" {'/'.join(commands)}" if commands else ""
             raise RunError(f"{ref}: no complete{kinds} run in {parent}")
-        path = max(runs, key=lambda p: p.name)
+        path = max(runs, key=_run_order)
     if not path.is_dir():
         raise RunError(f"{ref}: run folder not found")
     status = run_status(path)
     if status is None:
-        raise RunError(f"{ref}: not a tltool run folder (no {STATUS_FILE})")
+        raise RunError(f"{ref}: not a tltool run folder ({STATUS_FILE} missing or damaged)")
     if status.get("status") != "complete":
         raise RunError(f"{ref}: the run is {status.get('status')!r}, not complete; "
                        f"use a finished run")
     if commands is not None and status.get("command") not in commands:
-        raise RunError(f"{ref}: is a {status.get('command')!r} run; expected one of: "
+        raise RunError(f"{ref}: is a run of `{status.get('command')}`; expected a run of: "
                        f"{', '.join(commands)}")
     return path
 
@@ -179,9 +192,15 @@ def load_weights_file(path: Path) -> dict[str, Any]:
     return payload
 
 
+CHECKPOINT_KEYS = ("command", "spec", "classes", "label", "preprocessor", "state_dict")
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     payload = load_weights_file(path)
     if payload.get("format") != "tltool-checkpoint":
         raise RunError(f"{path}: not a tltool checkpoint (expected a dict with "
                        f"format 'tltool-checkpoint')")
+    missing = [k for k in CHECKPOINT_KEYS if k not in payload]
+    if missing:
+        raise RunError(f"{path}: damaged tltool checkpoint (missing {', '.join(missing)})")
     return payload

@@ -103,7 +103,13 @@ def run_config(run: Path) -> ExperimentConfig:
     path = run / "config.yaml"
     if not path.is_file():
         raise RunError(f"{run}: config.yaml missing; not a complete tltool run")
-    return validate_config(yaml.safe_load(path.read_text()), origin=str(path))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise RunError(f"{path}: damaged (not valid YAML); this run cannot be reused") from None
+    if not isinstance(raw, dict):
+        raise RunError(f"{path}: damaged (not a mapping of keys); this run cannot be reused")
+    return validate_config(raw, origin=str(path))
 
 
 @contextlib.contextmanager

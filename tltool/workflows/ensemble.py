@@ -10,12 +10,13 @@ partition, which no member trained on — and the test split is scored once at t
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tltool.config import DecisionConfig
+from tltool.config import NAME_PATTERN, DecisionConfig
 from tltool.engine import predict_proba
 from tltool.errors import RunError
 from tltool.inputs import load_inputs
@@ -71,6 +72,10 @@ def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
 
     if len(refs) < 2:
         raise RunError("ensemble: give at least two trained runs to average")
+    if name is not None and not re.match(NAME_PATTERN, name):
+        raise RunError(f"--name: got {name!r}; allowed: letters, digits, '.', '_' and '-', "
+                       f"starting with a letter or digit (it names a folder under the members' "
+                       f"output root)")
     members = [_open_run(r) for r in refs]
     _check_members(members)
     run0, cfg0, ckpt0 = members[0][:3]

@@ -26,11 +26,30 @@ def _open_run(ref: str | Path):
     cfg = run_config(run)
     ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
     model = load_trained(ckpt)
+    return run, cfg, ckpt, model, read_decision(run)
+
+
+def read_decision(run: Path) -> dict[str, Any]:
+    """The run's saved decision rule (thresholds.json), checked before it is applied."""
+    path = run / "thresholds.json"
     try:
-        decision = json.loads((run / "thresholds.json").read_text())
+        decision = json.loads(path.read_text())
     except (OSError, ValueError):
-        raise RunError(f"{run}: thresholds.json missing or unreadable") from None
-    return run, cfg, ckpt, model, decision
+        raise RunError(f"{path}: missing or unreadable") from None
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    ok = isinstance(decision, dict) and (
+        decision.get("rule") == "regression"
+        or ("per_label" in decision and isinstance(decision["per_label"], list)
+            and all(number(v) for v in decision["per_label"]))
+        or ("threshold" in decision and (decision["threshold"] is None
+                                         or number(decision["threshold"]))))
+    if not ok:
+        raise RunError(f"{path}: damaged (expected the saved decision rule: a threshold "
+                       f"number or null, or per-label thresholds)")
+    return decision
 
 
 def _open_members(ref: str | Path):
@@ -43,11 +62,7 @@ def _open_members(ref: str | Path):
         member = _open_run(run)
         return run, [member], member[4]
     members = [_open_run(m) for m in member_runs(run)]
-    try:
-        decision = json.loads((run / "thresholds.json").read_text())
-    except (OSError, ValueError):
-        raise RunError(f"{run}: thresholds.json missing or unreadable") from None
-    return run, members, decision
+    return run, members, read_decision(run)
 
 
 def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
@@ -182,8 +197,11 @@ def predict(ref: str | Path, input_path: str, out_csv: str | None = None,
         out_path = Path(out_csv)
         if out_path.is_dir():
             raise DataError(f"--out {out_csv}: is a folder; give a file name")
-        if not out_path.parent.exists():
+        if not out_path.parent.is_dir():
             raise DataError(f"--out {out_csv}: folder {out_path.parent} does not exist")
+        if out_path.exists() and out_path.resolve() == Path(input_path).resolve():
+            raise DataError(f"--out {out_csv}: is the input file; write the predictions to "
+                            f"another file")
     probas: list[np.ndarray] = []
     ids: Any = None
     for m_run, m_cfg, m_ckpt, model, _ in members:  # each member encodes the input its way
