@@ -93,3 +93,13 @@ def test_transform_rejects_text_and_missing_columns():
         pre.transform(pd.DataFrame({"income": [1, "x"], "home": ["own", "own"]}), "new.csv")
     with pytest.raises(DataError, match="missing column.* income"):
         pre.transform(pd.DataFrame({"home": ["own"]}), "new.csv")
+
+
+def test_read_csv_takes_semicolons_decimal_commas_latin1_and_text_ids(tmp_path):
+    from tltool.data.tabular import read_csv
+
+    (tmp_path / "semi.csv").write_text("id;income;city\n00101;1,5;Köln\n00102;2,25;Graz\n",
+                                       encoding="latin-1")
+    frame = read_csv(tmp_path / "semi.csv", text_columns=["id"])
+    assert frame["id"].tolist() == ["00101", "00102"]
+    assert frame["income"].tolist() == [1.5, 2.25] and frame["city"][0] == "Köln"

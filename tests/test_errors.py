@@ -104,9 +104,8 @@ CASES = {
     "only a label column": (lambda t, w: ["freeze-finetune", w("c", base=dict(BASE, **_csv_target(
         _csv(t, "y.csv", text="Status\n" + "good\nbad\n" * 10))))],
         "no feature columns besides the label"),
-    "semicolon-separated csv": (lambda t, w: ["freeze-finetune", w("c", base=dict(
-        BASE, **_csv_target(_csv(t, "semi.csv", text="a;Status\n1;good\n"))))],
-        "the file seems to use ';' as separator"),
+    "n_train leaves one class": (lambda t, w: ["freeze-finetune", w("c", {"target": {
+        "n_train": 1}})], "the 1 training row(s) hold only class"),
     "negative seed": (lambda t, w: ["pretrain", w("c", {"seed": -1})],
                       "seed: input should be greater than or equal to 0; got -1"),
     "evaluate --on bad value": (lambda t, w: ["evaluate", str(t), "--on", "both"],

@@ -169,8 +169,9 @@ def ensemble(
     rule: str = typer.Option("auto", "--rule", help="threshold (chosen on validation "
                              "rows; binary or multi-label), argmax, or auto (threshold where "
                              "it applies, else argmax)."),
-    optimize: str = typer.Option("accuracy", "--optimize", help="What the threshold "
-                                 "maximises: accuracy, f1 or youden."),
+    optimize: str = typer.Option(None, "--optimize", help="What the threshold maximises: "
+                                 "accuracy, f1 or youden (default: the members' "
+                                 "decision.optimize)."),
 ) -> None:
     """Average the members' probabilities, choose the decision threshold on their validation
     rows (the design document's 'avg' rule) and score the test split once.
@@ -181,7 +182,7 @@ def ensemble(
 
     for key, value, allowed in (("--rule", rule, ("auto", "threshold", "argmax")),
                                 ("--optimize", optimize, ("accuracy", "f1", "youden"))):
-        if value not in allowed:
+        if value is not None and value not in allowed:
             typer.echo(f"error: {key}: got {value!r}; allowed: {', '.join(allowed)}", err=True)
             raise typer.Exit(2)
     result = _call(lambda: run_ensemble(runs, name, rule, optimize, sys.argv))

@@ -6,6 +6,7 @@ Everything here validates the user's data and says which file, column or row is 
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from tltool.config import DataConfig
 from tltool.data.preprocess import infer_numeric, value_text
 from tltool.datasets import TABLES, load_table
 from tltool.errors import DataError
+
+log = logging.getLogger("tltool")
 
 
 @dataclass
@@ -66,21 +69,50 @@ def read_frame(cfg: DataConfig) -> pd.DataFrame:
     """All rows of the configured table, index = 0-based data row of the file."""
     if cfg.kind == "builtin":
         return load_table(cfg.name)
-    return read_csv(Path(cfg.path))
+    return read_csv(Path(cfg.path), text_columns=[cfg.id_column] if cfg.id_column else [])
 
 
-def read_csv(path: Path) -> pd.DataFrame:
+def _separator(path: Path, encoding: str) -> str:
+    """Comma, or the semicolon / tab / pipe that the header line uses instead (a semicolon
+    is the usual separator where the decimal mark is a comma)."""
+    with open(path, encoding=encoding, errors="replace") as fh:
+        header = fh.readline()
+    if "," in header:
+        return ","
+    counts = {sep: header.count(sep) for sep in (";", "\t", "|")}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else ","
+
+
+def read_csv(path: Path, text_columns: list[str] | None = None) -> pd.DataFrame:
+    """A CSV file as written: comma, semicolon, tab or pipe separated; UTF-8 (with or
+    without BOM), else Latin-1 with a warning. `text_columns` (ids) are kept as text, so
+    00101 stays 00101."""
     if not path.exists():
         raise DataError(f"{path}: CSV file not found (relative paths are taken from the "
                         f"current folder {Path.cwd()})")
     if path.is_dir():
         raise DataError(f"{path}: is a folder; expected a CSV file")
-    try:
-        frame = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path}: the CSV file is empty") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable CSV file: {str(exc).splitlines()[0]}") from None
+    dtype = {c: str for c in text_columns or []}
+    for encoding in ("utf-8-sig", "latin-1"):
+        try:
+            sep = _separator(path, encoding)
+            # ';'-separated files come from locales whose decimal mark is a comma
+            frame = pd.read_csv(path, sep=sep, encoding=encoding, dtype=dtype or None,
+                                decimal="," if sep == ";" else ".")
+            break
+        except pd.errors.EmptyDataError:
+            raise DataError(f"{path}: the CSV file is empty") from None
+        except UnicodeDecodeError:
+            continue
+        except pd.errors.ParserError as exc:
+            raise DataError(f"{path}: not a readable CSV file (separator {sep!r}): "
+                            f"{str(exc).splitlines()[0]}") from None
+    if encoding != "utf-8-sig":
+        log.warning("%s: not UTF-8; read as Latin-1 (save it as UTF-8 if accents look wrong)",
+                    path)
+    if sep != ",":
+        log.info("%s: %r-separated", path, sep)
     if frame.empty:
         raise DataError(f"{path}: the CSV file has a header but no rows")
     return frame
@@ -217,6 +249,12 @@ def _finish(frame, unlabeled_frame, cfg: DataConfig, seed: int, origin: str, lab
     pool = train
     train = _subsample(train, cfg.n_train, seed, "n_train", origin, cfg, regression)
     val = _subsample(val, cfg.n_val, seed + 1, "n_val", origin, cfg, regression)
+    if not regression and len(np.unique(train.y)) < 2:
+        raise DataError(f"{origin}: the {len(train)} training row(s) hold only class "
+                        f"{classes[int(train.y[0])]!r}; a classifier needs rows of at least 2 "
+                        f"classes (raise n_train to {len(classes)} or more)")
+    notes += small_split_notes({"validation": val.y, "test": test.y},
+                               None if regression else classes)
     blank_ids = (unlabeled_frame[cfg.id_column].astype(str).to_numpy() if cfg.id_column
                  else unlabeled_frame.index.astype(str).to_numpy())
     blank = Split(unlabeled_frame[features], np.full(len(unlabeled_frame), -1, np.int64),
@@ -265,6 +303,21 @@ def left_out(pool: Split, kept: Split) -> Split:
         idx = np.flatnonzero(mask)
     rest = take(pool, idx)
     return Split(rest.frame, np.full(len(idx), -1, np.int64), rest.ids)
+
+
+def small_split_notes(splits: dict[str, np.ndarray], classes: list[str] | None) -> list[str]:
+    """Warnings for splits too small to trust: scores on a handful of rows (or with a class
+    missing) swing by chance."""
+    notes = []
+    for name, y in splits.items():
+        if len(y) < 10:
+            notes.append(f"only {len(y)} {name} row(s): its scores (and a threshold chosen "
+                         f"on it) are unreliable; raise n_val or the split fraction")
+        elif classes is not None and np.asarray(y).ndim == 1:
+            absent = [c for i, c in enumerate(classes) if not (np.asarray(y) == i).any()]
+            if absent:
+                notes.append(f"the {name} split holds no row of class(es) {absent}")
+    return notes
 
 
 def strata(y: np.ndarray, regression: bool) -> np.ndarray:

@@ -46,6 +46,27 @@ def resolve_weights(ref: str, spec: BackboneSpec) -> Weights:
     return Weights(ref, path=ckpt_path, ckpt=load_checkpoint(ckpt_path))
 
 
+def pin_config(cfg: ExperimentConfig, weights: Weights | None = None) -> ExperimentConfig:
+    """The config as a run folder keeps it: data paths absolute (evaluate works from any
+    folder) and model.weights the run folder or file actually used (not `.../latest`, which
+    moves on as new runs complete)."""
+    update: dict[str, Any] = {}
+    for section in ("source", "target"):
+        data = getattr(cfg, section)
+        if data is None:
+            continue
+        paths = {k: str(Path(v).expanduser().resolve()) for k in ("path", "root")
+                 if (v := getattr(data, k))}
+        if paths:
+            update[section] = data.model_copy(update=paths)
+    if weights is not None and weights.path is not None:
+        used = weights.path
+        if used.name == "best.pt" and used.parent.name == "checkpoints":
+            used = used.parent.parent  # the run folder
+        update["model"] = cfg.model.model_copy(update={"weights": str(used.resolve())})
+    return cfg.model_copy(update=update)
+
+
 def load_backbone_weights(model: TransferModel, spec: BackboneSpec, weights: Weights) -> None:
     """Put the chosen pretrained weights into the model's backbone (nothing for `none`)."""
     if weights.name:

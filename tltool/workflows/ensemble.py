@@ -67,7 +67,7 @@ def _check_members(members: list) -> None:
 
 
 def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
-             optimize: str = "accuracy", argv: list[str] | None = None) -> dict[str, Any]:
+             optimize: str | None = None, argv: list[str] | None = None) -> dict[str, Any]:
     from tltool.workflows.infer import _open_run, _state_only
 
     if len(refs) < 2:
@@ -84,6 +84,8 @@ def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
     if regression and rule not in ("auto", "argmax"):
         raise RunError(f"--rule {rule}: {run0} predicts a number (task regression); its "
                        f"ensemble averages the predicted values (leave --rule auto)")
+    if optimize is None:  # what the members chose their own thresholds for
+        optimize = cfg0.decision.optimize
     if rule == "auto":
         rule = "threshold" if multilabel or len(classes) == 2 else "argmax"
     if rule == "threshold" and not multilabel and len(classes) != 2:

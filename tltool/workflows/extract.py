@@ -23,6 +23,7 @@ from tltool.workflows.common import (
     load_trained,
     log,
     new_run,
+    pin_config,
     resolve_weights,
 )
 
@@ -153,7 +154,8 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
                                                                               "test")))
     feats: dict[tuple[str, str], np.ndarray] = {}
     timing = {"images_or_rows": 0, "seconds": 0.0}
-    with new_run(cfg.output.root, cfg.name, "extract", argv, cfg.seed, cfg) as run:
+    with new_run(cfg.output.root, cfg.name, "extract", argv, cfg.seed,
+                 pin_config(cfg, weights)) as run:
         run.file("features").mkdir()
         for d, inputs in loaded.items():
             for s in ("train", "val", "test"):

@@ -237,19 +237,29 @@ def predict(ref: str | Path, input_path: str, out_csv: str | None = None,
 def _new_rows(path: Path, state, cfg, ckpt, id_column):
     from tltool.data.tabular import read_csv
 
-    frame = read_csv(path)
+    data_cfg = _data_section(cfg, ckpt)
+    frame = read_csv(path, text_columns=[c for c in (id_column, getattr(data_cfg, "id_column",
+                                                                        None)) if c])
     pre = encoder_from_state(state)
     x = torch.from_numpy(pre.transform(frame, str(path)))
     unseen = pre.unseen_counts(frame)
     if unseen:
         log.warning("rows with categories not seen in training (encoded as none): %s", unseen)
-    data_cfg = _data_section(cfg, ckpt)
     if id_column is not None and id_column not in frame.columns:
         raise DataError(f"{path}: --id-column {id_column!r} is not a column "
                         f"(columns: {', '.join(map(str, frame.columns))})")
     id_col = id_column or (data_cfg.id_column if data_cfg is not None else None)
-    ids = (frame[id_col].astype(str).to_numpy() if id_col and id_col in frame.columns
-           else frame.index.astype(str).to_numpy())
+    if id_col and id_col in frame.columns:
+        ids = frame[id_col].fillna("").astype(str).to_numpy()
+        blank, repeated = int((ids == "").sum()), int(pd.Series(ids).duplicated().sum())
+        if blank or repeated:
+            log.warning("%s: id column %r has %d empty and %d repeated value(s); predictions "
+                        "stay in input order", path, id_col, blank, repeated)
+    else:
+        if id_col:
+            log.warning("%s: no id column %r; rows are identified by their 0-based data row",
+                        path, id_col)
+        ids = frame.index.astype(str).to_numpy()
     used = set(pre.input_columns) | ({id_col} if id_col else set())
     ignored = [str(c) for c in frame.columns if c not in used]
     if ignored:

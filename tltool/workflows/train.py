@@ -29,6 +29,7 @@ from tltool.workflows.common import (
     load_backbone_weights,
     log,
     new_run,
+    pin_config,
     resolve_weights,
 )
 
@@ -94,7 +95,10 @@ def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any
     rt = make_runtime(cfg.train, spec.input == "image")
     adaptation, adapt_info = _adaptation(cfg, command, inputs, spec, weights)
 
-    with new_run(cfg.output.root, cfg.name, command, argv, cfg.seed, cfg) as run:
+    if weights.path is not None:
+        log.info("weights: %s", weights.path)
+    with new_run(cfg.output.root, cfg.name, command, argv, cfg.seed,
+                 pin_config(cfg, weights)) as run:
         def save(name: str, epoch: int) -> None:
             run.save_checkpoint(name, checkpoint_payload(model, inputs.state, classes, label,
                                                          multilabel, command, epoch))
@@ -115,7 +119,9 @@ def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any
         write_json(run.file("thresholds.json"), thresholds)
         metrics = {
             "command": command, "name": cfg.name, "seed": cfg.seed,
-            "weights": m.weights, "data": data.summary() | {"splits": split_digest(data)},
+            "weights": m.weights,
+            "weights_file": None if weights.path is None else str(weights.path.resolve()),
+            "data": data.summary() | {"splits": split_digest(data)},
             "classes": classes,
             "multilabel": multilabel, "decision": thresholds,
             "val": report(inputs.val.y.numpy(), proba_val, classes, thresholds),
