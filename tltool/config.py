@@ -331,16 +331,27 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if value == "" and text.strip():
         value = text.strip()  # YAML's block markers (| or >) alone: the user meant the text
     parts = key.strip().split(".")
-    node = raw
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            dotted = ".".join(parts[: depth + 1])
-            raise ConfigError(f"--set {item!r}: {dotted} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        dotted = ".".join(parts[: depth + 1])
+        last = depth == len(parts) - 1
+        if isinstance(node, list):  # train.rounds.0.epochs: an item of a list
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {item!r}: {dotted}: no item {part!r} (the list has "
+                                  f"{len(node)} item(s), numbered from 0)")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth])} is a value, not a "
+                              f"section")
+        if last:
+            old = node[part] if isinstance(node, list) else node.get(part)
+            # a mapping merges into the section, as `extends` does
+            node[part] = _deep_merge(old, value) if isinstance(old, dict) and \
+                isinstance(value, dict) else value
+            return
+        if isinstance(node, dict) and node.get(part) is None:
+            node[part] = {}
+        node = node[part]
 
 
 # ---------------------------------------------------------------- messages

@@ -43,7 +43,8 @@ def learning_curves(metrics_csv: Path, out: Path, best_epoch: int | None = None)
     ax_loss.set(xlabel="epoch", title="loss")
     ax_score.set(xlabel="epoch", title="validation (dashed: best epoch)")
     for ax in (ax_loss, ax_score):
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:  # nothing to label when no epoch ran
+            ax.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)

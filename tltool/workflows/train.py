@@ -91,6 +91,9 @@ def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any
     load_backbone_weights(model, spec, weights)
     check_input_fits(model, inputs, section)
     phases = phases_of(cfg, command, len(model.backbone.blocks), model.backbone.block_names)
+    if sum(p.epochs for p in phases) == 0:
+        log.warning("train.epochs is 0: the saved model is the untrained starting point "
+                    "(pretrained backbone, random head)")
     task = Task.of(model, multilabel)
     rt = make_runtime(cfg.train, spec.input == "image")
     adaptation, adapt_info = _adaptation(cfg, command, inputs, spec, weights)
