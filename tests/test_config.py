@@ -96,8 +96,24 @@ def test_set_unknown_key_and_malformed_item(tmp_path):
         load_config(path, ["name.x=1"])
 
 
+def test_set_reaches_list_items_and_merges_sections(tmp_path):
+    path = _write(tmp_path, "c.yaml", "train:\n  weight_decay: 0.01\n  rounds:\n"
+                                      "    - {frozen_layers: 1, epochs: 5}\n"
+                                      "    - {frozen_layers: 0, epochs: 5}\n")
+    cfg = load_config(path, ["train.rounds.1.epochs=2", "train={epochs: 7}",
+                             "target.name=digits", "target.label_sep=|"])
+    assert [r.epochs for r in cfg.train.rounds] == [5, 2]
+    assert cfg.train.epochs == 7 and cfg.train.weight_decay == 0.01  # merged, not replaced
+    assert cfg.target.label_sep == "|"  # YAML's block marker alone: taken as the text
+    with pytest.raises(ConfigError, match=r"train.rounds.2: no item '2' \(the list has 2"):
+        load_config(path, ["train.rounds.2.epochs=2"])
+
+
 @pytest.mark.parametrize("text, fragment", [
     ("", "the config file is empty"),
+    ("train: {epochs: 3}\ntrain: {lr: 0.5}\n", "duplicate key 'train' (lines 1 and 2)"),
+    ("train: {lr: .inf}\n", "train.lr: input should be a finite number"),
+    ("name: a/b\n", "name: got 'a/b'; allowed: letters, digits"),
     ("- a\n- b\n", "a config must be a mapping of keys, got a list"),
     ("a: [1,\n", "(line 2, column 1): not valid YAML"),
     ("extends: 3\n", "`extends` must be a path"),

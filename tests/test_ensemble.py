@@ -79,6 +79,8 @@ def test_ensemble_rejects_what_cannot_be_averaged(members, pretrained, cli, tmp_
     assert twice.code == 2 and "given twice" in twice.err
     mixed = cli("ensemble", str(members[0]), str(pretrained))
     assert mixed.code == 2 and "pretrain run" in mixed.err
+    escape = cli("ensemble", str(members[0]), str(members[1]), "--name", "../../elsewhere")
+    assert escape.code == 2 and "--name: got '../../elsewhere'" in escape.err
     bad = cli("ensemble", str(members[0]), str(members[1]), "--rule", "vote")
     assert bad.code == 2 and "allowed: auto, threshold, argmax" in bad.err
     ev = cli("evaluate", str(members[0].parent.parent / "ft" / "latest"))
