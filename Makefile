@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 TL := $(BIN)/tltool
 DEMO_ROOT ?= runs
 
-.PHONY: install demo test test-slow lint bench transfer-table digits-table adapt-table clean config-doc
+.PHONY: install demo test test-slow lint bench transfer-table amount-table digits-table adapt-table clean config-doc
 
 # Downloads from a package registry can break off mid-file: each pip step is tried three times.
 CONSTRAINTS ?= constraints.txt
@@ -52,6 +52,9 @@ lint: install
 # Transfer vs target-only vs source-only on credit_data (docs/TRANSFER.md).
 transfer-table: install
 	$(BIN)/python benchmarks/credit_transfer.py --out docs/TRANSFER.md
+
+amount-table: install
+	$(BIN)/python benchmarks/amount_transfer.py --out docs/TRANSFER_AMOUNT.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

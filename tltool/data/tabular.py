@@ -268,22 +268,23 @@ def _finish(frame, unlabeled_frame, cfg: DataConfig, seed: int, origin: str, lab
 
 
 def _check_classifiable(values: pd.Series, classes: list[str], label: str, origin: str) -> None:
-    """Refuse a label that is a measurement rather than a class (tltool trains classifiers)."""
+    """Refuse, as a class label, one that is a measurement (that is task: regression)."""
     numbers = pd.to_numeric(values, errors="coerce")
     if numbers.notna().all():
         fractional = (numbers != numbers.round()).sum()
         if fractional:
             example = values[numbers != numbers.round()].iloc[0]
             raise DataError(f"{origin}: label {label!r} holds fractional numbers (e.g. "
-                            f"{example!r}, {int(fractional)} rows): a continuous target. tltool "
-                            f"trains classifiers; bin the column into classes (e.g. low/high) "
-                            f"or pick a column of class labels")
+                            f"{example!r}, {int(fractional)} rows): a continuous target. To "
+                            f"predict the number set `task: regression` on this data section; "
+                            f"to classify, bin it into classes (e.g. low/high)")
     rows_per_class = values.value_counts().median()
     if len(classes) > 50 and rows_per_class < 10:
         raise DataError(f"{origin}: label {label!r} has {len(classes)} distinct values with a "
                         f"median of {rows_per_class:g} rows each: too few rows per class to "
-                        f"learn (a continuous or id-like column?). tltool trains classifiers; "
-                        f"bin the column into classes or pick a column of class labels")
+                        f"learn (a continuous or id-like column?). To predict the number set "
+                        f"`task: regression` on this data section; to classify, bin it into "
+                        f"classes or pick a column of class labels")
 
 
 def take(split: Split, idx: np.ndarray) -> Split:
