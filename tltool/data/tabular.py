@@ -108,6 +108,14 @@ def read_csv(path: Path, text_columns: list[str] | None = None) -> pd.DataFrame:
         except pd.errors.ParserError as exc:
             raise DataError(f"{path}: not a readable CSV file (separator {sep!r}): "
                             f"{str(exc).splitlines()[0]}") from None
+    header = pd.read_csv(path, sep=sep, encoding=encoding, header=None, nrows=1,
+                         dtype=str).iloc[0].tolist()
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise DataError(f"{path}: column {name!r} appears twice in the header; give each "
+                            f"column its own name")
+        seen.add(name)
     if encoding != "utf-8-sig":
         log.warning("%s: not UTF-8; read as Latin-1 (save it as UTF-8 if accents look wrong)",
                     path)

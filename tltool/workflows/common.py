@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -133,10 +134,25 @@ def run_config(run: Path) -> ExperimentConfig:
     return validate_config(raw, origin=str(path))
 
 
+def check_output_root(root: str | Path) -> None:
+    """output.root must be (or become) a writable folder; said before any data is read."""
+    path = Path(root)
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output.root: {root} is a file; run folders need a folder there")
+    if not probe.is_dir():
+        raise ConfigError(f"output.root: {root} cannot be created ({probe} is a file)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"output.root: {root} is not writable ({probe}: permission denied)")
+
+
 @contextlib.contextmanager
 def new_run(cfg_root: str | Path, name: str, command: str, argv: list[str] | None,
             seed: int | None, cfg: ExperimentConfig | None = None) -> Iterator[RunFolder]:
     """Create the run folder; mark it complete on success, failed (with the error) otherwise."""
+    check_output_root(cfg_root)
     run = RunFolder.create(cfg_root, name, command, argv, seed)
     if cfg is not None:
         write_text(run.file("config.yaml"), dump_config(cfg))

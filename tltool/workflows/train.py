@@ -25,6 +25,7 @@ from tltool.runs import write_json, write_text
 from tltool.runtime import make_runtime
 from tltool.workflows.common import (
     check_input_fits,
+    check_output_root,
     checkpoint_payload,
     load_backbone_weights,
     log,
@@ -66,6 +67,7 @@ def phases_of(cfg: ExperimentConfig, command: str, n_blocks: int,
 
 def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any]:
     m = cfg.model
+    check_output_root(cfg.output.root)
     spec = get_spec(m.backbone)  # unknown backbone: fail before reading data
     section = "source" if command == "pretrain" else "target"
     weights = resolve_weights(m.weights, spec)
