@@ -56,6 +56,11 @@ CASES = {
                          "missing.csv: CSV file not found"),
     "empty csv": (lambda t, w: ["freeze-finetune", w("c", _csv_target(
         _csv(t, "empty.csv", text="")))], "empty.csv: the CSV file is empty"),
+    "duplicate header": (lambda t, w: ["freeze-finetune", w("c", _csv_target(
+        _csv(t, "dup.csv", text="a,b,a,Status\n1,2,3,good\n")))],
+        "column 'a' appears twice in the header"),
+    "output root is a file": (lambda t, w: ["pretrain", w("c", {"output": {
+        "root": _csv(t, "afile", text="x")}})], "is a file; run folders need a folder there"),
     "header-only csv": (lambda t, w: ["freeze-finetune", w("c", _csv_target(
         _csv(t, "head.csv", text="a,b,Status\n")))],
         "head.csv: the CSV file has a header but no rows"),

@@ -212,3 +212,25 @@ def test_evaluate_warns_when_the_data_changed_since_training(cli, write_config, 
     frame.to_csv(tmp_path / "c.csv", index=False)  # more rows: the split moves
     assert cli("evaluate", str(run)).code == 0
     assert "the data changed since" in caplog.text
+
+
+def test_sigterm_marks_the_run_failed(write_config, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = write_config("long", {"train": {"epochs": 100000, "early_stopping": {
+        "patience": None}}})
+    proc = subprocess.Popen([sys.executable, "-m", "tltool", "pretrain", cfg], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((tmp_path / "runs").glob("long/*/metrics.csv")):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err
+    status = json.loads(next((tmp_path / "runs").glob("long/*/run.json")).read_text())
+    assert status["status"] == "failed"
