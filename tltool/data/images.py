@@ -141,6 +141,17 @@ def load_images(cfg: DataConfig, seed: int, size: int) -> ImageData:
         raise DataError(f"{origin}: `positive` does not apply to multi-label data (each of "
                         f"{', '.join(classes)} is its own yes/no label)")
     train, val, test, rest = _split(x, y, ids, classes, multilabel, cfg, seed, origin, notes)
+    from tltool.data.tabular import small_split_notes
+
+    notes += small_split_notes({"validation": val.y, "test": test.y},
+                               None if multilabel else classes)
+    if multilabel:
+        for name, part in (("validation", val), ("test", test)):
+            absent = [c for j, c in enumerate(classes) if not np.asarray(part.y)[:, j].any()]
+            if absent and len(part.y):
+                notes.append(f"the {name} split holds no image with label(s) {absent}: their "
+                             f"precision/recall/F1 there are 0 by definition and pull macro "
+                             f"averages down")
     return ImageData(origin, classes, multilabel, train, val, test, notes, rest)
 
 
