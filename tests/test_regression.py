@@ -131,5 +131,46 @@ def test_text_in_a_numeric_label_names_the_row(cli, write_config, tmp_path):
     res = cli("pretrain", write_config("bad", {"source": {
         "kind": "csv", "path": str(tmp_path / "c.csv"), "name": None}}, base=RBASE))
     assert res.code == 2
-    assert "task regression needs a number in label 'Amount'" in res.err
-    assert "'a lot'" in res.err
+    assert "task regression needs a finite number in label 'Amount'" in res.err
+    row = frame.index[frame.Job == "fixed"][3] + 2  # the file's line, as for feature errors
+    assert f"row {row} holds 'a lot'" in res.err
+
+
+def test_labels_far_from_zero_keep_their_digits(cli, write_config, tmp_path):
+    """Standardising and un-standardising happen in float64: 1e9 + 75 stays 1e9 + 75."""
+    frame = load_table("credit_data")
+    frame["Amount"] = frame["Amount"] + 1_000_000_000
+    frame.insert(0, "loan", [f"{i:05d}" for i in range(len(frame))])
+    frame.to_csv(tmp_path / "big.csv", index=False)
+    section = {"kind": "csv", "path": str(tmp_path / "big.csv"), "name": None,
+               "id_column": "loan"}
+    res = cli("pretrain", write_config("big", {"source": section}, base=RBASE))
+    assert res.code == 0, res.err
+    run = tmp_path / res.out.strip()
+    ev = cli("evaluate", str(run))
+    out = tmp_path / ev.out.strip()
+    preds = pd.read_csv(out / "test_predictions.csv", dtype={"id": str})
+    truth = frame.set_index("loan").loc[preds["id"], "Amount"].to_numpy()
+    assert np.array_equal(preds["label"].to_numpy(), truth)
+    assert len(np.unique(np.diff(np.sort(preds["prediction"])) % 64)) > 1  # not float32 steps
+    test = _read(out / "metrics.json")["test"]
+    err = preds["prediction"].to_numpy() - truth
+    assert test["rmse"] == pytest.approx(np.sqrt((err ** 2).mean()), rel=1e-6)
+    # evaluate --csv keeps the run's id column, and a CSV of one row (constant label) scores
+    frame.iloc[:1].to_csv(tmp_path / "one.csv", index=False)
+    ev = cli("evaluate", str(run), "--csv", str(tmp_path / "one.csv"))
+    assert ev.code == 0, ev.err
+    one = pd.read_csv(tmp_path / ev.out.strip() / "test_predictions.csv", dtype={"id": str})
+    assert one["id"].tolist() == ["00000"]
+    assert _read(tmp_path / ev.out.strip() / "metrics.json")["test"]["r2"] is None
+
+
+def test_regression_on_images_and_label_misuse_are_refused(cli, write_config):
+    img = {"source": {"kind": "builtin", "name": "digits", "task": "regression",
+                      "label": None, "drop": []},
+           "model": {"backbone": "small_cnn", "backbone_args": {"hidden": 8}}}
+    res = cli("pretrain", write_config("img", img, base=RBASE))
+    assert res.code == 2 and "'regression' is supported for tables" in res.err
+    res = cli("pretrain", write_config("cat", {"source": {"categorical": ["Amount"]}},
+                                       base=RBASE))
+    assert res.code == 2 and "the label 'Amount' is also listed as categorical" in res.err

@@ -293,7 +293,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum, frame) -> None:
-    raise Terminated()
+    raise Terminated("stopped by SIGTERM")
 
 
 def main() -> None:

@@ -345,9 +345,9 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
                               f"section")
         if last:
             old = node[part] if isinstance(node, list) else node.get(part)
-            # a mapping merges into the section, as `extends` does
+            # a mapping merges into the section, as `extends` does; {} empties it
             node[part] = _deep_merge(old, value) if isinstance(old, dict) and \
-                isinstance(value, dict) else value
+                isinstance(value, dict) and value else value
             return
         if isinstance(node, dict) and node.get(part) is None:
             node[part] = {}

@@ -53,14 +53,17 @@ class Tensors:
 
 
 class StandardisedMSE(nn.Module):
-    """Mean squared error in units of the label's training standard deviation."""
+    """Mean squared error between the model's standardised output and the label standardised
+    with the training mean and standard deviation (computed in float64, so a label of 1e9 + 75
+    keeps its 75)."""
 
-    def __init__(self, std: float):
+    def __init__(self, mean: float, std: float):
         super().__init__()
-        self.std = float(std)
+        self.mean, self.std = float(mean), float(std)
 
     def forward(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return (((pred.reshape(-1) - y.float()) / self.std) ** 2).mean()
+        z = ((y.double() - self.mean) / self.std).to(pred.dtype)
+        return ((pred.reshape(-1) - z) ** 2).mean()
 
 
 @dataclass(frozen=True)
@@ -70,16 +73,19 @@ class Task:
 
     multilabel: bool = False
     regression: bool = False
-    std: float = 1.0  # regression: the label's training standard deviation
+    mean: float = 0.0  # regression: the label's training mean and standard deviation
+    std: float = 1.0
 
     @classmethod
     def of(cls, model: nn.Module, multilabel: bool = False) -> Task:
         scale = getattr(model, "target_scale", None)
-        return cls(multilabel, scale is not None, scale[1] if scale else 1.0)
+        if scale is None:
+            return cls(multilabel)
+        return cls(multilabel, True, float(scale[0]), float(scale[1]))
 
     def loss(self, y: torch.Tensor, n_outputs: int, class_weights: str) -> nn.Module:
         if self.regression:
-            return StandardisedMSE(self.std)
+            return StandardisedMSE(self.mean, self.std)
         if self.multilabel:
             if class_weights == "balanced":
                 pos = y.sum(dim=0).clamp(min=1)
@@ -89,13 +95,13 @@ class Task:
 
     def proba(self, logits: torch.Tensor) -> torch.Tensor:
         """Probabilities; for regression the predicted values themselves (one column)."""
-        if self.regression:
-            return logits
+        if self.regression:  # the value in the label's units, float64
+            return logits.double() * self.std + self.mean
         return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
 
     def val_loss(self, logits: torch.Tensor, y: torch.Tensor) -> float:
         if self.regression:
-            return float(StandardisedMSE(self.std)(logits, y))
+            return float(StandardisedMSE(self.mean, self.std)(logits, y))
         if self.multilabel:
             return float(nn.functional.binary_cross_entropy_with_logits(logits, y.float()))
         return float(nn.functional.cross_entropy(logits, y))

@@ -85,6 +85,9 @@ def load_inputs(cfg: DataConfig, section: str, seed: int, spec: BackboneSpec,
     `like`: an input state to encode with instead (the other domain of a domain adaptation
     run is encoded exactly like the main one). `pool`: also encode the unlabelled pool."""
     image = is_image_data(cfg)
+    if image and cfg.task == "regression":
+        raise ConfigError(f"{section}.task: 'regression' is supported for tables (kind csv or "
+                          f"a built-in table); {cfg.name or cfg.path} holds images with classes")
     if image != (spec.input == "image"):
         what = "images" if image else "table rows"
         raise ConfigError(f"{section}: holds {what} but backbone {spec.name!r} takes "
@@ -128,6 +131,10 @@ def _tabular_inputs(cfg: DataConfig, seed: int, source_state: dict | None) -> In
     else:
         # A pretrained first block expects the source's columns, scaling and categories.
         pre = TabularPreprocessor.from_state(source_state)
+        if data.label in pre.input_columns:
+            raise DataError(f"{data.origin}: the source model takes column {data.label!r} as an "
+                            f"input, but here it is the label to predict; leave it out of the "
+                            f"source section (drop: [{data.label}]) and pretrain again")
         unseen = pre.unseen_counts(data.train.frame)
         if unseen:
             data.notes.append(f"training rows with categories the source never saw: {unseen}")
@@ -144,7 +151,7 @@ def _tabular_inputs(cfg: DataConfig, seed: int, source_state: dict | None) -> In
 def encode_tabular(pre: TabularPreprocessor, split, origin: str) -> Tensors:
     x = torch.from_numpy(pre.transform(split.frame, origin))
     y = np.asarray(split.y)
-    y = np.array(y, dtype=np.float32 if y.dtype.kind == "f" else np.int64)
+    y = np.array(y, dtype=np.float64 if y.dtype.kind == "f" else np.int64)  # float: regression
     return Tensors(x, torch.from_numpy(y))
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from tltool.config import DataConfig
-from tltool.data.preprocess import infer_numeric, value_text
+from tltool.data.preprocess import csv_line, infer_numeric, value_text
 from tltool.datasets import TABLES, load_table
 from tltool.errors import DataError
 
@@ -172,6 +172,14 @@ def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
     label = cfg.label or (TABLES[cfg.name].label if cfg.kind == "builtin" else None)
     if label is None:
         raise DataError(f"{origin}: set `label` to the column that holds the class")
+    if cfg.label_sep is not None:
+        raise DataError(f"{origin}: label_sep (multi-label) applies to image data (kind "
+                        f"image_csv); a table holds one label per row")
+    for key, names in (("categorical", cfg.categorical), ("drop", cfg.drop),
+                       ("id_column", [cfg.id_column])):
+        if label in names:
+            raise DataError(f"{origin}: the label {label!r} is also listed as {key}; the "
+                            f"label is neither a feature nor an id")
     _check_columns(frame, [label], "label column", origin)
     for what, names in (("feature", cfg.features or []), ("categorical column", cfg.categorical),
                         ("dropped column", cfg.drop),
@@ -224,15 +232,17 @@ def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
     return _finish(frame, unlabeled_frame, cfg, seed, origin, label, classes, y, notes)
 
 
-def _numeric_label(values: pd.Series, label: str, origin: str) -> np.ndarray:
+def _numeric_label(values: pd.Series, label: str, origin: str,
+                   training: bool = True) -> np.ndarray:
     numbers = pd.to_numeric(values, errors="coerce")
     bad = numbers.isna() | ~np.isfinite(numbers.astype(float))
     if bad.any():
         row = values.index[bad.to_numpy()][0]
-        raise DataError(f"{origin}: task regression needs a number in label {label!r}, but "
-                        f"data row {row} holds {values.loc[row]!r} ({int(bad.sum())} such "
-                        f"rows); fix or blank them (blank labels are left out)")
-    if numbers.nunique() < 2:
+        raise DataError(f"{origin}: task regression needs a finite number in label {label!r}, "
+                        f"but {csv_line(row)} holds {str(values.loc[row])!r} "
+                        f"({int(bad.sum())} such rows); fix or blank them (blank labels are "
+                        f"left out)")
+    if training and numbers.nunique() < 2:
         raise DataError(f"{origin}: label {label!r} is the same number in every selected row; "
                         f"nothing to regress")
     return numbers.to_numpy(np.float64)
@@ -320,8 +330,8 @@ def small_split_notes(splits: dict[str, np.ndarray], classes: list[str] | None) 
     notes = []
     for name, y in splits.items():
         if len(y) < 10:
-            notes.append(f"only {len(y)} {name} row(s): its scores (and a threshold chosen "
-                         f"on it) are unreliable; raise n_val or the split fraction")
+            notes.append(f"only {len(y)} {name} row(s): scores on it are unreliable; raise "
+                         f"n_val or the split fraction")
         elif classes is not None and np.asarray(y).ndim == 1:
             absent = [c for i, c in enumerate(classes) if not (np.asarray(y) == i).any()]
             if absent:

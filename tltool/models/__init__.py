@@ -32,8 +32,8 @@ class TransferModel(nn.Module):
         self.backbone = backbone
         self.head = head
         self.spec = spec
-        # Regression: the head's output is a standardised value; the model answers in the
-        # label's units (mean + std x output). Fixed by the spec, not trained.
+        # Regression: the head's output is the standardised label; tltool.engine.Task maps it
+        # to the label's units (mean + std x output) in float64. Fixed by the spec.
         self.target_scale = tuple(spec["target_scale"]) if spec.get("target_scale") else None
         # Set by tltool.freeze.apply_freeze: modules kept in eval mode, and BatchNorm layers
         # inside them that should still adapt their statistics (bn_policy "train").
@@ -48,12 +48,8 @@ class TransferModel(nn.Module):
         return self.output(self.backbone.forward_from(z, start))
 
     def output(self, features: torch.Tensor) -> torch.Tensor:
-        """The head on backbone features: logits, or a regression value in the label's units."""
-        out = self.head(features)
-        if self.target_scale is not None:
-            mean, std = self.target_scale
-            out = out * std + mean
-        return out
+        """The head on backbone features: logits, or the standardised regression value."""
+        return self.head(features)
 
     def train(self, mode: bool = True) -> TransferModel:
         super().train(mode)

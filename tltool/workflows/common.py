@@ -160,7 +160,8 @@ def new_run(cfg_root: str | Path, name: str, command: str, argv: list[str] | Non
     try:
         yield run
     except BaseException as exc:
-        run.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+        detail = f": {exc}" if str(exc) else ""
+        run.set_status("failed", error=f"{type(exc).__name__}{detail}")
         raise
     run.set_status("complete")
 

@@ -116,7 +116,8 @@ def _evaluation_data(run: Path, cfg, ckpt: dict[str, Any], on: str | None, csv: 
             raise DataError("--csv evaluates table rows; for an image model use --on with a "
                             "data section of the run's config")
         regression = bool(ckpt["spec"].get("target_scale"))
-        test, ids = _labelled_csv(Path(csv), label, classes, state, regression)
+        test, ids = _labelled_csv(Path(csv), label, classes, state, regression,
+                                  getattr(_data_section(cfg, ckpt), "id_column", None))
         return test, csv, ids, "csv"
     domain = on or ("source" if ckpt["command"] == "pretrain" else "target")
     data_cfg = getattr(cfg, domain)
@@ -160,20 +161,24 @@ def _state_only(ckpt: dict[str, Any]):
 
 
 def _labelled_csv(path: Path, label: str, classes: list[str], state: dict,
-                  regression: bool = False) -> tuple[Tensors, np.ndarray]:
+                  regression: bool = False,
+                  id_column: str | None = None) -> tuple[Tensors, np.ndarray]:
     from tltool.data.preprocess import value_text
     from tltool.data.tabular import Split, _numeric_label, read_csv
 
-    frame = read_csv(path)
+    frame = read_csv(path, text_columns=[id_column] if id_column else [])
+    has_ids = id_column is not None and id_column in frame.columns
     if label not in frame.columns:
         raise DataError(f"{path}: label column {label!r} missing; evaluate needs labelled "
                         f"rows (predict does not)")
     frame = frame[frame[label].notna() & (frame[label].astype(str).str.strip() != "")]
     if frame.empty:
         raise DataError(f"{path}: no row has a value in label column {label!r}")
+    ids = (frame[id_column].fillna("").astype(str).to_numpy() if has_ids
+           else frame.index.astype(str).to_numpy())
     if regression:
-        split = Split(frame, _numeric_label(frame[label], label, str(path)),
-                      frame.index.astype(str).to_numpy())
+        split = Split(frame, _numeric_label(frame[label], label, str(path), training=False),
+                      ids)
         return encode_tabular(encoder_from_state(state), split, str(path)), split.ids
     text = frame[label].map(value_text)
     unknown = sorted(set(text) - set(classes))
@@ -181,7 +186,7 @@ def _labelled_csv(path: Path, label: str, classes: list[str], state: dict,
         raise DataError(f"{path}: label values {unknown} were not classes of the model "
                         f"({', '.join(classes)})")
     y = text.map(classes.index).to_numpy(np.int64)
-    split = Split(frame, y, frame.index.astype(str).to_numpy())
+    split = Split(frame, y, ids)
     return encode_tabular(encoder_from_state(state), split, str(path)), split.ids
 
 
