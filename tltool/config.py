@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tltool.errors import ConfigError
 
@@ -75,6 +75,14 @@ class DataConfig(_Strict):
     split: SplitConfig = Field(SplitConfig(), description="train/val/test partition")
     n_train: int | None = Field(None, gt=0, description="sub-sample this many training rows")
     n_val: int | None = Field(None, gt=0, description="sub-sample this many validation rows")
+
+    @field_validator("where", "options", "categorical", "drop", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: Any, info) -> Any:
+        """`where: null` (or ~) means no filter, as an empty mapping does."""
+        if value is None:
+            return [] if info.field_name in ("categorical", "drop") else {}
+        return value
 
     @model_validator(mode="after")
     def _source_named(self) -> DataConfig:
