@@ -73,16 +73,8 @@ def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
     run, members, decision = _open_members(ref)
     _, cfg, ckpt, _, _ = members[0]
     classes, multilabel = ckpt["classes"], bool(ckpt.get("multilabel"))
-    probas: list[np.ndarray] = []
-    ids: Any = None
-    for m_run, m_cfg, m_ckpt, model, _ in members:  # each member encodes the data its way
-        test, origin, m_ids, domain = _evaluation_data(m_run, m_cfg, m_ckpt, on, csv)
-        if probas and not np.array_equal(np.asarray(m_ids), np.asarray(ids)):
-            raise DataError(f"{origin}: member {m_run} evaluates other rows than the first "
-                            f"member; cannot average")
-        ids = m_ids
-        probas.append(predict_proba(model, test, multilabel))
-    proba = np.mean(probas, axis=0)
+    proba, ids, (test, origin, domain) = _average(
+        members, multilabel, lambda m: _evaluation_data(m[0], m[1], m[2], on, csv))
     y = test.y.numpy()
     metrics = report(y, proba, classes, decision)
     result = {"run": str(run), "on": domain, "origin": str(origin), "split": "test",
@@ -108,8 +100,25 @@ def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
     return {"run": str(out.path), "metrics": result, "table": table}
 
 
+def _average(members: list, multilabel: bool, load):
+    """Each member encodes the rows its own way (`load(member)` -> (data, ids, *extra));
+    their probabilities (or regression values) are averaged. Returns the mean, the ids and
+    the last member's (data, *extra)."""
+    probas: list[np.ndarray] = []
+    ids: Any = None
+    for member in members:
+        data, m_ids, *extra = load(member)
+        if probas and not np.array_equal(np.asarray(m_ids), np.asarray(ids)):
+            raise DataError(f"member {member[0]} kept other rows than the first member; "
+                            f"cannot average")
+        ids = m_ids
+        probas.append(predict_proba(member[3], data, multilabel))
+    return np.mean(probas, axis=0), ids, (data, *extra)
+
+
 def _evaluation_data(run: Path, cfg, ckpt: dict[str, Any], on: str | None, csv: str | None):
-    """The labelled rows to evaluate one model on, encoded with its own input state."""
+    """The labelled rows to evaluate one model on, encoded with its own input state:
+    (rows, their ids, origin, domain)."""
     classes, label, state = ckpt["classes"], ckpt["label"], ckpt["preprocessor"]
     if csv is not None:
         if state.get("kind") == "image":
@@ -118,7 +127,7 @@ def _evaluation_data(run: Path, cfg, ckpt: dict[str, Any], on: str | None, csv: 
         regression = bool(ckpt["spec"].get("target_scale"))
         test, ids = _labelled_csv(Path(csv), label, classes, state, regression,
                                   getattr(_data_section(cfg, ckpt), "id_column", None))
-        return test, csv, ids, "csv"
+        return test, ids, csv, "csv"
     domain = on or ("source" if ckpt["command"] == "pretrain" else "target")
     data_cfg = getattr(cfg, domain)
     if data_cfg is None:
@@ -133,7 +142,7 @@ def _evaluation_data(run: Path, cfg, ckpt: dict[str, Any], on: str | None, csv: 
                         f"model's {classes}; evaluate on data with the same label values")
     if domain == ("source" if ckpt["command"] == "pretrain" else "target"):
         _warn_if_changed(run, inputs)
-    return inputs.test, inputs.data.origin, inputs.data.test.ids, domain
+    return inputs.test, inputs.data.test.ids, inputs.data.origin, domain
 
 
 def _warn_if_changed(run: Path, inputs) -> None:
@@ -207,21 +216,17 @@ def predict(ref: str | Path, input_path: str, out_csv: str | None = None,
         if out_path.exists() and out_path.resolve() == Path(input_path).resolve():
             raise DataError(f"--out {out_csv}: is the input file; write the predictions to "
                             f"another file")
-    probas: list[np.ndarray] = []
-    ids: Any = None
-    for m_run, m_cfg, m_ckpt, model, _ in members:  # each member encodes the input its way
+    def load(member):
+        _, m_cfg, m_ckpt, _, _ = member
         state = m_ckpt["preprocessor"]
         if state.get("kind") == "image":
             data, m_ids, notes = _new_images(Path(input_path), state, id_column,
                                              _data_section(m_cfg, m_ckpt))
         else:
             data, m_ids, notes = _new_rows(Path(input_path), state, m_cfg, m_ckpt, id_column)
-        if probas and not np.array_equal(np.asarray(m_ids), np.asarray(ids)):
-            raise DataError(f"{input_path}: member {m_run} kept other rows than the first "
-                            f"member; cannot average")
-        ids = m_ids
-        probas.append(predict_proba(model, data, multilabel))
-    proba = np.mean(probas, axis=0)
+        return data, m_ids, notes
+
+    proba, ids, (_, notes) = _average(members, multilabel, load)
     preds = predictions_frame(ids, proba, classes, decision)
     if decision.get("rule") == "regression":
         described = preds["prediction"].describe()
