@@ -145,7 +145,13 @@ def resolve_run(ref: str | Path, commands: tuple[str, ...] | None = None) -> Pat
                 and (commands is None or (run_status(p) or {}).get("command") in commands)]
         if not runs:
             kinds = f" {'/'.join(commands)}" if commands else ""
-            raise RunError(f"{ref}: no complete{kinds} run in {parent}")
+            others = sorted({(run_status(p) or {}).get("command") for p in parent.iterdir()
+                             if p.is_dir() and (run_status(p) or {}).get("status") == "complete"}
+                            - {None})
+            held = f" (it holds complete {', '.join(others)} run(s)" if others else ""
+            if held and "extract" in others:
+                held += "; extract saves features and head scores, not a model to apply"
+            raise RunError(f"{ref}: no complete{kinds} run in {parent}{held + ')' if held else ''}")
         path = max(runs, key=_run_order)
     if not path.is_dir():
         raise RunError(f"{ref}: run folder not found")
