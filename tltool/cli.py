@@ -21,7 +21,7 @@ app = typer.Typer(
     "  tltool freeze-finetune configs/credit/finetune.yaml\n\n"
     "  tltool evaluate runs/credit-finetune/latest\n\n"
     "  tltool predict runs/credit-finetune/latest configs/credit/new_applicants.csv "
-    "--out preds.csv",
+    "--id-column applicant_id --out preds.csv",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -241,7 +241,10 @@ def show_config(
 
 @app.command()
 def datasets() -> None:
-    """List the built-in data sets (tables and images) with their options."""
+    """List the built-in data sets (tables and images) with their options.
+
+    Example: tltool datasets
+    """
     from tltool.datasets import TABLES
     from tltool.datasets.images import describe
 
@@ -264,7 +267,10 @@ def backbones(
     name: str = typer.Option(None, "--name", help="Show only this backbone."),
 ) -> None:
     """List backbones with their ordered freezable blocks (the unit of frozen_layers),
-    parameter counts, input size and pretrained weight names."""
+    parameter counts, input size and pretrained weight names.
+
+    Example: tltool backbones --name resnet18
+    """
     from tltool.models.backbones import BACKBONES, build_backbone, get_spec
 
     if name and name not in BACKBONES:

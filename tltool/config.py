@@ -178,7 +178,8 @@ class TrainConfig(_Strict):
 class DecisionConfig(_Strict):
     rule: Literal["argmax", "threshold"] = Field(
         "argmax", description="argmax (the design document's 'max') or a probability threshold "
-        "chosen on the validation split ('avg')")
+        "swept on the validation split (the sweep of its 'avg'; `tltool ensemble` averages "
+        "several runs first)")
     optimize: Literal["accuracy", "f1", "youden"] = Field(
         "accuracy", description="what the validation threshold maximises")
 
@@ -319,9 +320,11 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
 
 
 def _deep_merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """Child wins key by key; a mapping merges into the parent's, except an empty one ({}),
+    which replaces it (e.g. `backbone_args: {}` to inherit the source run's)."""
     out = copy.deepcopy(base)
     for key, value in child.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and value and isinstance(out.get(key), dict):
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

@@ -71,6 +71,10 @@ def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any
     spec = get_spec(m.backbone)  # unknown backbone: fail before reading data
     section = "source" if command == "pretrain" else "target"
     weights = resolve_weights(m.weights, spec)
+    if command == "freeze-finetune" and weights.path is None and weights.name is None:
+        log.warning("model.weights is none: freeze-finetune trains from random weights (no "
+                    "transfer; a target-only baseline). Name the source run, e.g. "
+                    "model.weights: runs/NAME/latest")
     args = (_inherit_args(cfg, weights.ckpt, weights.path) if weights.ckpt
             else resolve_args(m.backbone, m.backbone_args))
     inputs = load_inputs(data_cfg, section, cfg.seed, spec, weights)
