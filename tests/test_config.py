@@ -64,6 +64,17 @@ def test_extends_merges_key_by_key_and_child_wins(tmp_path):
     assert (cfg.seed, cfg.train.epochs, cfg.train.lr, cfg.model.head) == (3, 9, 0.01, "mlp")
 
 
+def test_an_empty_mapping_in_a_child_replaces_the_parents(tmp_path):
+    _write(tmp_path, "base.yaml", "model: {backbone_args: {hidden: [64, 32]}}
+")
+    child = _write(tmp_path, "child.yaml", "extends: base.yaml
+model: {backbone_args: {}}
+")
+    assert load_config(child).model.backbone_args == {}  # inherit the source run's
+    assert load_config(child, ["model.backbone_args={hidden: [8]}"]).model.backbone_args == \
+        {"hidden": [8]}
+
+
 def test_extends_cycle_is_reported(tmp_path):
     _write(tmp_path, "a.yaml", "extends: b.yaml\n")
     _write(tmp_path, "b.yaml", "extends: a.yaml\n")
