@@ -65,11 +65,8 @@ def test_extends_merges_key_by_key_and_child_wins(tmp_path):
 
 
 def test_an_empty_mapping_in_a_child_replaces_the_parents(tmp_path):
-    _write(tmp_path, "base.yaml", "model: {backbone_args: {hidden: [64, 32]}}
-")
-    child = _write(tmp_path, "child.yaml", "extends: base.yaml
-model: {backbone_args: {}}
-")
+    _write(tmp_path, "base.yaml", "model: {backbone_args: {hidden: [64, 32]}}\n")
+    child = _write(tmp_path, "child.yaml", "extends: base.yaml\nmodel: {backbone_args: {}}\n")
     assert load_config(child).model.backbone_args == {}  # inherit the source run's
     assert load_config(child, ["model.backbone_args={hidden: [8]}"]).model.backbone_args == \
         {"hidden": [8]}
