@@ -159,3 +159,17 @@ def test_adapt_needs_the_other_domain_and_matching_classes(cli, write_config, tm
     assert "adapt.source_weight: 0" in res.err
     res = cli("freeze-finetune", cfg, "--set", "adapt.source_weight=0")
     assert res.code == 0, res.err
+
+
+def test_image_adaptation_resizes_the_other_domain_to_the_models_size(cli, write_config,
+                                                                      tmp_path):
+    cfg = write_config("img-adapt", base={
+        "source": {"kind": "builtin", "name": "mnist5k", "n_train": 200, "n_val": 50,
+                   "image_size": 28},
+        "target": {"kind": "builtin", "name": "digits", "image_size": 20},
+        "model": {"backbone": "small_cnn", "backbone_args": {"hidden": 8}},
+        "train": {"epochs": 1, "batch_size": 64}, "adapt": {"method": "mmd"}})
+    res = cli("pretrain", cfg)
+    assert res.code == 0, res.err
+    m = json.loads((tmp_path / res.out.strip() / "metrics.json").read_text())
+    assert m["adapt"]["method"] == "mmd" and m["adapt"]["target_rows_aligned"] > 0

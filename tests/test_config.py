@@ -113,6 +113,8 @@ def test_set_reaches_list_items_and_merges_sections(tmp_path):
     assert [r.epochs for r in cfg.train.rounds] == [5, 2]
     assert cfg.train.epochs == 7 and cfg.train.weight_decay == 0.01  # merged, not replaced
     assert cfg.target.label_sep == "|"  # YAML's block marker alone: taken as the text
+    hashed = load_config(path, ["target.name=digits", "target.label_sep=#"])
+    assert hashed.target.label_sep == "#"  # not a YAML comment
     with pytest.raises(ConfigError, match=r"train.rounds.2: no item '2' \(the list has 2"):
         load_config(path, ["train.rounds.2.epochs=2"])
 

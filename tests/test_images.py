@@ -195,11 +195,12 @@ def test_csv_missing_file_names_the_row(multilabel_csv):
 
 def test_csv_duplicate_images_are_dropped_or_refused(multilabel_csv):
     lines = multilabel_csv.read_text().splitlines()
-    multilabel_csv.write_text("\n".join([*lines, lines[1], "./" + lines[2]]) + "\n")
+    multilabel_csv.write_text("\n".join([*lines, lines[1], "./" + lines[2],
+                                         "imgs/0.png, b | a ,k50"]) + "\n")
     data = load_images(_csv_cfg(multilabel_csv, label_sep="|"), seed=0, size=8)
     assert len(_all_ids(data)) == 12 == len(set(_all_ids(data)))
-    assert "dropped 2 row(s) that list an image already listed (e.g. row 14 repeats row 2)" \
-        in data.notes
+    assert "dropped 3 row(s) that list an image already listed (e.g. row 14 repeats row 2)" \
+        in data.notes  # the same label set in another order is the same row
     multilabel_csv.write_text("\n".join([*lines, "imgs/1.png,b,k99"]) + "\n")
     with pytest.raises(DataError, match="row 14 lists the image of row 3 again with another "
                                         "label"):

@@ -273,7 +273,7 @@ def backbones(
     """
     from tltool.models.backbones import BACKBONES, build_backbone, get_spec
 
-    if name and name not in BACKBONES:
+    if name is not None and name not in BACKBONES:
         import difflib
 
         close = difflib.get_close_matches(name, list(BACKBONES), n=1)

@@ -339,8 +339,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text  # not YAML: keep the text as a string
-    if value == "" and text.strip():
-        value = text.strip()  # YAML's block markers (| or >) alone: the user meant the text
+    if value in ("", None) and text.strip() not in ("", "null", "Null", "NULL", "~"):
+        value = text.strip()  # | or > (block markers) or # (a comment) alone: meant as text
     parts = key.strip().split(".")
     node: Any = raw
     for depth, part in enumerate(parts):

@@ -566,12 +566,20 @@ def _from_folder(cfg: DataConfig, size: int, notes: list[str]):
 
 
 def _drop_duplicates(rows: np.ndarray, duplicates: list[tuple[int, int]], labels: pd.Series,
-                     csv: Path, notes: list[str]) -> np.ndarray:
+                     csv: Path, notes: list[str], label_sep: str | None = None) -> np.ndarray:
     """The same image listed twice would land in training and test alike: keep its first row
-    (the same label again is dropped with a note; another label is an error)."""
+    (the same label again — for multi-label, the same set in any order — is dropped with a
+    note; another label is an error)."""
+    def key(v):
+        if pd.isna(v):
+            return frozenset() if label_sep else ""
+        if label_sep:
+            return frozenset(t.strip() for t in str(v).split(label_sep) if t.strip())
+        return str(v).strip()
+
     for later, first in duplicates:
         a, b = labels.iloc[first], labels.iloc[later]
-        if not (pd.isna(a) and pd.isna(b)) and str(a).strip() != str(b).strip():
+        if key(a) != key(b):
             raise DataError(f"{csv}: {_row(later)} lists the image of {_row(first)} again with "
                             f"another label ({str(b)!r} vs {str(a)!r}); an image needs one row "
                             f"(join several labels with label_sep for multi-label data)")
@@ -647,7 +655,7 @@ def _from_csv(cfg: DataConfig, size: int, notes: list[str]):
                             f"{cfg.image_column!r}")
         rel = str(raw).strip()
         f = Path(rel) if Path(rel).is_absolute() else root / rel
-        key = os.path.normpath(str(f))
+        key = os.path.realpath(f)  # the same file under another spelling or a link
         if key in first_row:
             duplicates.append((int(i), first_row[key]))
             continue
@@ -660,7 +668,7 @@ def _from_csv(cfg: DataConfig, size: int, notes: list[str]):
         shown.append(rel)
         files.append(f)
     if duplicates:
-        rows = _drop_duplicates(rows, duplicates, frame[label], csv, notes)
+        rows = _drop_duplicates(rows, duplicates, frame[label], csv, notes, cfg.label_sep)
     where = [f"{csv}: {_row(i)}: " for i in rows]
     x, kept, bad = _store(cfg, files, size, [str(f) for f in files], notes, where)
     if bad:

@@ -291,7 +291,10 @@ def _new_images(path: Path, state, id_column, data_cfg):
         raise DataError(f"{path}: not found; give a folder of images, an image file or a CSV "
                         f"of image paths")
     if path.is_dir():
-        files = [str(p) for p in walk_files(path)[0] if p.suffix.lower() in IMAGE_EXTENSIONS]
+        found, broken = walk_files(path)
+        if broken:
+            log.warning("%s: ignored %d broken symbolic link(s)", path, broken)
+        files = [str(p) for p in found if p.suffix.lower() in IMAGE_EXTENSIONS]
         if not files:
             raise DataError(f"{path}: no image files found (looked for "
                             f"{', '.join(IMAGE_EXTENSIONS)})")

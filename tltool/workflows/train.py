@@ -189,6 +189,12 @@ def _adaptation(cfg: ExperimentConfig, command: str, inputs, spec,
                           f"{command} trains on the {'source' if other == 'target' else 'target'}"
                           f" and needs a `{other}` data section for the other domain")
     state = inputs.state
+    if state.get("kind") == "image" and other_cfg.image_size not in (None, state["size"]):
+        log.warning("adapt: %s.image_size %s differs from the model's %s px; the %s images "
+                    "are resized to %s px (one network sees both domains)", other,
+                    other_cfg.image_size, state["size"], other, state["size"])
+    if state.get("kind") == "image":
+        other_cfg = other_cfg.model_copy(update={"image_size": state["size"]})
     if command == "pretrain":
         target = load_inputs(other_cfg, other, cfg.seed, spec, weights, like=state,
                              pool=a.unlabeled == "pool")
