@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
 
-from tables import Scores, machine_line
+from tables import Scores, fine_tune_all, machine_line, size_sets
 
 from tltool.config import load_config
 from tltool.data.preprocess import TabularPreprocessor
@@ -31,7 +30,7 @@ from tltool.data.tabular import load_tabular
 from tltool.metrics import regression_report
 from tltool.workflows.extract import extract, sklearn_regressor
 from tltool.workflows.infer import evaluate
-from tltool.workflows.train import freeze_finetune, pretrain
+from tltool.workflows.train import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "credit_amount"
@@ -75,14 +74,8 @@ def main() -> None:
                                            common + [f"seed={seed}"]))["run"]
             src_only = evaluate(src_run, on="target")["metrics"]["test"]
             for n in SIZES:
-                col = "all" if n is None else str(n)
-                n_val = "null" if n is None else str(math.ceil(n / 2))
-                sets = common + [f"seed={seed}", f"target.n_train={'null' if n is None else n}",
-                                 f"target.n_val={n_val}", f"model.weights={src_run}"]
-                for method, (file, extra) in METHODS.items():
-                    run_sets = [s for s in sets if not s.startswith("model.weights")] \
-                        if file == "target_only.yaml" else sets
-                    res = freeze_finetune(load_config(CONFIGS / file, run_sets + extra))
+                col, sets = size_sets(common, seed, n, src_run)
+                for method, res in fine_tune_all(METHODS, CONFIGS, sets):
                     add(method, col, res["metrics"]["test"])
                 ex = extract(load_config(CONFIGS / "extract.yaml",
                                          sets + ["extract.heads=[ridge, random_forest]"]))

@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
 
-from tables import Scores, machine_line
+from tables import Scores, fine_tune_all, machine_line, size_sets
 
 from tltool.config import load_config
 from tltool.workflows.extract import extract
 from tltool.workflows.infer import evaluate
-from tltool.workflows.train import freeze_finetune, pretrain
+from tltool.workflows.train import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "credit"
@@ -57,16 +56,8 @@ def main() -> None:
             src_run = pretrain(cfg)["run"]
             src_only = evaluate(src_run, on="target")["metrics"]["test"]["auroc"]
             for n in SIZES:
-                col = "all" if n is None else str(n)
-                n_val = "null" if n is None else str(math.ceil(n / 2))
-                sets = common + [f"seed={seed}", f"target.n_train={'null' if n is None else n}",
-                                 f"target.n_val={n_val}", f"model.weights={src_run}"]
-                for method, (file, extra) in METHODS.items():
-                    if file == "target_only.yaml":
-                        run_sets = [s for s in sets if not s.startswith("model.weights")]
-                    else:
-                        run_sets = sets
-                    res = freeze_finetune(load_config(CONFIGS / file, run_sets + extra))
+                col, sets = size_sets(common, seed, n, src_run)
+                for method, res in fine_tune_all(METHODS, CONFIGS, sets):
                     scores.add(method, col, res["metrics"]["test"]["auroc"])
                 ex = extract(load_config(CONFIGS / "extract.yaml", sets +
                                          ["extract.heads=[logistic_regression]"]))
