@@ -69,7 +69,8 @@ class StandardisedMSE(nn.Module):
 @dataclass(frozen=True)
 class Task:
     """Single-label (softmax, cross-entropy), multi-label (a sigmoid per label, BCE) or
-    regression (one output in the label's units, MSE on the standardised label)."""
+    regression (one output: the standardised label, MSE; `proba` maps it to the label's
+    units)."""
 
     multilabel: bool = False
     regression: bool = False
@@ -380,8 +381,8 @@ def _adapt_epoch(model: TransferModel, data: Tensors, aux: dict[str, Tensors],
         n = len(idx)
         with rt.autocast():
             feats = model.backbone.forward_from(x, start) if start else model.backbone(x)
-            logits = model.output(feats[:n])
-            extra = (model.output(feats[n:n + batch_size])
+            logits = model.head(feats[:n])
+            extra = (model.head(feats[n:n + batch_size])
                      if source is not None and adapt.source_weight > 0 else None)
         loss = loss_fn(logits.float(), yb)
         if source is not None:

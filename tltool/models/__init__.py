@@ -41,15 +41,11 @@ class TransferModel(nn.Module):
         self.adapting_norms: list[nn.Module] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output(self.backbone(x))
+        return self.head(self.backbone(x))
 
     def forward_from(self, z: torch.Tensor, start: int) -> torch.Tensor:
         """Logits from the cached output of the first `start` backbone blocks."""
-        return self.output(self.backbone.forward_from(z, start))
-
-    def output(self, features: torch.Tensor) -> torch.Tensor:
-        """The head on backbone features: logits, or the standardised regression value."""
-        return self.head(features)
+        return self.head(self.backbone.forward_from(z, start))
 
     def train(self, mode: bool = True) -> TransferModel:
         super().train(mode)
