@@ -65,9 +65,11 @@ def write_config(tmp_path):
 
 
 def merge(base: dict, changes: dict) -> dict:
+    """Deep merge as tltool's `extends` does it: an empty mapping replaces the parent's."""
     out = dict(base)
     for k, v in changes.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and v and \
+            isinstance(out.get(k), dict) else v
     return out
 
 

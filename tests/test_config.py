@@ -28,8 +28,8 @@ def test_unknown_key_suggests_the_close_one(tmp_path):
         load_config(path)
     assert str(exc.value) == (
         f"{path}: model.frozen_layer: unknown key; did you mean 'frozen_layers'? allowed: "
-        "backbone, backbone_args, weights, frozen_layers, strategy, head, bn_policy, head_hidden, "
-        "dropout")
+        "backbone, backbone_args, weights, frozen_layers, strategy, head, head_args, keep_head, "
+        "prior, prior_weights, bn_policy, head_hidden, dropout")
 
 
 def test_all_problems_of_a_file_in_one_message(tmp_path):

@@ -44,7 +44,11 @@ def test_split_is_stratified_and_fixed_across_seeds():
     a, b = load_tabular(cfg, seed=0), load_tabular(cfg, seed=1)
     assert len(a.test) == 181 and len(a.train) == 50
     assert list(a.test.ids) == list(b.test.ids)  # the test rows never change with the seed
-    assert list(a.train.ids) != list(b.train.ids)  # the few labelled rows do
+    assert list(a.train.ids) == list(b.train.ids)  # nor do the labelled rows (an ensemble of
+    assert list(a.val.ids) == list(b.val.ids)      # seeds sees the labels of one run)
+    c = load_tabular(cfg.model_copy(update={"sample_seed": 1}), seed=0)
+    assert list(c.test.ids) == list(a.test.ids)
+    assert list(a.train.ids) != list(c.train.ids)  # other labelled rows only when asked
     assert not set(a.train.ids) & set(a.test.ids)
     overall = np.mean(np.concatenate([a.train.y, a.val.y, a.test.y]))
     assert abs(a.test.y.mean() - overall) < 0.02

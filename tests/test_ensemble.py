@@ -36,8 +36,9 @@ def test_ensemble_averages_members_and_chooses_the_threshold_on_validation(
     m = json.loads((run / "metrics.json").read_text())
     assert m["decision"]["rule"] == "threshold" and m["decision"]["chosen_on"] == "validation"
     assert m["decision"]["averaged"] == 3
-    # the union of the members' 40 validation rows each, all from the 91-row val partition
-    assert 40 < m["val_rows"] <= 91 and m["val"]["n"] == m["val_rows"]
+    # the members' 40 validation rows: the same rows for every seed (sample_seed not set)
+    assert m["val_rows"] == 40 and m["val"]["n"] == m["val_rows"]
+    assert m["labelled_rows_seen"] == 140 and m["labelled_rows_per_member"] == [140] * 3
     assert m["test"]["n"] == 181 and len(m["members_test"]) == 3
     # the averaged probability is the mean of the members' own test probabilities
     ens = pd.read_csv(run / "test_predictions.csv")

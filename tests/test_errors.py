@@ -45,7 +45,8 @@ CASES = {
     "wrong type": (lambda t, w: ["pretrain", w("c", {"train": {"lr": "fast"}})],
                    "train.lr: input should be a valid number"),
     "value not allowed": (lambda t, w: ["pretrain", w("c", {"model": {"head": "svm2"}})],
-                          "model.head: got 'svm2'; allowed: 'linear', 'mlp' or 'multilabel'"),
+                          "model.head: got 'svm2'; allowed: 'linear', 'mlp', 'multilabel', "
+        "'logistic_regression', 'ridge' or 'gradient_boosting'"),
     "config file missing": (lambda t, w: ["pretrain", "nope.yaml"],
                             "nope.yaml: config file not found"),
     "invalid yaml": (lambda t, w: ["pretrain", _csv(t, "bad.yaml", text="train: {epochs: 3\n")],

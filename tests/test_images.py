@@ -83,7 +83,9 @@ def test_grey_only_folder_keeps_one_channel_and_splits_are_fixed_across_seeds(tm
     a, b = load_images(cfg, seed=0, size=8), load_images(cfg, seed=1, size=8)
     assert a.train.x.shape == (6, 1, 8, 8)
     assert list(a.test.ids) == list(b.test.ids)  # the test images never change with the seed
-    assert list(a.train.ids) != list(b.train.ids)
+    assert list(a.train.ids) == list(b.train.ids)  # nor the labelled ones, unless asked:
+    c = load_images(cfg.model_copy(update={"sample_seed": 1}), seed=0, size=8)
+    assert list(c.test.ids) == list(a.test.ids) and list(c.train.ids) != list(a.train.ids)
     assert sorted(np.bincount(a.test.y).tolist()) == [2, 2, 2]  # stratified
 
 

@@ -42,8 +42,10 @@ EXPECTED = {
     "vit_b_16": (["embed"] + [f"encoder{i}" for i in range(1, 13)], 768, None),
     "efficientnet_lite0": (EFFNET, 1280, [2, 2, 4, 8, 16, 16, 32, 32]),
     "small_cnn": (["conv1", "conv2", "fc"], 128, [2, 4]),
+    "pixels": (["pixels"], 784, None),
 }
 NAMES = sorted(IMAGE_BACKBONES)
+TRAINABLE = [n for n in NAMES if n != "pixels"]  # pixels has no parameters to freeze
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,7 +74,8 @@ def test_every_image_backbone_is_registered_and_tested():
     assert set(EXPECTED) == set(IMAGE_BACKBONES)
     for name, spec in IMAGE_BACKBONES.items():
         assert BACKBONES[name] is spec and spec.input == "image" and spec.name == name
-        assert spec.norm is not None and spec.default_size == (28 if name == "small_cnn" else 224)
+        assert spec.norm is not None and spec.default_size == (28 if name in ("small_cnn",
+                                                                           "pixels") else 224)
         assert all(b in spec.description for b in EXPECTED[name][0][:2])
 
 
@@ -125,7 +128,7 @@ def test_regrouped_blocks_compute_what_torchvision_computes(arch):
         assert torch.allclose(backbone(x), _without_classifier(arch, model)(x), atol=1e-6)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TRAINABLE)
 def test_frozen_blocks_are_bit_identical_after_training(name):
     torch.manual_seed(0)
     model = _model(name)

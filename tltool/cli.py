@@ -138,6 +138,37 @@ def extract(
     _finish(result, lines)
 
 
+@app.command("select")
+def select_(
+    config: str = typer.Argument(
+        ..., metavar="CONFIG", help="YAML config with a `target` section (and a `source` "
+                                 "section or model.weights for transfer routes); "
+                                 "select.candidates lists routes (default: a grid)."),
+    set_: list[str] = SET_OPTION,
+) -> None:
+    """Choose how to build the target model: score candidate routes (transfer, pooled, prior,
+    fine-tunes, reference models) by repeated k-fold cross-validation on the target's labelled
+    rows, take the simplest within one standard error of the best, refit it on all of them and
+    score it on the test split once. The run folder holds the leaderboard and the chosen model
+    (evaluate / predict / ensemble take it).
+
+    Example: tltool select configs/credit/select.yaml --set target.n_train=50
+    """
+    from tltool.workflows.select import select as run
+
+    cfg = _call(lambda: _load(config, set_))
+    result = _call(lambda: run(cfg, sys.argv))
+    lines = [f"{'':2}{'rank':>4}  {'candidate':<22} {'cv ' + row['metric']:>14}  "
+             f"{'± se':>7}  complexity" for row in result["leaderboard"][:1]]
+    for row in result["leaderboard"]:
+        mean = "n/a" if row["mean"] is None else f"{row['mean']:.4f}"
+        se = "" if row["se"] is None else f"{row['se']:.4f}"
+        mark = "->" if row["chosen"] else ("  " if not row["within_one_se"] else " ~")
+        lines.append(f"{mark}{row['rank']:>4}  {row['name']:<22} {mean:>14}  {se:>7}  "
+                     f"{row['complexity']}")
+    _finish(result, lines + _score_lines(result["metrics"]))
+
+
 @app.command()
 def evaluate(
     run: str = typer.Argument(..., help="A pretrain/freeze-finetune/ensemble run folder, or "

@@ -75,6 +75,10 @@ class DataConfig(_Strict):
     split: SplitConfig = Field(SplitConfig(), description="train/val/test partition")
     n_train: int | None = Field(None, gt=0, description="sub-sample this many training rows")
     n_val: int | None = Field(None, gt=0, description="sub-sample this many validation rows")
+    sample_seed: int | None = Field(
+        None, ge=0, lt=2**32, description="seed of the n_train / n_val sub-samples (default: "
+        "split.seed, so runs with other training seeds see the same labelled rows; set it, "
+        "e.g. to the experiment seed, to draw other rows)")
 
     @field_validator("where", "options", "categorical", "drop", mode="before")
     @classmethod
@@ -118,16 +122,41 @@ class ModelConfig(_Strict):
     strategy: Literal["freeze", "bias_only", "full", "linear_probe"] = Field(
         "freeze", description="freeze: first N blocks frozen; bias_only: only biases and head "
         "train; full: everything trains; linear_probe: only the head trains")
-    head: Literal["linear", "mlp", "multilabel"] = Field(
+    head: Literal["linear", "mlp", "multilabel", "logistic_regression", "ridge",
+                  "gradient_boosting"] = Field(
         "linear", description="linear | mlp (softmax over classes; on multi-label data a "
         "sigmoid per label, as multilabel) | multilabel (a sigmoid per label, binary "
-        "cross-entropy, a threshold per label chosen on validation)")
+        "cross-entropy, a threshold per label chosen on validation) | classic heads fitted by "
+        "scikit-learn on the frozen backbone's features (backbone raw / pixels: on the inputs "
+        "themselves), saved as plain tensors: logistic_regression, ridge (regression), "
+        "gradient_boosting (histogram gradient boosting)")
+    head_args: dict[str, Any] = Field({}, description="options of a classic head: "
+                                      "logistic_regression: C, max_iter; ridge: alpha ('auto': "
+                                      "chosen by cross-validation); gradient_boosting: "
+                                      "learning_rate, max_iter, max_leaf_nodes, "
+                                      "min_samples_leaf, l2_regularization, max_depth")
+    keep_head: bool = Field(False, description="keep the source model's head (its classes must "
+                            "be the target's) instead of a new one; with train.epochs 0 the "
+                            "source model is used as it is (source-only)")
+    prior: Literal["none", "offset", "input"] = Field(
+        "none", description="the source model as a prior: offset: its output (log-"
+        "probabilities; regression: its prediction) is added to this model's, whose head starts "
+        "at zero, so training learns a correction of the source's answer; input: its output is "
+        "an extra input of the head")
+    prior_weights: str | None = Field(None, description="the run (or checkpoint) whose model is "
+                                      "the prior (default: model.weights)")
     bn_policy: Literal["eval", "train"] = Field(
         "eval", description="BatchNorm in frozen blocks: eval (statistics fixed, inference mode "
         "even after model.train()) or train (statistics adapt to the target: AdaBN-style "
         "domain adaptation; weights stay frozen)")
     head_hidden: int = Field(32, gt=0, description="hidden units of the mlp head")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the head")
+
+
+class L2SPConfig(_Strict):
+    alpha: float = Field(0.0, ge=0, description="weight of alpha/2 * ||w - w0||^2 over the "
+                         "trainable transferred backbone weights (w0: the pretrained values)")
+    beta: float = Field(0.0, ge=0, description="weight of beta/2 * ||w||^2 over the new head")
 
 
 class EarlyStopping(_Strict):
@@ -173,6 +202,16 @@ class TrainConfig(_Strict):
     compile: bool = Field(False, description="torch.compile the forward pass")
     rounds: list[RoundConfig] = Field([], description="gradual unfreezing: rounds run in order, "
                                       "each with its own frozen_layers / epochs / lr")
+    source_weight: float = Field(
+        0.0, ge=0, description="pooled training: freeze-finetune also trains on the labelled "
+        "source rows, each weighted by this against a target row's 1 (0: target rows only)")
+    domain_offset: bool = Field(
+        True, description="pooled training: the source rows get their own learned output "
+        "offset (classic heads: a domain-indicator input), so the intercept can differ "
+        "between the populations; the saved model applies the target's")
+    l2sp: L2SPConfig = Field(L2SPConfig(), description="L2-SP (Li et al., 2018): pull the "
+                             "fine-tuned backbone towards its pretrained weights instead of "
+                             "towards zero; set train.weight_decay 0 with it")
 
 
 class DecisionConfig(_Strict):
@@ -214,6 +253,45 @@ class AdaptConfig(_Strict):
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
+class CandidateConfig(_Strict):
+    name: str = Field(..., pattern=NAME_PATTERN, description="candidate name (leaderboard row)")
+    set: dict[str, Any] = Field({}, description="config keys this candidate changes, as "
+                                "--set takes them (train.lr: 0.01) or as nested mappings")
+    complexity: int | None = Field(None, ge=0, le=9, description="rank for the one-standard-"
+                                   "error rule, lower = simpler (default: from the route)")
+
+
+class SelectConfig(_Strict):
+    candidates: list[CandidateConfig] | None = Field(
+        None, description="routes to compare (default: a grid of transfer routes and reference "
+        "models fitting the data, see README)")
+    sources: dict[str, dict[str, Any]] | None = Field(
+        None, description="source models select pretrains first on the source section, by "
+        "name -> config keys; candidates name them as model.weights or model.prior_weights "
+        "'source:NAME' (default: net (the config's model, unless model.weights names a run), "
+        "lr (logistic regression / ridge) and gb (gradient boosting))")
+    folds: int = Field(5, ge=2, description="cross-validation folds on the labelled target rows")
+    repeats: int = Field(2, ge=1, description="repeats of the k-fold split (other shuffles)")
+    seed: int = Field(0, ge=0, lt=2**32, description="seed of the folds")
+    metric: Literal["auto", "auroc", "accuracy", "balanced_accuracy", "f1", "log_loss", "map",
+                    "rmse", "mae", "r2"] = Field(
+        "auto", description="what cross-validation scores (auto: auroc for two classes, "
+        "accuracy for more, map for multi-label, rmse for regression)")
+    rule: Literal["one_se", "best"] = Field(
+        "one_se", description="one_se: the simplest candidate whose mean score is within one "
+        "standard error of the best; best: the best mean")
+    research: bool = Field(False, description="also refit every candidate on all labelled rows "
+                           "and score it on the test split, written apart (research.json); "
+                           "never used for the choice")
+    criterion: Literal["ensv", "dev", "iwcv"] = Field(
+        "ensv", description="no target labels: ensv: agreement with the candidates' averaged "
+        "predictions on the unlabelled target rows (Hu et al., 2024); dev: deep embedded "
+        "validation (You et al., 2019); iwcv: importance-weighted validation (Sugiyama et al., "
+        "2007), both on the source validation rows")
+    target_labels: bool = Field(True, description="false: ignore the target's labels (pure "
+                                "domain adaptation: adapt methods chosen by `criterion`)")
+
+
 class OutputConfig(_Strict):
     root: str = Field("runs", description="run folders go to ROOT/NAME/TIMESTAMP-COMMAND")
 
@@ -232,6 +310,8 @@ class ExperimentConfig(_Strict):
     adapt: AdaptConfig = Field(AdaptConfig(), description="domain adaptation (pretrain: "
                                "labelled source + unlabelled target rows; freeze-finetune: "
                                "labelled target + labelled source + unlabelled target rows)")
+    select: SelectConfig = Field(SelectConfig(), description="`tltool select`: candidate "
+                                 "routes scored by cross-validation on the target's labels")
     output: OutputConfig = Field(OutputConfig(), description="where runs are written")
 
 
@@ -341,6 +421,12 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = text  # not YAML: keep the text as a string
     if value in ("", None) and text.strip() not in ("", "null", "Null", "NULL", "~"):
         value = text.strip()  # | or > (block markers) or # (a comment) alone: meant as text
+    set_key(raw, key, value, f"--set {item!r}")
+
+
+def set_key(raw: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """Set a dotted key (train.lr, train.rounds.0.epochs) in a raw config; a mapping merges
+    into the section it names, as `extends` does ({} empties it)."""
     parts = key.strip().split(".")
     node: Any = raw
     for depth, part in enumerate(parts):
@@ -348,21 +434,32 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         last = depth == len(parts) - 1
         if isinstance(node, list):  # train.rounds.0.epochs: an item of a list
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"--set {item!r}: {dotted}: no item {part!r} (the list has "
+                raise ConfigError(f"{where}: {dotted}: no item {part!r} (the list has "
                                   f"{len(node)} item(s), numbered from 0)")
             part = int(part)
         elif not isinstance(node, dict):
-            raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth])} is a value, not a "
+            raise ConfigError(f"{where}: {'.'.join(parts[:depth])} is a value, not a "
                               f"section")
         if last:
             old = node[part] if isinstance(node, list) else node.get(part)
-            # a mapping merges into the section, as `extends` does; {} empties it
             node[part] = _deep_merge(old, value) if isinstance(old, dict) and \
-                isinstance(value, dict) and value else value
+                isinstance(value, dict) and value else copy.deepcopy(value)
             return
         if isinstance(node, dict) and node.get(part) is None:
             node[part] = {}
         node = node[part]
+
+
+def candidate_raw(base: ExperimentConfig, changes: dict[str, Any], where: str) -> dict[str, Any]:
+    """A select candidate's config as a raw dict: the base config with `changes` (dotted keys
+    or nested mappings) applied in order."""
+    raw = base.model_dump(mode="json")
+    raw.pop("select", None)
+    for key, value in changes.items():
+        if not isinstance(key, str) or not key.strip():
+            raise ConfigError(f"{where}: keys must be config keys such as train.lr, got {key!r}")
+        set_key(raw, key, value, where)
+    return raw
 
 
 # ---------------------------------------------------------------- messages

@@ -1,6 +1,11 @@
-"""The one training loop: phases (rounds) of epochs, early stopping, best/last checkpoints.
+"""The one training loop: rounds of epochs, early stopping, best/last checkpoints.
 
-Freezing is decided per phase by `tltool.freeze.apply_freeze`; the loop itself only sees the
+A `Trainer` holds one model's training state (round, optimiser, prefix caches, best weights)
+and advances it one epoch at a time; the driver decides when a round stops. `fit` drives one
+model with early stopping on its own validation rows; `tltool.cv` drives several fold models in
+lockstep, so that one epoch count, chosen on their averaged held-out scores, serves them all.
+
+Freezing is decided per round by `tltool.freeze.apply_freeze`; the loop itself only sees the
 optimiser's parameter groups.
 """
 
@@ -8,9 +13,10 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -38,18 +44,40 @@ class Phase:
 @dataclass
 class Tensors:
     """Inputs and targets of one split. `prepare(x_batch, train)` turns a stored batch into
-    model input (images: uint8 -> resized, normalised, augmented only when train=True)."""
+    model input (images: uint8 -> resized, normalised, augmented only when train=True).
 
-    x: torch.Tensor
+    `prior`: the prior model's signal per row (when the model has one). `parent` / `index`: these
+    rows are rows `index` of `parent` (cross-validation folds), so caches computed once for the
+    parent serve every fold."""
+
+    x: Any
     y: torch.Tensor
     prepare: Callable[[torch.Tensor, bool], torch.Tensor] | None = None
     augments: bool = False  # prepare(x, train=True) is random: no prefix cache then
+    prior: torch.Tensor | None = None
+    parent: Tensors | None = field(default=None, repr=False)
+    index: torch.Tensor | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.y)
 
     def batch(self, idx: torch.Tensor | slice, train: bool) -> torch.Tensor:
         xb = self.x[idx]
         if hasattr(xb, "materialize"):  # images decoded on demand (tltool.data.images)
             xb = xb.materialize()
         return xb if self.prepare is None else self.prepare(xb, train)
+
+    def prior_of(self, idx: torch.Tensor | slice) -> torch.Tensor | None:
+        return None if self.prior is None else self.prior[idx]
+
+    def subset(self, idx: torch.Tensor | np.ndarray) -> Tensors:
+        """Rows `idx` (a view for caches: they remember the top-level parent and its rows)."""
+        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
+        root = self.parent if self.parent is not None else self
+        at = idx if self.index is None else self.index[idx]
+        return replace(self, x=self.x[idx], y=self.y[idx],
+                       prior=None if self.prior is None else self.prior[idx],
+                       parent=root, index=at)
 
 
 class StandardisedMSE(nn.Module):
@@ -61,9 +89,12 @@ class StandardisedMSE(nn.Module):
         super().__init__()
         self.mean, self.std = float(mean), float(std)
 
-    def forward(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def rows(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         z = ((y.double() - self.mean) / self.std).to(pred.dtype)
-        return ((pred.reshape(-1) - z) ** 2).mean()
+        return (pred.reshape(-1) - z) ** 2
+
+    def forward(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.rows(pred, y).mean()
 
 
 @dataclass(frozen=True)
@@ -94,6 +125,22 @@ class Task:
             return nn.BCEWithLogitsLoss()
         return _loss_fn(y, n_outputs, class_weights)
 
+    def row_loss(self, loss_fn: nn.Module, logits: torch.Tensor,
+                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row losses and each row's share of the unweighted mean's denominator (the class
+        weight of its class under `balanced`, else 1), so that sum(rows) / sum(shares) is the
+        loss `loss_fn` would give."""
+        ones = torch.ones(len(y), device=logits.device)
+        if self.regression:
+            return loss_fn.rows(logits, y), ones
+        if self.multilabel:
+            per = nn.functional.binary_cross_entropy_with_logits(
+                logits, y.float(), pos_weight=loss_fn.pos_weight, reduction="none")
+            return per.mean(dim=1), ones
+        weight = loss_fn.weight
+        per = nn.functional.cross_entropy(logits, y, weight=weight, reduction="none")
+        return per, (ones if weight is None else weight[y])
+
     def proba(self, logits: torch.Tensor) -> torch.Tensor:
         """Probabilities; for regression the predicted values themselves (one column)."""
         if self.regression:  # the value in the label's units, float64
@@ -114,18 +161,25 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
+def _forward(model: TransferModel, xb: torch.Tensor, start: int,
+             prior: torch.Tensor | None) -> torch.Tensor:
+    return model.forward_from(xb, start, prior) if start else model(xb, prior)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, data: Tensors, batch_size: int = 512, start: int = 0,
                    rt: Runtime | None = None) -> torch.Tensor:
     """Logits (float32, on the CPU) in inference mode; `start` > 0 means data.x holds cached
-    prefix outputs."""
+    prefix outputs (and data.prior the prior's signal, when the model has a prior)."""
     rt = rt or Runtime()
     model.eval()
     out = []
     for i in range(0, len(data.x), batch_size):
-        xb = rt.put(data.batch(slice(i, i + batch_size), train=False))
+        rows = slice(i, i + batch_size)
+        xb = rt.put(data.batch(rows, train=False))
+        prior = data.prior_of(rows)
         with rt.autocast():
-            logits = model.forward_from(xb, start) if start else model(xb)
+            logits = _forward(model, xb, start, None if prior is None else rt.put(prior))
         out.append(logits.float().cpu())
     return torch.cat(out)
 
@@ -148,7 +202,77 @@ def build_prefix_cache(model: TransferModel, data: Tensors, n_blocks: int, batch
             return None
         parts.append(z)
     # Stored in the layout the first uncached block runs in: no conversion per batch.
-    return Tensors(model.backbone.laid_out(torch.cat(parts), n_blocks), data.y)
+    return Tensors(model.backbone.laid_out(torch.cat(parts), n_blocks), data.y,
+                   prior=data.prior)
+
+
+@torch.no_grad()
+def prior_signal(model: TransferModel, data: Tensors, batch_size: int = 512,
+                 rt: Runtime | None = None) -> torch.Tensor | None:
+    """The model's prior signal for every row of `data` (None without a prior), computed once:
+    the prior is a fixed function, and cached prefix outputs no longer hold the raw input."""
+    if model.prior is None:
+        return None
+    rt = rt or Runtime()
+    parts = []
+    for i in range(0, len(data.x), batch_size):
+        xb = rt.put(data.batch(slice(i, i + batch_size), train=False))
+        with rt.autocast():
+            parts.append(model.prior(xb).float().cpu())
+    return torch.cat(parts)
+
+
+class PrefixStore:
+    """Prefix caches keyed by what they depend on: the frozen blocks' weights, how many there
+    are, the runtime, and the rows. Rows of a fold (`Tensors.subset`) are served from the cache
+    of their parent, computed once for every fold and candidate that shares those blocks. The
+    prior's signal per row is kept the same way (keyed by the prior's weights)."""
+
+    def __init__(self) -> None:
+        self._caches: dict[tuple, Any] = {}
+
+    def with_prior(self, model: TransferModel, data: Tensors, rt: Runtime) -> Tensors:
+        """`data` with the model's prior signal per row (unchanged without a prior)."""
+        if model.prior is None:
+            return data
+        root = data.parent if data.parent is not None else data
+        key = ("prior", id(root), _module_digest(model.prior))
+        if key not in self._caches:
+            self._caches[key] = prior_signal(model, root, rt=rt)
+            self._caches[key + ("root",)] = root
+        signal = self._caches[key]
+        if data.parent is None:  # stay a view of `data`, so its caches are shared too
+            return replace(data, prior=signal, parent=data, index=torch.arange(len(data)))
+        return replace(data, prior=signal[data.index])
+
+    def get(self, model: TransferModel, data: Tensors, start: int, batch_size: int,
+            max_bytes: float, rt: Runtime, view: int = 0) -> Tensors | None:
+        root = data.parent if data.parent is not None else data
+        key = (id(root), start, view if data.augments else 0, _prefix_digest(model, start),
+               rt.precision, str(rt.device))
+        if key not in self._caches:
+            self._caches[key] = build_prefix_cache(model, root, start, batch_size, max_bytes,
+                                                   rt, augmented=data.augments)
+            self._caches[key + ("root",)] = root  # keeps id(root) from being reused
+        cached = self._caches[key]
+        if cached is None:
+            return None
+        x = cached.x if data.parent is None else cached.x[data.index]
+        return Tensors(model.backbone.laid_out(x, start), data.y, prior=data.prior)
+
+
+def _prefix_digest(model: TransferModel, start: int) -> str:
+    return "|".join(_module_digest(b) for b in model.backbone.blocks[:start])
+
+
+def _module_digest(module: nn.Module) -> str:
+    """A hash of a module's type and every tensor of its state (weights and buffers)."""
+    h = hashlib.sha1(type(module).__name__.encode())
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _cache_plan(model: TransferModel, train: Tensors, n_frozen: int, train_cfg,
@@ -195,160 +319,311 @@ def _optimizer(groups: list[dict[str, Any]], train_cfg) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay)
 
 
-def _score(report: dict[str, Any], val_loss: float, monitor: str) -> float:
-    """Higher is better for every monitor."""
+def score_of(report: dict[str, Any], val_loss: float, monitor: str) -> float:
+    """The early-stopping score: higher is better for every monitor."""
     if monitor == "val_loss":
         return -val_loss
     value = report[monitor.removeprefix("val_")]
     return -np.inf if value is None else value
 
 
-def fit(model: TransferModel, train: Tensors, val: Tensors, phases: list[Phase], train_cfg,
-        classes: list[str], seed: int, save: Callable[[str, int], None],
+def l2sp_penalty(model: TransferModel, anchor: dict[str, torch.Tensor], alpha: float,
+                 beta: float) -> torch.Tensor:
+    """L2-SP (Li et al., 2018): alpha/2 * sum ||w - w0||^2 over the backbone's trainable
+    weights (w0: their pretrained values, `anchor`) + beta/2 * sum ||w||^2 over the head's."""
+    total = torch.zeros((), device=next(model.parameters()).device)
+    if alpha:
+        for name, p in model.backbone.named_parameters():
+            if p.requires_grad:
+                total = total + alpha / 2 * (p - anchor[name]).pow(2).sum()
+    if beta:
+        for p in model.head.parameters():
+            if p.requires_grad:
+                total = total + beta / 2 * p.pow(2).sum()
+    return total
+
+
+@dataclass
+class Pooled:
+    """Labelled source rows trained alongside the target rows (pooled training): each source
+    row's loss weighs `weight` against a target row's 1."""
+
+    rows: Tensors
+    weight: float
+
+
+@dataclass
+class EpochResult:
+    train_loss: float
+    align_loss: float | None
+    logits: torch.Tensor | None  # validation logits (None without validation rows)
+
+
+class Trainer:
+    """One model's training state across rounds and epochs. The driver calls start_round,
+    then run_epoch (and keep_best when the validation score improves) until it decides the
+    round is over, then end_round."""
+
+    def __init__(self, model: TransferModel, train: Tensors, val: Tensors | None,
+                 phases: list[Phase], train_cfg, classes: list[str], seed: int,
+                 task: Task = Task(), bn_policy: str = "eval", rt: Runtime | None = None,
+                 adapt: Adaptation | None = None, pooled: Pooled | None = None,
+                 store: PrefixStore | None = None, log: Callable[[str], None] = lambda m: None):
+        self.model, self.train, self.val, self.phases = model, train, val, phases
+        self.cfg, self.classes, self.task, self.bn_policy = train_cfg, classes, task, bn_policy
+        self.rt = rt or Runtime()
+        self.rt.setup(model)
+        self.adapt, self.pooled, self.log = adapt, pooled, log
+        self.store = store or PrefixStore()
+        self.generator = torch.Generator().manual_seed(seed)
+        self.loss_fn = task.loss(train.y, len(classes), train_cfg.class_weights).to(
+            self.rt.device)
+        self.eval_batch = max(2 * train_cfg.batch_size, 256)
+        reg = train_cfg.l2sp
+        self.l2sp = (reg.alpha, reg.beta) if reg.alpha or reg.beta else None
+        self.anchor = ({n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+                       if self.l2sp and reg.alpha else {})
+        self.best: dict[str, Any] = {"score": -np.inf, "epoch": 0, "round": 0,
+                                     "state": copy.deepcopy(model.state_dict())}
+        self.plans: list[FreezePlan] = []
+        self.checks: list[dict[str, Any]] = []
+        self.caches: list[dict[str, Any]] = []
+        # Wall times go to timing.json, never to metrics.json (which must be reproducible).
+        self.timing: dict[str, list[float]] = {"cache_build_seconds": [],
+                                               "train_epoch_seconds": []}
+        self.epoch_total = 0
+        self.round = 0
+        self.total_epochs = max(sum(p.epochs for p in phases), 1)
+
+    # -- a round
+    def start_round(self, r: int) -> None:
+        """Freeze per round r (1-based), build its optimiser and prefix caches."""
+        model, phase, tcfg = self.model, self.phases[r - 1], self.cfg
+        self.round = r
+        plan, groups = apply_freeze(model, phase.frozen_layers, phase.strategy, phase.lr,
+                                    phase.backbone_lr_mult, bn_policy=self.bn_policy,
+                                    layer_decay=tcfg.layer_decay)
+        self.plans.append(plan)
+        self.plan = plan
+        # auto layout/precision: timed on a sample batch now that the round's frozen blocks
+        # are known (a frozen prefix runs once, the rest every step).
+        self.rt.tune(model, self.train.batch(slice(0, 16), train=False), label=f"round {r}",
+                     work=3 * len(self.train.y) * sum(p.epochs for p in self.phases[r - 1:]))
+        self.snap = snapshot_frozen(model)
+        self.optimizer = _optimizer(groups, tcfg)
+        self.lrs = {g["name"]: g["lr"] for g in groups}  # head + one group per block
+        self.lr_backbone = max((g["lr"] for g in groups if g["name"] not in ("head", "domain")),
+                               default=0.0)
+        critic = (self.adapt.make_critic(model.backbone.out_features, self.rt.device)
+                  if self.adapt else None)
+        if critic is not None:  # dann: the domain classifier trains at the head's rate
+            self.optimizer.add_param_group({"params": list(critic.parameters()),
+                                            "lr": phase.lr, "name": "critic"})
+        self._build_caches(r, plan)
+        self.round_epoch = 0
+        self.log(f"round {r}: {self.why}")
+        self.log(f"round {r}: {phase.strategy}, {plan.frozen_layers} block(s) frozen, "
+                 f"{plan.trainable:,}/{plan.total:,} parameters train, up to {phase.epochs} "
+                 f"epochs")
+
+    def _build_caches(self, r: int, plan: FreezePlan) -> None:
+        tcfg, train = self.cfg, self.train
+        start, why = _cache_plan(self.model, train, plan.frozen_layers, tcfg, self.bn_policy)
+        others = {} if self.adapt is None else {k: t for k, t in (("target", self.adapt.target),
+                                                                  ("source", self.adapt.source))
+                                                if t is not None}
+        if self.pooled is not None:
+            others["pooled"] = self.pooled.rows
+        built = time.perf_counter()
+        self.views: list[Tensors] = [train]
+        self.va, self.aux = self.val, dict(others)
+        if start:
+            k = tcfg.cache_views if train.augments else 1
+            limit = tcfg.cache_max_gb * 2**30 / (k + 1 + len(others))
+            get = self.store.get
+            views = [get(self.model, train, start, self.eval_batch, limit, self.rt, view=v)
+                     for v in range(k)]
+            va = None if self.val is None else get(self.model, self.val, start,
+                                                   self.eval_batch, limit, self.rt)
+            aux = {key: get(self.model, t, start, self.eval_batch, limit, self.rt)
+                   for key, t in others.items()}
+            if (self.val is not None and va is None) or any(
+                    v is None for v in [*views, *aux.values()]):
+                start, why = 0, "prefix cache over cache_max_gb"
+            else:
+                self.views, self.va, self.aux = views, va, aux
+        self.start, self.why = start, why
+        self.caches.append({"round": r, "cached_blocks": start, "reason": why})
+        self.timing["cache_build_seconds"].append(round(time.perf_counter() - built, 4))
+        self.forward = self.rt.wrap(lambda xb, prior, s=start: _forward(self.model, xb, s, prior))
+
+    def run_epoch(self) -> EpochResult:
+        """One pass over the training rows; returns the validation logits."""
+        tr = self.views[self.round_epoch % len(self.views)]
+        r_epoch = self.epoch_total
+        self.epoch_total += 1
+        self.round_epoch += 1
+        tick = time.perf_counter()
+        if self.adapt is not None:
+            loss, align = _adapt_epoch(self.model, tr, self.aux, self.adapt, self.optimizer,
+                                       self.loss_fn, self.task, self.cfg.batch_size,
+                                       self.generator, self.start, self.rt,
+                                       r_epoch / self.total_epochs)
+        else:
+            loss, align = self._epoch(tr), None
+        self.timing["train_epoch_seconds"].append(round(time.perf_counter() - tick, 4))
+        logits = (None if self.va is None else
+                  predict_logits(self.model, self.va, self.eval_batch, self.start, self.rt))
+        return EpochResult(loss, align, logits)
+
+    def _epoch(self, data: Tensors) -> float:
+        model, rt, bs = self.model, self.rt, self.cfg.batch_size
+        model.train()
+        source = self.aux.get("pooled")
+        n_t = len(data.y)
+        n = n_t + (0 if source is None else len(source.y))
+        order = torch.randperm(n, generator=self.generator)
+        # Pooled rows: the loss is sum(w_i * loss_i) / (rows x the mean weight), an unbiased
+        # estimate of the whole weighted mean whatever mix of rows a batch holds.
+        w_src = 0.0 if source is None else self.pooled.weight
+        mean_w = (n_t + w_src * (n - n_t)) / n
+        total, seen = 0.0, 0
+        for i in range(0, n, bs):
+            idx = order[i:i + bs]
+            if len(idx) == 1 and n > 1:
+                continue  # a single row breaks BatchNorm and adds only noise
+            self.optimizer.zero_grad(set_to_none=True)
+            if source is None:
+                xb, prior = data.batch(idx, train=True), data.prior_of(idx)
+                yb = data.y[idx]
+                with rt.autocast():
+                    logits = self.forward(rt.put(xb), None if prior is None else rt.put(prior))
+                loss = self.loss_fn(logits.float(), rt.put(yb))
+            else:
+                loss = self._pooled_loss(data, source, idx, n_t, w_src, mean_w)
+            if self.l2sp:
+                loss_total = loss + l2sp_penalty(model, self.anchor, *self.l2sp)
+            else:
+                loss_total = loss
+            rt.backward_step(loss_total, self.optimizer)
+            total += loss.item() * len(idx)
+            seen += len(idx)
+        return total / max(seen, 1)
+
+    def _pooled_loss(self, data: Tensors, source: Tensors, idx: torch.Tensor, n_t: int,
+                     w_src: float, mean_w: float) -> torch.Tensor:
+        rt = self.rt
+        t_idx, s_idx = idx[idx < n_t], idx[idx >= n_t] - n_t
+        parts = [p for p in (data.batch(t_idx, train=True) if len(t_idx) else None,
+                             source.batch(s_idx, train=True) if len(s_idx) else None)
+                 if p is not None]
+        priors = [p for p in (data.prior_of(t_idx) if len(t_idx) else None,
+                              source.prior_of(s_idx) if len(s_idx) else None) if p is not None]
+        y = torch.cat([data.y[t_idx], source.y[s_idx]])
+        with rt.autocast():
+            logits = self.forward(rt.put(torch.cat(parts)),
+                                  rt.put(torch.cat(priors)) if priors else None).float()
+        if self.model.domain_bias is not None and len(s_idx):
+            offset = torch.zeros_like(logits)
+            offset[len(t_idx):] = self.model.domain_bias
+            logits = logits + offset
+        rows, shares = self.task.row_loss(self.loss_fn, logits, rt.put(y))
+        w = torch.cat([torch.ones(len(t_idx)), torch.full((len(s_idx),), w_src)]).to(rows)
+        return (w * rows).sum() / (mean_w * shares.mean() * len(idx))
+
+    def mark_best(self) -> None:
+        """Remember the current weights as the best (the driver compared the scores)."""
+        self.best = {"score": np.inf, "epoch": self.epoch_total, "round": self.round,
+                     "state": copy.deepcopy(self.model.state_dict())}
+
+    def keep_best(self, score: float) -> bool:
+        """Remember the weights when `score` beats the best so far; True when it did."""
+        if score > self.best["score"]:
+            self.best = {"score": score, "epoch": self.epoch_total, "round": self.round,
+                         "state": copy.deepcopy(self.model.state_dict())}
+            return True
+        return False
+
+    def end_round(self) -> None:
+        """Check the frozen tensors; the next round (and the final model) starts from the best
+        weights so far (with no validation rows: from the last ones)."""
+        self.checks.append(verify_unchanged(self.model, self.snap))
+        if self.val is None:
+            self.best = {"score": -np.inf, "epoch": self.epoch_total, "round": self.round,
+                         "state": copy.deepcopy(self.model.state_dict())}
+        self.model.load_state_dict(self.best["state"])
+
+    def summary(self, monitor: str) -> dict[str, Any]:
+        plans = self.plans
+        return {"best_epoch": self.best["epoch"], "best_round": self.best["round"],
+                "epochs_run": self.epoch_total, "monitor": monitor,
+                "plans": [p.as_dict() for p in plans], "cache": self.caches,
+                "timing": self.timing,
+                "plan_text": "\n\n".join(f"round {i}\n{p.as_text()}" for i, p in
+                                         enumerate(plans, start=1)),
+                "freeze_check": {"frozen_tensors": sum(c["frozen_tensors"] for c in self.checks),
+                                 "unchanged": all(c["unchanged"] for c in self.checks)}}
+
+
+def fit(model: TransferModel, train: Tensors, val: Tensors | None, phases: list[Phase],
+        train_cfg, classes: list[str], seed: int, save: Callable[[str, int], None],
         metrics_csv, log: Callable[[str], None], task: Task = Task(),
         bn_policy: str = "eval", rt: Runtime | None = None,
-        adapt: Adaptation | None = None) -> dict[str, Any]:
-    """Train through every phase; restore and return the best weights' summary.
+        adapt: Adaptation | None = None, pooled: Pooled | None = None,
+        store: PrefixStore | None = None) -> dict[str, Any]:
+    """Train through every round; restore and return the best weights' summary.
 
     `save(name, epoch)` writes a checkpoint ("best.pt"/"last.pt"); `metrics_csv` is the path
-    of the per-epoch CSV. `adapt`: domain adaptation (an alignment loss on the backbone's
-    features of source and target rows, see tltool.adapt).
+    of the per-epoch CSV. `val` None: no validation rows (a refit on every labelled row): each
+    round runs its full epochs and the final weights are kept. `adapt`: domain adaptation (an
+    alignment loss, see tltool.adapt); `pooled`: labelled source rows trained alongside.
     """
-    rt = rt or Runtime()
-    rt.setup(model)
-    generator = torch.Generator().manual_seed(seed)
-    loss_fn = task.loss(train.y, len(classes), train_cfg.class_weights).to(rt.device)
-    eval_batch = max(2 * train_cfg.batch_size, 256)
+    tr = Trainer(model, train, val, phases, train_cfg, classes, seed, task, bn_policy, rt,
+                 adapt, pooled, store, log)
     monitor = train_cfg.early_stopping.monitor
     patience = train_cfg.early_stopping.patience
-    best = {"score": -np.inf, "epoch": 0, "round": 0, "state": copy.deepcopy(model.state_dict())}
-    plans: list[FreezePlan] = []
-    checks, caches = [], []
-    # Wall times go to timing.json, never to metrics.json (which must be reproducible).
-    timing: dict[str, list[float]] = {"cache_build_seconds": [], "train_epoch_seconds": []}
-    epoch_total = 0
     fields = ["round", "epoch", "train_loss", "val_loss", "val_accuracy", "val_auroc", "val_f1",
               "lr_head", "lr_backbone", "trainable_params", "align_loss"]
     if task.regression:
         fields[4:7] = ["val_rmse", "val_r2"]
-    total_epochs = max(sum(p.epochs for p in phases), 1)
     with open(metrics_csv, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for r, phase in enumerate(phases, start=1):
-            plan, groups = apply_freeze(model, phase.frozen_layers, phase.strategy, phase.lr,
-                                        phase.backbone_lr_mult, bn_policy=bn_policy,
-                                        layer_decay=train_cfg.layer_decay)
-            plans.append(plan)
-            # auto layout/precision: timed on a sample batch now that the round's frozen blocks
-            # are known (a frozen prefix runs once, the rest every step).
-            rt.tune(model, train.batch(slice(0, 16), train=False), label=f"round {r}",
-                    work=3 * len(train.y) * sum(p.epochs for p in phases[r - 1:]))
-            snap = snapshot_frozen(model)
-            optimizer = _optimizer(groups, train_cfg)
-            lrs = {g["name"]: g["lr"] for g in groups}  # head + one group per block
-            critic = adapt.make_critic(model.backbone.out_features, rt.device) if adapt else None
-            if critic is not None:  # dann: the domain classifier trains at the head's rate
-                optimizer.add_param_group({"params": list(critic.parameters()), "lr": phase.lr,
-                                           "name": "critic"})
-            start, why = _cache_plan(model, train, plan.frozen_layers, train_cfg, bn_policy)
-            va = val
-            built = time.perf_counter()
-            views: list[Tensors | None] = [train]
-            others = {} if adapt is None else {k: t for k, t in (("target", adapt.target),
-                                                                  ("source", adapt.source))
-                                               if t is not None}
-            aux = dict(others)
-            if start:
-                k = train_cfg.cache_views if train.augments else 1
-                limit = train_cfg.cache_max_gb * 2**30 / (k + 1 + len(others))
-                views = [build_prefix_cache(model, train, start, eval_batch, limit, rt,
-                                            augmented=train.augments) for _ in range(k)]
-                va = build_prefix_cache(model, val, start, eval_batch, limit, rt)
-                aux = {key: build_prefix_cache(model, t, start, eval_batch, limit, rt)
-                       for key, t in others.items()}
-                if va is None or any(v is None for v in [*views, *aux.values()]):
-                    start, why, views, va = 0, "prefix cache over cache_max_gb", [train], val
-                    aux = dict(others)
-            caches.append({"round": r, "cached_blocks": start, "reason": why})
-            timing["cache_build_seconds"].append(round(time.perf_counter() - built, 4))
-            forward = rt.wrap(lambda xb, s=start: model.forward_from(xb, s) if s else model(xb))
-            log(f"round {r}: {why}")
-            lr_backbone = max((g["lr"] for g in groups if g["name"] != "head"), default=0.0)
-            log(f"round {r}: {phase.strategy}, {plan.frozen_layers} block(s) frozen, "
-                f"{plan.trainable:,}/{plan.total:,} parameters train, up to {phase.epochs} epochs")
+            tr.start_round(r)
             stale = 0
-            for e in range(phase.epochs):
-                tr = views[e % len(views)]
-                epoch_total += 1
-                tick = time.perf_counter()
-                if adapt is None:
-                    train_loss, align_loss = _train_epoch(
-                        model, tr, optimizer, loss_fn, train_cfg.batch_size, generator, start,
-                        rt, forward), None
-                else:
-                    train_loss, align_loss = _adapt_epoch(
-                        model, tr, aux, adapt, optimizer, loss_fn, task, train_cfg.batch_size,
-                        generator, start, rt, (epoch_total - 1) / total_epochs)
-                timing["train_epoch_seconds"].append(round(time.perf_counter() - tick, 4))
-                logits = predict_logits(model, va, eval_batch, start, rt)
-                val_loss = task.val_loss(logits, val.y)
-                report = epoch_scores(val.y.numpy(), task.proba(logits).double().numpy(),
+            for _ in range(phase.epochs):
+                res = tr.run_epoch()
+                row = {"round": r, "epoch": tr.epoch_total, "train_loss": round(res.train_loss, 6),
+                       "lr_head": tr.lrs["head"], "lr_backbone": tr.lr_backbone,
+                       "trainable_params": tr.plan.trainable,
+                       "align_loss": None if res.align_loss is None else round(res.align_loss, 6)}
+                if res.logits is None:
+                    writer.writerow(row)
+                    fh.flush()
+                    continue
+                val_loss = task.val_loss(res.logits, val.y)
+                report = epoch_scores(val.y.numpy(), task.proba(res.logits).double().numpy(),
                                       task.multilabel, task.regression)
-                writer.writerow({
-                    "round": r, "epoch": epoch_total, "train_loss": round(train_loss, 6),
-                    "val_loss": round(val_loss, 6),
-                    **{f"val_{k}": None if report.get(k) is None else round(report[k], 6)
-                       for k in ("accuracy", "auroc", "f1", "rmse", "r2")},
-                    "lr_head": lrs["head"],
-                    "lr_backbone": lr_backbone, "trainable_params": plan.trainable,
-                    "align_loss": None if align_loss is None else round(align_loss, 6)})
-                score = _score(report, val_loss, monitor)
-                if score > best["score"]:
-                    best = {"score": score, "epoch": epoch_total, "round": r,
-                            "state": copy.deepcopy(model.state_dict())}
+                row |= {"val_loss": round(val_loss, 6),
+                        **{f"val_{k}": None if report.get(k) is None else round(report[k], 6)
+                           for k in ("accuracy", "auroc", "f1", "rmse", "r2")}}
+                writer.writerow(row)
+                fh.flush()
+                if tr.keep_best(score_of(report, val_loss, monitor)):
                     stale = 0
-                    save("best.pt", epoch_total)
+                    save("best.pt", tr.epoch_total)
                 else:
                     stale += 1
                     if patience is not None and stale >= patience:
-                        log(f"round {r}: early stop at epoch {epoch_total} (no {monitor} "
+                        log(f"round {r}: early stop at epoch {tr.epoch_total} (no {monitor} "
                             f"improvement for {patience} epochs)")
                         break
-            checks.append(verify_unchanged(model, snap))
-            save("last.pt", epoch_total)
-            # The next round (and the final model) starts from the best weights so far.
-            model.load_state_dict(best["state"])
-    if epoch_total == 0:
-        save("best.pt", 0)
-    return {"best_epoch": best["epoch"], "best_round": best["round"], "epochs_run": epoch_total,
-            "monitor": monitor, "plans": [p.as_dict() for p in plans],
-            "cache": caches, "timing": timing,
-            "plan_text": "\n\n".join(f"round {i}\n{p.as_text()}" for i, p in
-                                     enumerate(plans, start=1)),
-            "freeze_check": {"frozen_tensors": sum(c["frozen_tensors"] for c in checks),
-                             "unchanged": all(c["unchanged"] for c in checks)}}
-
-
-def _train_epoch(model: TransferModel, data: Tensors, optimizer: torch.optim.Optimizer,
-                 loss_fn: nn.Module, batch_size: int, generator: torch.Generator,
-                 start: int, rt: Runtime, forward: Callable) -> float:
-    model.train()
-    order = torch.randperm(len(data.y), generator=generator)
-    total, seen = 0.0, 0
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        if len(idx) == 1 and len(order) > 1:
-            continue  # a single row breaks BatchNorm and adds only noise
-        optimizer.zero_grad(set_to_none=True)
-        xb, yb = rt.put(data.batch(idx, train=True)), rt.put(data.y[idx])
-        with rt.autocast():
-            logits = forward(xb)
-        loss = loss_fn(logits.float(), yb)
-        rt.backward_step(loss, optimizer)
-        total += loss.item() * len(idx)
-        seen += len(idx)
-    return total / max(seen, 1)
+            tr.end_round()
+            save("last.pt", tr.epoch_total)
+    if val is None or tr.epoch_total == 0:
+        save("best.pt", tr.epoch_total)
+    return tr.summary(monitor)
 
 
 def _adapt_epoch(model: TransferModel, data: Tensors, aux: dict[str, Tensors],

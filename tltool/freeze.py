@@ -102,6 +102,12 @@ def apply_freeze(model: TransferModel, frozen_layers: int, strategy: str, lr: fl
         p.requires_grad_(True)
     plan.rows.append(_row("head", model.head, "trainable", "-", lr))
     groups.insert(0, {"params": list(model.head.parameters()), "lr": lr, "name": "head"})
+    bias = getattr(model, "domain_bias", None)
+    if bias is not None:  # pooled training: the source rows' own output offset
+        bias.requires_grad_(True)
+        groups.insert(1, {"params": [bias], "lr": lr, "name": "domain"})
+        plan.rows.append({"block": "domain", "state": "trainable", "bn": "-", "lr": lr,
+                          "params": bias.numel(), "trainable": bias.numel()})
     return plan, groups
 
 

@@ -103,6 +103,24 @@ def load_inputs(cfg: DataConfig, section: str, seed: int, spec: BackboneSpec,
     return inputs
 
 
+def unlabelled_rows(inputs: Inputs) -> Tensors | None:
+    """Training-pool rows whose labels are not used (those n_train left out and, in tables,
+    rows with an empty label), encoded like the labelled ones; None when there are none."""
+    data, train = inputs.data, inputs.train
+    rest = data.unlabeled
+    if rest is None or len(rest) == 0:
+        return None
+    if inputs.state["kind"] == "tabular":
+        x = torch.from_numpy(encoder_from_state(inputs.state).transform(rest.frame, data.origin))
+    elif hasattr(train.x, "materialize"):
+        from tltool.data.images import LazyImages
+
+        x = LazyImages(list(rest.x.files), train.x.size)
+    else:
+        x = rest.x
+    return Tensors(x, torch.full((len(x),), -1, dtype=torch.long), train.prepare, train.augments)
+
+
 def pool_of(inputs: Inputs) -> Tensors:
     """Labelled training rows + unlabelled ones, encoded the same way; labels set to -1."""
     data, train = inputs.data, inputs.train

@@ -6,8 +6,9 @@ batch into the float input of a network (scaling, resizing, channels, training-o
 augmentation, normalisation) on the fly.
 
 Splits follow the tabular protocol (`tltool.data.tabular`): a train/val/test partition fixed by
-`split.seed` (stratified by class), then `n_train` / `n_val` sub-sampled with the experiment
-seed, so the test images never change with the seed. Multi-label data are stratified on each
+`split.seed` (stratified by class), then `n_train` / `n_val` sub-sampled with `sample_seed`
+(default: split.seed), so neither the test images nor the labelled ones change with the
+training seed. Multi-label data are stratified on each
 row's first present label (in class order), with rows that carry no label as one more group;
 when a group has fewer than 3 rows the split falls back to an unstratified one (with a note).
 
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from tltool.config import DataConfig
-from tltool.data.tabular import Split, _partition, _subsample, left_out
+from tltool.data.tabular import Split, _partition, _subsample, left_out, sample_seed
 from tltool.datasets.images import IMAGE_SETS, get_image_set, load_image_set
 from tltool.errors import DataError
 
@@ -760,8 +761,9 @@ def _split(x: torch.Tensor, y: np.ndarray, ids: np.ndarray, classes: list[str], 
                             f"{len(part)} images (split val {cfg.split.val} / test "
                             f"{cfg.split.test}); use at most {len(part)} or leave it unset")
     pool = train
-    train = _subsample(train, cfg.n_train, seed, "n_train", origin, cfg)
-    val = _subsample(val, cfg.n_val, seed + 1, "n_val", origin, cfg)
+    draw = sample_seed(cfg)
+    train = _subsample(train, cfg.n_train, draw, "n_train", origin, cfg)
+    val = _subsample(val, cfg.n_val, draw + 1, "n_val", origin, cfg)
 
     def build(part: Split) -> ImageSplit:
         idx = part.frame["row"].to_numpy()

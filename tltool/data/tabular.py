@@ -166,7 +166,7 @@ def select_population(frame: pd.DataFrame, where: dict, origin: str) -> pd.DataF
 
 
 def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
-    """Load, filter, label, split (fixed by split.seed) and sub-sample (by `seed`)."""
+    """Load, filter, label, split (fixed by split.seed) and sub-sample (by sample_seed)."""
     origin = origin_of(cfg)
     frame = read_frame(cfg)
     label = cfg.label or (TABLES[cfg.name].label if cfg.kind == "builtin" else None)
@@ -265,8 +265,9 @@ def _finish(frame, unlabeled_frame, cfg: DataConfig, seed: int, origin: str, lab
     whole = Split(frame[features], y, ids)
     train, val, test = _partition(whole, cfg, origin, classes, regression)
     pool = train
-    train = _subsample(train, cfg.n_train, seed, "n_train", origin, cfg, regression)
-    val = _subsample(val, cfg.n_val, seed + 1, "n_val", origin, cfg, regression)
+    draw = sample_seed(cfg)
+    train = _subsample(train, cfg.n_train, draw, "n_train", origin, cfg, regression)
+    val = _subsample(val, cfg.n_val, draw + 1, "n_val", origin, cfg, regression)
     if not regression and len(np.unique(train.y)) < 2:
         raise DataError(f"{origin}: the {len(train)} training row(s) hold only class "
                         f"{classes[int(train.y[0])]!r}; a classifier needs rows of at least 2 "
@@ -303,6 +304,13 @@ def _check_classifiable(values: pd.Series, classes: list[str], label: str, origi
                         f"learn (a continuous or id-like column?). To predict the number set "
                         f"`task: regression` on this data section; to classify, bin it into "
                         f"classes or pick a column of class labels")
+
+
+def sample_seed(cfg: DataConfig) -> int:
+    """Seed of the n_train / n_val draws: fixed by the data section (sample_seed, else
+    split.seed), not by the training seed, so several training seeds (an ensemble) see the same
+    labelled rows unless a config asks for other ones."""
+    return cfg.split.seed if cfg.sample_seed is None else cfg.sample_seed
 
 
 def take(split: Split, idx: np.ndarray) -> Split:

@@ -124,6 +124,16 @@ def build_resmlp(args: ResMLPArgs, in_features: int) -> Backbone:
     return Backbone(blocks, names, args.width)
 
 
+class RawArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def build_raw(args: RawArgs, in_features: int) -> Backbone:
+    """No blocks: the encoded table row itself is the feature vector (for the classic heads,
+    e.g. logistic regression on the raw table)."""
+    return Backbone([], [], in_features)
+
+
 @dataclass(frozen=True)
 class BackboneSpec:
     """How to build a backbone and, for images, which pretrained weights and input it wants.
@@ -150,6 +160,9 @@ BACKBONES: dict[str, BackboneSpec] = {
                         "multilayer perceptron; one block per hidden layer"),
     "resmlp": BackboneSpec("resmlp", "tabular", ResMLPArgs, build_resmlp,
                            "residual MLP for tables: a stem, then `depth` residual blocks"),
+    "raw": BackboneSpec("raw", "tabular", RawArgs, build_raw,
+                        "no blocks: the encoded row (standardised numbers, one-hot categories) "
+                        "goes to the head as it is; for classic heads on the raw table"),
 }
 
 # Image backbones (torchvision, EfficientNet-Lite0, a small CNN). vision.py imports Backbone and
@@ -178,8 +191,11 @@ def resolve_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
+                allowed = (f"allowed: {', '.join(spec.args.model_fields)}"
+                           if spec.args.model_fields else f"{name} takes no options "
+                           f"(backbone_args: {{}})")
                 problems.append(f"model.backbone_args.{key}: unknown option of {name}; "
-                                f"allowed: {', '.join(spec.args.model_fields)}")
+                                f"{allowed}")
             else:
                 problems.append(f"model.backbone_args.{key}: {err['msg'].lower()}; "
                                 f"got {err.get('input')!r}")

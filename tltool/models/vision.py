@@ -77,7 +77,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from tltool.errors import CheckpointError, ConfigError
@@ -505,6 +505,40 @@ def build_small_cnn(args: SmallCNNArgs, n_inputs: int = 3) -> Backbone:
     return Backbone(blocks, names, args.hidden)
 
 
+class PixelArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    grid: int = Field(28, ge=1, le=256, description="images are average-pooled to grid x grid "
+                      "pixels")
+    channels: int = Field(1, description="1: the mean of the colour channels (grey); 3: each "
+                          "channel")
+
+    @field_validator("channels")
+    @classmethod
+    def _one_or_three(cls, value: int) -> int:
+        if value not in (1, 3):
+            raise ValueError(f"must be 1 or 3, got {value}")
+        return value
+
+
+class _Pixels(nn.Module):
+    def __init__(self, grid: int, channels: int):
+        super().__init__()
+        self.grid, self.channels = grid, channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.adaptive_avg_pool2d(x, self.grid)
+        if self.channels == 1:
+            x = x.mean(dim=1, keepdim=True)
+        return x.flatten(1)
+
+
+def build_pixels(args: PixelArgs, n_inputs: int = 3) -> Backbone:
+    """One parameter-free block: the normalised pixels (pooled to grid x grid) as features,
+    for classic heads on raw pixels (e.g. logistic regression)."""
+    return Backbone([_Pixels(args.grid, args.channels)], ["pixels"],
+                    args.channels * args.grid ** 2)
+
+
 # --------------------------------------------------------------------------------------------
 # Registry
 
@@ -563,4 +597,9 @@ IMAGE_BACKBONES["small_cnn"] = BackboneSpec(
     description="small CNN for tiny images (e.g. 28x28); blocks: conv1, conv2 (one per "
                 "`channels` entry: conv3x3 BN ReLU maxpool), fc (pool to 7x7, Linear ReLU) -> "
                 "hidden (128); no pretrained weights",
+    default_size=28, weights=(), load_weights=None, norm=_half_norm)
+IMAGE_BACKBONES["pixels"] = BackboneSpec(
+    name="pixels", input="image", args=PixelArgs, build=build_pixels,
+    description="raw pixels: one parameter-free block (average-pool to grid x grid, grey by "
+                "default) -> channels x grid x grid features; for classic heads on raw pixels",
     default_size=28, weights=(), load_weights=None, norm=_half_norm)

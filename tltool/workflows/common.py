@@ -20,7 +20,9 @@ from tltool.runs import RunFolder, load_checkpoint, load_weights_file, resolve_r
 
 log = logging.getLogger("tltool")
 
-TRAINING_COMMANDS = ("pretrain", "freeze-finetune")
+# Commands whose run folder holds a trained model (checkpoints/best.pt) for evaluate / predict /
+# ensemble and as weights of a later run.
+TRAINING_COMMANDS = ("pretrain", "freeze-finetune", "select")
 CHECKPOINT_FORMAT = "tltool-checkpoint"
 
 
@@ -47,10 +49,31 @@ def resolve_weights(ref: str, spec: BackboneSpec) -> Weights:
     return Weights(ref, path=ckpt_path, ckpt=load_checkpoint(ckpt_path))
 
 
-def pin_config(cfg: ExperimentConfig, weights: Weights | None = None) -> ExperimentConfig:
+def resolve_checkpoint(ref: str, key: str) -> tuple[dict[str, Any], Path]:
+    """A tltool checkpoint named by a training run folder, NAME_FOLDER/latest or a .pt file."""
+    path = Path(ref)
+    if path.is_file():
+        payload = load_weights_file(path)
+        if payload.get("format") != CHECKPOINT_FORMAT:
+            raise RunError(f"{key}: {ref}: not a tltool checkpoint (a prior must be a model "
+                           f"trained by tltool: a run folder or its checkpoints/best.pt)")
+        return load_checkpoint(path), path
+    if not path.exists() and path.name != "latest":
+        raise RunError(f"{key}: {ref}: no such run folder or checkpoint file")
+    run = resolve_run(path, commands=TRAINING_COMMANDS)
+    return load_checkpoint(run / "checkpoints" / "best.pt"), run
+
+
+def trained_on(ckpt: dict[str, Any]) -> str:
+    """The data section a checkpoint's model was trained on: source (pretrain) or target."""
+    return "source" if ckpt["command"] == "pretrain" else "target"
+
+
+def pin_config(cfg: ExperimentConfig, weights: Weights | None = None,
+               prior_path: Path | None = None) -> ExperimentConfig:
     """The config as a run folder keeps it: data paths absolute (evaluate works from any
-    folder) and model.weights the run folder or file actually used (not `.../latest`, which
-    moves on as new runs complete)."""
+    folder) and model.weights (and model.prior_weights) the run folder or file actually used
+    (not `.../latest`, which moves on as new runs complete)."""
     update: dict[str, Any] = {}
     for section in ("source", "target"):
         data = getattr(cfg, section)
@@ -60,11 +83,17 @@ def pin_config(cfg: ExperimentConfig, weights: Weights | None = None) -> Experim
                  if (v := getattr(data, k))}
         if paths:
             update[section] = data.model_copy(update=paths)
-    if weights is not None and weights.path is not None:
-        used = weights.path
+    model: dict[str, Any] = {}
+    for key, used in (("weights", None if weights is None else weights.path),
+                      ("prior_weights", prior_path)):
+        if used is None:
+            continue
+        used = Path(used)
         if used.name == "best.pt" and used.parent.name == "checkpoints":
             used = used.parent.parent  # the run folder
-        update["model"] = cfg.model.model_copy(update={"weights": str(used.resolve())})
+        model[key] = str(used.resolve())
+    if model:
+        update["model"] = cfg.model.model_copy(update=model)
     return cfg.model_copy(update=update)
 
 
@@ -86,8 +115,23 @@ def load_backbone_weights(model: TransferModel, spec: BackboneSpec, weights: Wei
 
 
 def load_trained(ckpt: dict[str, Any]) -> TransferModel:
-    model = build_model(ckpt["spec"])
+    """The model of a checkpoint (classic heads' tree indices and values checked)."""
+    try:
+        model = build_model(ckpt["spec"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint: damaged model spec ({type(exc).__name__}: "
+                              f"{str(exc)[:200]})") from None
     load_state(model, ckpt["state_dict"], "checkpoint")
+    from tltool.models import CLASSIC_HEADS
+
+    if any(s.get("head") in CLASSIC_HEADS for s in (ckpt["spec"],
+                                                     (ckpt["spec"].get("prior") or {}).get(
+                                                         "spec") or {})):
+        from tltool.models.classic import check_classic_state
+
+        for module in model.modules():
+            if hasattr(module, "raw") and hasattr(module, "append"):
+                check_classic_state(module)
     return model
 
 

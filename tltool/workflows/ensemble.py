@@ -22,8 +22,8 @@ from tltool.errors import RunError
 from tltool.inputs import load_inputs
 from tltool.metrics import format_any
 from tltool.models.backbones import get_spec
-from tltool.runs import write_json, write_text
-from tltool.workflows.common import log, new_run
+from tltool.runs import run_status, write_json, write_text
+from tltool.workflows.common import log, new_run, trained_on
 from tltool.workflows.train import decision_rule, report
 
 # Keys of a data section that may differ between members (what seeds sub-sample).
@@ -31,7 +31,7 @@ MAY_DIFFER = {"n_train", "n_val", "augment", "decode_once_max_gb", "on_bad_image
 
 
 def _domain(ckpt: dict[str, Any]) -> str:
-    return "source" if ckpt["command"] == "pretrain" else "target"
+    return trained_on(ckpt)
 
 
 def _section(cfg, ckpt, full: bool):
@@ -91,7 +91,13 @@ def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
     if rule == "threshold" and not multilabel and len(classes) != 2:
         raise RunError(f"--rule threshold needs a binary or multi-label task; {run0} has "
                        f"{len(classes)} classes (use --rule argmax)")
+    selected = [(run_status(m[0]) or {}).get("command") == "select" for m in members]
+    if any(selected) and not all(selected):
+        raise RunError("ensemble: mix of `select` runs and other runs; a select run trained on "
+                       "every labelled row (its validation rows included), so its threshold "
+                       "comes from out-of-fold predictions: give only select runs, or none")
     val_ids: set[str] = set()
+    labelled: list[set[str]] = []
     p_val, p_test = [], []
     y_val = y_test = full_val_ids = test_ids = None
     for run, cfg, ckpt, model, _ in members:
@@ -105,25 +111,44 @@ def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
                   and np.array_equal(full.data.test.ids, test_ids)):
             raise RunError(f"{run}: its validation/test rows differ from {run0}'s")
         val_ids.update(np.asarray(own.data.val.ids).astype(str).tolist())
+        labelled.append(set(np.asarray(own.data.train.ids).astype(str).tolist())
+                        | set(np.asarray(own.data.val.ids).astype(str).tolist()))
         p_val.append(predict_proba(model, full.val, multilabel))
         p_test.append(predict_proba(model, full.test, multilabel))
     rows = np.isin(np.asarray(full_val_ids).astype(str), sorted(val_ids))
     avg_val = np.mean(p_val, axis=0)[rows]
+    y_held = y_val[rows]
+    held_from = "validation"
+    if all(selected):
+        avg_val, y_held, labelled = _out_of_fold(members, classes, multilabel, regression)
+        rows = np.ones(len(y_held), dtype=bool)
+        held_from = "out-of-fold"
     avg_test = np.mean(p_test, axis=0)
     decision = decision_rule(cfg0.model_copy(update={"decision": DecisionConfig(
-        rule=rule, optimize=optimize)}), classes, multilabel, avg_val, y_val[rows], regression)
+        rule=rule, optimize=optimize)}), classes, multilabel, avg_val, y_held, regression,
+        chosen_on=held_from)
     decision["averaged"] = len(members)
     metrics = {
         "command": "ensemble", "members": [str(m[0]) for m in members],
         "domain": _domain(ckpt0), "classes": classes, "multilabel": multilabel,
         "decision": decision, "val_rows": int(rows.sum()),
-        "val": report(y_val[rows], avg_val, classes, decision),
+        # How many labels the ensemble as a whole used: members that drew other labelled
+        # rows (other sample_seed) together saw more than any one of them.
+        "labelled_rows_seen": len(set().union(*labelled)),
+        "labelled_rows_per_member": [len(s) for s in labelled],
+        "val": report(y_held, avg_val, classes, decision),
+        "val_from": held_from,
         "test": report(y_test, avg_test, classes, decision),
         "members_test": [{"run": str(run), **{k: report(y_test, p, classes, dec)[k]
                                               for k in _headline(multilabel, regression)}}
                          for (run, *_, dec), p in zip(members, p_test, strict=True)],
     }
     table = format_any(metrics["test"], classes, decision)
+    if metrics["labelled_rows_seen"] > max(metrics["labelled_rows_per_member"]):
+        log.warning("ensemble: the members drew different labelled rows (%d distinct in all, "
+                    "at most %d per member); compare it with single runs given %d labels, not "
+                    "%d", metrics["labelled_rows_seen"], max(metrics["labelled_rows_per_member"]),
+                    metrics["labelled_rows_seen"], max(metrics["labelled_rows_per_member"]))
     name = name or f"{run0.parent.name}-ensemble"
     with new_run(run0.parent.parent, name, "ensemble", argv, cfg0.seed) as out:
         write_json(out.file("ensemble.json"), {"members": metrics["members"]})
@@ -141,6 +166,39 @@ def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
     else:
         log.info("ensemble of %d runs (%s)", len(members), decision["rule"])
     return {"run": str(out.path), "metrics": metrics, "table": table}
+
+
+def _out_of_fold(members: list, classes: list[str], multilabel: bool,
+                 regression: bool) -> tuple[np.ndarray, np.ndarray, list[set[str]]]:
+    """Select runs: the members' out-of-fold predictions on the labelled rows they share
+    (averaged), the labels, and each member's labelled rows."""
+    import pandas as pd
+
+    frames = []
+    for run, *_ in members:
+        path = run / "oof_predictions.csv"
+        try:
+            frames.append(pd.read_csv(path, dtype={"id": str}, keep_default_na=False))
+        except (OSError, ValueError):
+            raise RunError(f"{path}: missing or unreadable (a select run keeps its "
+                           f"out-of-fold predictions there)") from None
+    labelled = [set(f["id"]) for f in frames]
+    common = sorted(set.intersection(*labelled))
+    if not common:
+        raise RunError("ensemble: the select runs share no labelled row; their out-of-fold "
+                       "predictions cannot choose a common threshold")
+    cols = ["prediction"] if regression else [f"p_{c}" for c in classes]
+    parts = [f.set_index("id").loc[common] for f in frames]
+    avg = np.mean([p[cols].to_numpy(np.float64) for p in parts], axis=0)
+    labels = parts[0]["label"]
+    if regression:
+        y = labels.to_numpy(np.float64)
+    elif multilabel:
+        y = np.array([[c in str(v).split("|") for c in classes] for v in labels], dtype=np.int64)
+    else:
+        index = {c: i for i, c in enumerate(classes)}
+        y = np.array([index[str(v)] for v in labels], dtype=np.int64)
+    return avg, y, labelled
 
 
 def _headline(multilabel: bool, regression: bool = False) -> tuple[str, ...]:

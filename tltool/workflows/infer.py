@@ -17,7 +17,14 @@ from tltool.inputs import encode_images, encode_tabular, encoder_from_state, loa
 from tltool.metrics import decide, decide_multilabel, format_any
 from tltool.models.backbones import get_spec
 from tltool.runs import load_checkpoint, resolve_run, write_json, write_text
-from tltool.workflows.common import TRAINING_COMMANDS, load_trained, log, new_run, run_config
+from tltool.workflows.common import (
+    TRAINING_COMMANDS,
+    load_trained,
+    log,
+    new_run,
+    run_config,
+    trained_on,
+)
 from tltool.workflows.train import report
 
 
@@ -73,13 +80,26 @@ def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
     run, members, decision = _open_members(ref)
     _, cfg, ckpt, _, _ = members[0]
     classes, multilabel = ckpt["classes"], bool(ckpt.get("multilabel"))
-    proba, ids, (test, origin, domain) = _average(
-        members, multilabel, lambda m: _evaluation_data(m[0], m[1], m[2], on, csv))
+    vals: list = []
+
+    def load(m):
+        test, ids, origin, domain, val = _evaluation_data(m[0], m[1], m[2], on, csv)
+        vals.append(val)
+        return test, ids, origin, domain, val
+
+    proba, ids, (test, origin, domain, val) = _average(members, multilabel, load)
     y = test.y.numpy()
     metrics = report(y, proba, classes, decision)
     result = {"run": str(run), "on": domain, "origin": str(origin), "split": "test",
               "classes": classes, "multilabel": multilabel, "decision": decision,
               "members": len(members), "test": metrics}
+    if val is not None and len(val.y):
+        # Every route reports the same validation score (a source-only model evaluated on
+        # the target included), so routes can be compared without the test split.
+        p_val = np.mean([predict_proba(m[3], v, multilabel)
+                         for m, v in zip(members, vals, strict=True)], axis=0)
+        result["val"] = report(val.y.numpy(), p_val, classes, decision)
+        result["val_note"] = _val_note(members, domain)
     if not multilabel and decision["threshold"] is not None:
         result["test_argmax"] = report(y, proba, classes, {"threshold": None})
     table = format_any(metrics, classes, decision)
@@ -98,6 +118,18 @@ def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
         predictions_frame(ids, proba, classes, decision, y).to_csv(
             out.file("test_predictions.csv"), index=False)
     return {"run": str(out.path), "metrics": result, "table": table}
+
+
+def _val_note(members: list, domain: str) -> str:
+    from tltool.runs import run_status
+
+    commands = {(run_status(m[0]) or {}).get("command") for m in members}
+    if "select" in commands:
+        return ("a select run trained on these rows (see its cross-validation scores in "
+                "metrics.json select.cv)")
+    if domain == trained_on(members[0][2]):
+        return "rows that chose the epoch and the threshold (not trained on)"
+    return "rows the model never saw (neither trained nor tuned on)"
 
 
 def _average(members: list, multilabel: bool, load):
@@ -127,8 +159,8 @@ def _evaluation_data(run: Path, cfg, ckpt: dict[str, Any], on: str | None, csv: 
         regression = bool(ckpt["spec"].get("target_scale"))
         test, ids = _labelled_csv(Path(csv), label, classes, state, regression,
                                   getattr(_data_section(cfg, ckpt), "id_column", None))
-        return test, ids, csv, "csv"
-    domain = on or ("source" if ckpt["command"] == "pretrain" else "target")
+        return test, ids, csv, "csv", None
+    domain = on or trained_on(ckpt)
     data_cfg = getattr(cfg, domain)
     if data_cfg is None:
         raise RunError(f"{run}: its config has no `{domain}` data section to evaluate on")
@@ -140,9 +172,9 @@ def _evaluation_data(run: Path, cfg, ckpt: dict[str, Any], on: str | None, csv: 
     if inputs.classes != classes:
         raise DataError(f"{inputs.data.origin}: classes {inputs.classes} differ from the "
                         f"model's {classes}; evaluate on data with the same label values")
-    if domain == ("source" if ckpt["command"] == "pretrain" else "target"):
+    if domain == trained_on(ckpt):
         _warn_if_changed(run, inputs)
-    return inputs.test, inputs.data.test.ids, inputs.data.origin, domain
+    return inputs.test, inputs.data.test.ids, inputs.data.origin, domain, inputs.val
 
 
 def _warn_if_changed(run: Path, inputs) -> None:
@@ -279,7 +311,7 @@ def _new_rows(path: Path, state, cfg, ckpt, id_column):
 
 
 def _data_section(cfg, ckpt):
-    return cfg.target if ckpt["command"] == "freeze-finetune" else cfg.source
+    return getattr(cfg, trained_on(ckpt))
 
 
 def _new_images(path: Path, state, id_column, data_cfg):

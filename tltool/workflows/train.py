@@ -1,36 +1,57 @@
-"""pretrain and freeze-finetune: load and check everything, then create the run and train."""
+"""pretrain and freeze-finetune: load and check everything, then create the run and train.
+
+A *route* (`Route`) is one way of building the target model from a config: which weights and
+prior, which rows (target only, or pooled with the source's), which head (trained by gradient
+steps, or a classic head fitted by scikit-learn). `prepare` loads and checks it before any run
+folder exists, `build` makes its network and `train_route` trains it on given rows; the
+commands below and `tltool select` (which trains each route on cross-validation folds) share
+them.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from tltool import plots
 from tltool.adapt import Adaptation
-from tltool.config import ExperimentConfig
-from tltool.engine import Phase, Task, fit, predict_proba, seed_everything
+from tltool.config import DataConfig, ExperimentConfig
+from tltool.engine import (
+    Phase,
+    Pooled,
+    PrefixStore,
+    Task,
+    Tensors,
+    fit,
+    predict_proba,
+    seed_everything,
+)
 from tltool.errors import CheckpointError, ConfigError
 from tltool.freeze import check_frozen_layers
-from tltool.inputs import load_inputs, pool_of, split_digest
+from tltool.inputs import Inputs, Weights, load_inputs, pool_of, split_digest
 from tltool.metrics import (
     choose_threshold,
     classification_report,
     multilabel_report,
     regression_report,
 )
-from tltool.models import build_model, model_spec
-from tltool.models.backbones import get_spec, resolve_args
+from tltool.models import CLASSIC_HEADS, TransferModel, build_model, model_spec
+from tltool.models.backbones import BackboneSpec, get_spec, resolve_args
 from tltool.runs import write_json, write_text
-from tltool.runtime import make_runtime
+from tltool.runtime import Runtime, make_runtime
 from tltool.workflows.common import (
     check_input_fits,
     check_output_root,
     checkpoint_payload,
     load_backbone_weights,
+    load_state,
     log,
     new_run,
     pin_config,
+    resolve_checkpoint,
     resolve_weights,
 )
 
@@ -39,14 +60,14 @@ def pretrain(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, 
     """Train backbone + head on the source data (optionally starting from weights)."""
     if cfg.source is None:
         raise ConfigError("source: pretrain needs a `source` data section")
-    return _train(cfg, cfg.source, "pretrain", argv)
+    return _train(cfg, "pretrain", argv)
 
 
 def freeze_finetune(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, Any]:
     """Transfer: source backbone + new head, freeze per the config, train on the target."""
     if cfg.target is None:
         raise ConfigError("target: freeze-finetune needs a `target` data section")
-    return _train(cfg, cfg.target, "freeze-finetune", argv)
+    return _train(cfg, "freeze-finetune", argv)
 
 
 def phases_of(cfg: ExperimentConfig, command: str, n_blocks: int,
@@ -65,22 +86,186 @@ def phases_of(cfg: ExperimentConfig, command: str, n_blocks: int,
     return phases
 
 
-def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any]:
+# ---------------------------------------------------------------- routes
+
+
+@dataclass
+class Route:
+    """A config's way to the target model, loaded and checked (no run folder yet)."""
+
+    cfg: ExperimentConfig
+    command: str
+    section: str  # the data section trained on: source (pretrain) or target
+    spec: BackboneSpec
+    weights: Weights
+    args: dict[str, Any]  # backbone options
+    inputs: Inputs
+    label: str
+    prior: dict[str, Any] | None  # the prior's checkpoint (model.prior)
+    pooled: Inputs | None  # labelled source rows, encoded like the target (train.source_weight)
+    adaptation: Adaptation | None
+    adapt_info: dict[str, Any] | None
+    prior_path: Any = None  # where the prior came from (a run folder or file)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.inputs.classes
+
+    @property
+    def multilabel(self) -> bool:
+        return self.inputs.multilabel
+
+    @property
+    def regression(self) -> bool:
+        return self.inputs.regression
+
+    @property
+    def classic(self) -> bool:
+        """The head is fitted by scikit-learn (a kept classic source head counts too)."""
+        if self.cfg.model.keep_head and self.weights.ckpt:
+            return self.weights.ckpt["spec"]["head"] in CLASSIC_HEADS
+        return self.cfg.model.head in CLASSIC_HEADS
+
+    @property
+    def source_only(self) -> bool:
+        """The source model as it is: kept head, nothing trained on the target."""
+        return self.cfg.model.keep_head and (self.classic or self.epochs == 0)
+
+    @property
+    def epochs(self) -> int:
+        t = self.cfg.train
+        return sum(r.epochs for r in t.rounds) if t.rounds else t.epochs
+
+
+class InputCache:
+    """Loaded data sections by what they depend on, so routes that read the same data with the
+    same encoding share one load (tltool select prepares many routes on one data set)."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, Inputs] = {}
+
+    def load(self, data_cfg: DataConfig, section: str, seed: int, spec: BackboneSpec,
+             weights: Weights, like: dict[str, Any] | None = None,
+             pool: bool = False) -> Inputs:
+        import json
+
+        state = like if like is not None else (weights.ckpt or {}).get("preprocessor")
+        key = json.dumps([data_cfg.model_dump(mode="json"), section, spec.name, weights.name,
+                          state, pool, spec.input], sort_keys=True, default=str)
+        if key not in self._loaded:
+            self._loaded[key] = load_inputs(data_cfg, section, seed, spec, weights, like=like,
+                                            pool=pool)
+        return self._loaded[key]
+
+
+def prepare(cfg: ExperimentConfig, command: str, cache: InputCache | None = None) -> Route:
+    """Load and check what a route needs: weights, prior, data (and the other domain's rows
+    for pooled training or adaptation). Every user error surfaces here, before a run folder."""
     m = cfg.model
-    check_output_root(cfg.output.root)
-    spec = get_spec(m.backbone)  # unknown backbone: fail before reading data
+    data_cfg = cfg.source if command == "pretrain" else cfg.target
     section = "source" if command == "pretrain" else "target"
+    cache = cache or InputCache()
+    check_output_root(cfg.output.root)
+    for key in ("weights", "prior_weights"):
+        ref = getattr(m, key)
+        if isinstance(ref, str) and ref.startswith("source:"):
+            raise ConfigError(f"model.{key}: {ref!r} names a source model of `tltool select`; "
+                              f"outside select give a run folder or a checkpoint file")
+    spec = get_spec(m.backbone)  # unknown backbone: fail before reading data
+    _check_combinations(cfg, command)
     weights = resolve_weights(m.weights, spec)
-    if command == "freeze-finetune" and weights.path is None and weights.name is None:
+    if command == "freeze-finetune" and weights.path is None and weights.name is None \
+            and m.prior == "none" and cfg.train.source_weight == 0 and m.head not in CLASSIC_HEADS:
         log.warning("model.weights is none: freeze-finetune trains from random weights (no "
                     "transfer; a target-only baseline). Name the source run, e.g. "
                     "model.weights: runs/NAME/latest")
+    prior, prior_path = _prior_checkpoint(cfg) if m.prior != "none" else (None, None)
+    like = prior["preprocessor"] if prior is not None else None
+    if prior is not None and weights.ckpt is not None and \
+            weights.ckpt["preprocessor"] != prior["preprocessor"]:
+        raise ConfigError("model.prior_weights: the prior encodes its inputs differently from "
+                          "model.weights (other columns, scaling or image size); use a prior "
+                          "trained on the same source section, or model.weights none")
+    if m.keep_head:
+        _check_keep_head(cfg, weights)
     args = (_inherit_args(cfg, weights.ckpt, weights.path) if weights.ckpt
             else resolve_args(m.backbone, m.backbone_args))
-    inputs = load_inputs(data_cfg, section, cfg.seed, spec, weights)
-    data, classes, multilabel = inputs.data, inputs.classes, inputs.multilabel
-    label = getattr(data, "label", None) or data_cfg.label or "label"
-    regression = inputs.regression
+    if m.head in CLASSIC_HEADS:
+        from tltool.models.classic import classic_args
+
+        classic_args(m.head, m.head_args)
+    inputs = cache.load(data_cfg, section, cfg.seed, spec, weights, like=like)
+    label = getattr(inputs.data, "label", None) or data_cfg.label or "label"
+    _check_task(cfg, section, label, inputs)
+    if prior is not None:
+        _check_prior(cfg, prior, inputs)
+    if m.keep_head:
+        _check_kept_classes(weights.ckpt, inputs)
+    pooled = _pooled_rows(cfg, command, inputs, spec, weights, cache)
+    adaptation, adapt_info = _adaptation(cfg, command, inputs, spec, weights)
+    return Route(cfg, command, section, spec, weights, args, inputs, label, prior, pooled,
+                 adaptation, adapt_info, prior_path)
+
+
+def _check_kept_classes(ckpt: dict[str, Any], inputs: Inputs) -> None:
+    src_reg = bool(ckpt["spec"].get("target_scale"))
+    same = (src_reg == inputs.regression and bool(ckpt.get("multilabel")) == inputs.multilabel
+            and (inputs.regression or list(ckpt["classes"]) == list(inputs.classes)))
+    if not same:
+        what = "a number" if src_reg else f"classes {', '.join(map(str, ckpt['classes']))}"
+        mine = "a number" if inputs.regression else f"classes {', '.join(inputs.classes)}"
+        raise ConfigError(f"model.keep_head: the source head predicts {what}, the target "
+                          f"{mine}; a kept head needs the same ones (use a new head)")
+
+
+def _check_combinations(cfg: ExperimentConfig, command: str) -> None:
+    m, t = cfg.model, cfg.train
+    classic = m.head in CLASSIC_HEADS
+    if t.source_weight > 0 and command == "pretrain":
+        raise ConfigError("train.source_weight: pooled training adds the source rows to a "
+                          "freeze-finetune on the target; pretrain trains on the source already")
+    if t.source_weight > 0 and cfg.adapt.method != "none":
+        raise ConfigError("train.source_weight: with adapt, labelled source rows are weighed "
+                          "by adapt.source_weight; set train.source_weight 0")
+    if m.prior != "none" and cfg.adapt.method != "none":
+        raise ConfigError("model.prior: a prior and adapt cannot be combined (adapt trains the "
+                          "backbone's features; the prior fixes the answer's starting point)")
+    if m.keep_head and m.prior != "none":
+        raise ConfigError("model.keep_head: the kept source head already starts at the source "
+                          "model's answer; use keep_head or model.prior, not both")
+    if classic:
+        if cfg.adapt.method != "none":
+            raise ConfigError(f"model.head: {m.head!r} is fitted on fixed features; adapt "
+                              f"trains features (use a network head, or adapt first and use "
+                              f"that run as model.weights)")
+        if t.l2sp.alpha or t.l2sp.beta:
+            raise ConfigError(f"train.l2sp: applies to heads trained by gradient steps; "
+                              f"{m.head!r} is fitted by scikit-learn (use model.head_args)")
+        if t.rounds:
+            raise ConfigError(f"train.rounds: {m.head!r} is fitted once on the frozen "
+                              f"backbone's features; rounds need a network head")
+    if (t.l2sp.alpha or t.l2sp.beta) and cfg.adapt.method != "none":
+        raise ConfigError("train.l2sp: not combined with adapt")
+    if t.l2sp.alpha and m.weights.strip().lower() in ("none", ""):
+        raise ConfigError("train.l2sp.alpha: pulls the backbone towards its pretrained "
+                          "weights, but model.weights is none (set l2sp.alpha 0 or name the "
+                          "source run)")
+
+
+def _check_keep_head(cfg: ExperimentConfig, weights: Weights) -> None:
+    if weights.ckpt is None:
+        raise ConfigError("model.keep_head: keeps the source model's head, so model.weights "
+                          "must name a tltool run or checkpoint")
+    if cfg.model.backbone != weights.ckpt["spec"]["backbone"]:
+        return  # _inherit_args says what differs
+    if weights.ckpt["spec"]["head"] in CLASSIC_HEADS and (cfg.train.source_weight > 0):
+        raise ConfigError("model.keep_head: a kept classic head is used as it is; pooled "
+                          "training would need a new fit (use model.head instead)")
+
+
+def _check_task(cfg: ExperimentConfig, section: str, label: str, inputs: Inputs) -> None:
+    m = cfg.model
+    classes, multilabel, regression = inputs.classes, inputs.multilabel, inputs.regression
     if regression:
         _check_regression(cfg, section, label)
     elif m.head == "multilabel" and not multilabel:
@@ -90,68 +275,325 @@ def _train(cfg: ExperimentConfig, data_cfg, command: str, argv) -> dict[str, Any
             and not regression:
         raise ConfigError(f"decision.rule: 'threshold' needs a binary or multi-label target; "
                           f"{label!r} has {len(classes)} classes (use 'argmax')")
-    seed_everything(cfg.seed)
-    model = build_model(model_spec(m.backbone, args, inputs.n_inputs, m.head, m.head_hidden,
-                                   m.dropout, 1 if regression else len(classes),
-                                   inputs.target_scale))
-    load_backbone_weights(model, spec, weights)
-    check_input_fits(model, inputs, section)
-    phases = phases_of(cfg, command, len(model.backbone.blocks), model.backbone.block_names)
+    if m.head in CLASSIC_HEADS:
+        if multilabel:
+            raise ConfigError(f"model.head: {m.head!r} takes one label per row; {section} is "
+                              f"multi-label (use head multilabel)")
+        if m.head == "ridge" and not regression:
+            raise ConfigError(f"model.head: 'ridge' predicts numbers; {section} holds classes "
+                              f"(use logistic_regression or gradient_boosting)")
+        if m.head == "logistic_regression" and regression:
+            raise ConfigError(f"model.head: 'logistic_regression' predicts classes; {section} "
+                              f"has task regression (use ridge or gradient_boosting)")
+
+
+def _prior_checkpoint(cfg: ExperimentConfig) -> tuple[dict[str, Any], Any]:
+    ref = cfg.model.prior_weights or cfg.model.weights
+    if ref.strip().lower() in ("none", ""):
+        raise ConfigError(f"model.prior: {cfg.model.prior!r} needs a source model: set "
+                          f"model.prior_weights (or model.weights) to a tltool run")
+    ckpt, path = resolve_checkpoint(ref, "model.prior_weights" if cfg.model.prior_weights
+                                    else "model.weights")
+    if ckpt["spec"].get("prior"):
+        raise ConfigError(f"model.prior_weights {ref}: that model has a prior of its own; a "
+                          f"prior must be a plain source model")
+    return ckpt, path
+
+
+def _check_prior(cfg: ExperimentConfig, prior: dict[str, Any], inputs: Inputs) -> None:
+    p_reg = bool(prior["spec"].get("target_scale"))
+    if cfg.model.prior != "offset":
+        return
+    same = (p_reg == inputs.regression and bool(prior.get("multilabel")) == inputs.multilabel
+            and (inputs.regression or list(prior["classes"]) == list(inputs.classes)))
+    if not same:
+        what = "a number" if p_reg else f"classes {', '.join(map(str, prior['classes']))}"
+        mine = "a number" if inputs.regression else f"classes {', '.join(inputs.classes)}"
+        raise ConfigError(f"model.prior: 'offset' adds the prior's answer to this model's, but "
+                          f"the prior predicts {what} and the target {mine}; use prior: input "
+                          f"(its output as an extra input of the head)")
+    if cfg.model.head == "gradient_boosting":
+        raise ConfigError("model.prior: 'offset' cannot start gradient boosting from the "
+                          "prior's answer here; use prior: input for gradient_boosting")
+
+
+def _pooled_rows(cfg: ExperimentConfig, command: str, inputs: Inputs, spec: BackboneSpec,
+                 weights: Weights, cache: InputCache) -> Inputs | None:
+    """Pooled training: every labelled source row, encoded exactly like the target rows."""
+    if cfg.train.source_weight == 0:
+        return None
+    if cfg.source is None:
+        raise ConfigError("train.source_weight: pooled training needs a `source` data section")
+    other = cfg.source
+    if inputs.state.get("kind") == "image":
+        other = other.model_copy(update={"image_size": inputs.state["size"]})
+    source = cache.load(other, "source", cfg.seed, spec, weights, like=inputs.state)
+    if source.classes != inputs.classes or source.multilabel != inputs.multilabel or \
+            source.regression != inputs.regression:
+        raise ConfigError(f"train.source_weight: pooled training learns the target's classes "
+                          f"from source rows too, but the source classes "
+                          f"({', '.join(source.classes)}) differ from the target's "
+                          f"({', '.join(inputs.classes)})")
+    return source
+
+
+def pooled_tensors(route: Route) -> Tensors | None:
+    """Every labelled source row (train, val and test of the source section) as one set."""
+    if route.pooled is None:
+        return None
+    parts = [route.pooled.train, route.pooled.val, route.pooled.test]
+    return concat_tensors(parts)
+
+
+def concat_tensors(parts: list[Tensors]) -> Tensors:
+    """Rows of several splits of one data set as one Tensors."""
+    first = parts[0]
+    if hasattr(first.x, "materialize"):
+        from tltool.data.images import LazyImages
+
+        x = LazyImages([f for p in parts for f in p.x.files], first.x.size)
+    else:
+        x = torch.cat([p.x for p in parts])
+    return Tensors(x, torch.cat([p.y for p in parts]), first.prepare, first.augments)
+
+
+def build(route: Route, seed: int) -> TransferModel:
+    """The route's network: weights loaded, the prior attached, the head new (or kept)."""
+    m, inputs = route.cfg.model, route.inputs
+    seed_everything(seed)
+    if m.keep_head:
+        spec = dict(route.weights.ckpt["spec"])
+        if route.pooled is not None and route.cfg.train.domain_offset:
+            spec["domain_offset"] = True
+        model = build_model(spec)
+        state = dict(route.weights.ckpt["state_dict"])
+        if model.domain_bias is not None:
+            state.setdefault("domain_bias", torch.zeros_like(model.domain_bias))
+        load_state(model, state, f"model.weights {route.weights.ref}")
+        return model
+    n_out = 1 if route.regression else len(route.classes)
+    spec = model_spec(m.backbone, route.args, inputs.n_inputs, m.head, m.head_hidden,
+                      m.dropout, n_out, inputs.target_scale)
+    if route.prior is not None:
+        p = route.prior
+        binary = len(p["classes"]) == 2 and not p.get("multilabel") and \
+            not p["spec"].get("target_scale")
+        spec["prior"] = {"mode": m.prior, "spec": p["spec"], "classes": list(p["classes"]),
+                         "multilabel": bool(p.get("multilabel")), "binary": binary}
+    if route.pooled is not None and route.cfg.train.domain_offset and not route.classic:
+        spec["domain_offset"] = True
+    model = build_model(spec)
+    load_backbone_weights(model, route.spec, route.weights)
+    if model.prior is not None:
+        load_state(model.prior.model, route.prior["state_dict"], "model.prior_weights")
+    return model
+
+
+def check_built(route: Route, model: TransferModel) -> None:
+    """What needs the built network: the round plans against its blocks, one image through it."""
+    if not (route.source_only or route.classic):
+        phases_of(route.cfg, route.command, len(model.backbone.blocks),
+                  model.backbone.block_names)
+    check_input_fits(model, route.inputs, route.section)
+
+
+def train_route(route: Route, model: TransferModel, train: Tensors, val: Tensors | None,
+                save, metrics_csv, rt: Runtime, store: PrefixStore | None = None,
+                pooled: Tensors | None = None, seed: int | None = None) -> dict[str, Any]:
+    """Train `model` on `train` (and, pooled, the source rows), validating on `val` (None:
+    no validation rows, as in a refit on every labelled row). Returns the training summary."""
+    cfg = route.cfg
+    seed = cfg.seed if seed is None else seed
+    store = store or PrefixStore()
+    train = store.with_prior(model, train, rt)
+    val = None if val is None else store.with_prior(model, val, rt)
+    pooled = None if pooled is None else store.with_prior(model, pooled, rt)
+    if route.source_only or route.classic:
+        summary = fit_classic(route, model, train, pooled, seed, rt, store) \
+            if not route.source_only else _nothing_trained(model)
+        save("best.pt", 0)
+        save("last.pt", 0)
+        return summary
+    phases = phases_of(cfg, route.command, len(model.backbone.blocks),
+                       model.backbone.block_names)
     if sum(p.epochs for p in phases) == 0:
         log.warning("train.epochs is 0: the saved model is the untrained starting point "
-                    "(pretrained backbone, random head)")
-    task = Task.of(model, multilabel)
-    rt = make_runtime(cfg.train, spec.input == "image")
-    adaptation, adapt_info = _adaptation(cfg, command, inputs, spec, weights)
+                    "(pretrained backbone, %s head)", "kept" if cfg.model.keep_head else "random")
+    task = Task.of(model, route.multilabel)
+    pool = Pooled(pooled, cfg.train.source_weight) if pooled is not None else None
+    return fit(model, train, val, phases, cfg.train, route.classes, seed, save, metrics_csv,
+               log.info, task=task, bn_policy=cfg.model.bn_policy, rt=rt,
+               adapt=route.adaptation, pooled=pool, store=store)
 
-    if weights.path is not None:
-        log.info("weights: %s", weights.path)
+
+def _nothing_trained(model: TransferModel) -> dict[str, Any]:
+    return {"best_epoch": 0, "best_round": 0, "epochs_run": 0, "monitor": None,
+            "plans": [], "cache": [], "timing": {},
+            "plan_text": "source model used as it is (keep_head, nothing trained)",
+            "freeze_check": {"frozen_tensors": 0, "unchanged": True}}
+
+
+@torch.no_grad()
+def backbone_features(model: TransferModel, data: Tensors, rt: Runtime,
+                      store: PrefixStore | None = None, max_gb: float = 4.0) -> torch.Tensor:
+    """The frozen backbone's pooled features of every row (float32, CPU); through `store`,
+    rows of one parent share one pass."""
+    from tltool.engine import build_prefix_cache
+
+    n = len(model.backbone.blocks)
+    model.eval()
+    if store is not None:
+        z = store.get(model, data, n, 256, max_gb * 2**30, rt)
+    else:
+        z = build_prefix_cache(model, data, n, 256, max_gb * 2**30, rt)
+    if z is None:
+        raise ConfigError(f"train.cache_max_gb: the features of {len(data)} rows exceed "
+                          f"{max_gb} GB")
+    return model.backbone.forward_from(z.x, n).float().cpu() if n else \
+        model.backbone._pool(z.x).float().cpu()
+
+
+def fit_classic(route: Route, model: TransferModel, train: Tensors, pooled: Tensors | None,
+                seed: int, rt: Runtime, store: PrefixStore | None) -> dict[str, Any]:
+    """Fit the classic head on the frozen backbone's features (+ the prior's signal)."""
+    from tltool.models import prior_columns
+    from tltool.models.classic import classic_shape, fit_classic_head
+
+    cfg = route.cfg
+    rows = [train] if pooled is None else [train, pooled]
+    feats, priors = [], []
+    for part in rows:
+        f = backbone_features(model, part, rt, store, cfg.train.cache_max_gb)
+        feats.append(f)
+        priors.append(part.prior)
+    x = torch.cat(feats)
+    y = torch.cat([p.y for p in rows]).numpy()
+    offset = None
+    if model.prior is not None:
+        signal = torch.cat(priors)
+        if model.prior_mode == "input":
+            x = torch.cat([x, prior_columns(signal, model._binary_prior)], dim=1)
+        else:
+            offset = signal.double().numpy()
+    task = "regression" if route.regression else "classification"
+    if route.regression:
+        mean, std = model.target_scale
+        y = (y.astype(np.float64) - mean) / std
+        if offset is not None:
+            offset = offset.reshape(-1)
+    weight = domain = None
+    if pooled is not None:
+        n_t, n_s = len(train), len(pooled)
+        weight = np.concatenate([np.ones(n_t), np.full(n_s, cfg.train.source_weight)])
+        if cfg.train.domain_offset:
+            domain = np.concatenate([np.ones(n_t), np.zeros(n_s)])
+    head = fit_classic_head(cfg.model.head, x.numpy(), y, task=task,
+                            n_classes=1 if route.regression else len(route.classes),
+                            args=cfg.model.head_args, seed=seed, sample_weight=weight,
+                            offset=offset, domain=domain,
+                            class_weight="balanced" if cfg.train.class_weights == "balanced"
+                            else None)
+    model.head = head
+    model.spec["head_shape"] = classic_shape(head)
+    return {"best_epoch": 0, "best_round": 0, "epochs_run": 0, "monitor": None,
+            "plans": [], "cache": [], "timing": {},
+            "plan_text": (f"{cfg.model.head} fitted by scikit-learn on {len(x)} rows of "
+                          f"{x.shape[1]} features (the frozen backbone's"
+                          f"{', with the prior' if model.prior is not None else ''})"),
+            "freeze_check": {"frozen_tensors": 0, "unchanged": True}}
+
+
+# ---------------------------------------------------------------- the commands
+
+
+def _train(cfg: ExperimentConfig, command: str, argv) -> dict[str, Any]:
+    route = prepare(cfg, command)
+    model = build(route, cfg.seed)
+    check_built(route, model)
+    rt = make_runtime(cfg.train, route.spec.input == "image")
+    inputs = route.inputs
+    if route.weights.path is not None:
+        log.info("weights: %s", route.weights.path)
     with new_run(cfg.output.root, cfg.name, command, argv, cfg.seed,
-                 pin_config(cfg, weights)) as run:
+                 pin_config(cfg, route.weights, route.prior_path)) as run:
         def save(name: str, epoch: int) -> None:
-            run.save_checkpoint(name, checkpoint_payload(model, inputs.state, classes, label,
-                                                         multilabel, command, epoch))
+            run.save_checkpoint(name, checkpoint_payload(model, inputs.state, route.classes,
+                                                         route.label, route.multilabel,
+                                                         command, epoch))
 
         write_json(run.file("runtime.json"), rt.describe())
-        summary = fit(model, inputs.train, inputs.val, phases, cfg.train, classes, cfg.seed,
-                      save, run.file("metrics.csv"), log.info, task=task,
-                      bn_policy=m.bn_policy, rt=rt, adapt=adaptation)
+        summary = train_route(route, model, inputs.train, inputs.val, save,
+                              run.file("metrics.csv"), rt, pooled=pooled_tensors(route))
         write_json(run.file("runtime.json"), rt.describe())  # with what `auto` chose
-        write_text(run.file("freeze_plan.txt"), summary.pop("plan_text") + "\n")
-        write_json(run.file("timing.json"), summary.pop("timing"))
-        write_json(run.file("freeze_plan.json"), summary["plans"])
-        batch = max(2 * cfg.train.batch_size, 256)
-        proba_val = predict_proba(model, inputs.val, multilabel, batch, rt)
-        proba_test = predict_proba(model, inputs.test, multilabel, batch, rt)
-        thresholds = decision_rule(cfg, classes, multilabel, proba_val, inputs.val.y.numpy(),
-                                   regression)
-        write_json(run.file("thresholds.json"), thresholds)
-        metrics = {
-            "command": command, "name": cfg.name, "seed": cfg.seed,
-            "weights": m.weights,
-            "weights_file": None if weights.path is None else str(weights.path.resolve()),
-            "data": data.summary() | {"splits": split_digest(data)},
-            "classes": classes,
-            "multilabel": multilabel, "decision": thresholds,
-            "val": report(inputs.val.y.numpy(), proba_val, classes, thresholds),
-            "test": report(inputs.test.y.numpy(), proba_test, classes, thresholds),
-            **{k: summary[k] for k in ("best_epoch", "best_round", "epochs_run", "monitor", "cache",
-                                       "freeze_check")},
-            "trainable_params": summary["plans"][-1]["trainable_params"],
-            "total_params": summary["plans"][-1]["total_params"],
-            "adapt": adapt_info,
-        }
-        write_json(run.file("metrics.json"), metrics)
+        metrics = write_outputs(run, route, model, summary, rt, inputs.val, inputs.test)
+    return {"run": str(run.path), "metrics": metrics}
+
+
+def write_outputs(run, route: Route, model: TransferModel, summary: dict[str, Any], rt: Runtime,
+                  val: Tensors | None, test: Tensors, decision: dict[str, Any] | None = None,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Freeze plan, timing, thresholds (chosen on `val` unless `decision` is given), metrics
+    and plots of a trained route; returns metrics.json's content."""
+    cfg, inputs, m = route.cfg, route.inputs, route.cfg.model
+    classes, multilabel, regression = route.classes, route.multilabel, route.regression
+    write_text(run.file("freeze_plan.txt"), summary.pop("plan_text") + "\n")
+    write_json(run.file("timing.json"), summary.pop("timing"))
+    write_json(run.file("freeze_plan.json"), summary["plans"])
+    batch = max(2 * cfg.train.batch_size, 256)
+    proba_val = None if val is None else predict_proba(model, val, multilabel, batch, rt)
+    proba_test = predict_proba(model, test, multilabel, batch, rt)
+    if decision is None:
+        decision = decision_rule(cfg, classes, multilabel, proba_val, val.y.numpy(), regression)
+    write_json(run.file("thresholds.json"), decision)
+    plans = summary["plans"]
+    n_params = sum(p.numel() for p in model.parameters())
+    metrics = {
+        "command": route.command, "name": cfg.name, "seed": cfg.seed,
+        "weights": m.weights,
+        "weights_file": None if route.weights.path is None else str(route.weights.path.resolve()),
+        "route": describe_route(route),
+        "data": inputs.data.summary() | {"splits": split_digest(inputs.data)},
+        "classes": classes,
+        "multilabel": multilabel, "decision": decision,
+        "val": None if val is None else report(val.y.numpy(), proba_val, classes, decision),
+        "test": report(test.y.numpy(), proba_test, classes, decision),
+        **{k: summary[k] for k in ("best_epoch", "best_round", "epochs_run", "monitor", "cache",
+                                   "freeze_check")},
+        "trainable_params": plans[-1]["trainable_params"] if plans else 0,
+        "total_params": plans[-1]["total_params"] if plans else n_params,
+        "adapt": route.adapt_info,
+        **(extra or {}),
+    }
+    write_json(run.file("metrics.json"), metrics)
+    if (run.file("metrics.csv")).exists() and summary["epochs_run"]:
         plots.learning_curves(run.file("metrics.csv"), run.file("plots", "learning_curves.png"),
                               summary["best_epoch"])
-        if regression:
-            plots.predicted_vs_true(inputs.test.y.numpy(), proba_test[:, 0],
-                                    run.file("plots", "predicted_vs_true_test.png"),
-                                    f"{label} (test split)")
-        elif not multilabel:
-            plots.confusion_matrix(metrics["test"]["confusion_matrix"], classes,
-                                   run.file("plots", "confusion_matrix_test.png"), "test split")
-    return {"run": str(run.path), "metrics": metrics}
+    if regression:
+        plots.predicted_vs_true(test.y.numpy(), proba_test[:, 0],
+                                run.file("plots", "predicted_vs_true_test.png"),
+                                f"{route.label} (test split)")
+    elif not multilabel:
+        plots.confusion_matrix(metrics["test"]["confusion_matrix"], classes,
+                               run.file("plots", "confusion_matrix_test.png"), "test split")
+    return metrics
+
+
+def describe_route(route: Route) -> dict[str, Any]:
+    """What this route does, in the config's words (metrics.json `route`)."""
+    m, t = route.cfg.model, route.cfg.train
+    return {"backbone": m.backbone, "head": (route.weights.ckpt["spec"]["head"]
+                                            if m.keep_head and route.weights.ckpt else m.head),
+            "strategy": None if route.classic else m.strategy,
+            "frozen_layers": None if route.classic else m.frozen_layers,
+            "keep_head": m.keep_head, "source_only": route.source_only,
+            "prior": None if route.prior is None else {"mode": m.prior,
+                                                       "weights": str(route.prior_path)},
+            "pooled": None if route.pooled is None else {
+                "source_weight": t.source_weight, "domain_offset": t.domain_offset,
+                "source_rows": int(sum(len(getattr(route.pooled, s))
+                                       for s in ("train", "val", "test")))},
+            "l2sp": t.l2sp.model_dump() if (t.l2sp.alpha or t.l2sp.beta) else None,
+            "adapt": route.cfg.adapt.method if route.cfg.adapt.method != "none" else None}
 
 
 def _check_regression(cfg: ExperimentConfig, section: str, label: str) -> None:
@@ -254,8 +696,9 @@ def _inherit_args(cfg: ExperimentConfig, ckpt: dict[str, Any], ckpt_path) -> dic
 
 def decision_rule(cfg: ExperimentConfig, classes: list[str], multilabel: bool,
                   proba_val: np.ndarray, y_val: np.ndarray,
-                  regression: bool = False) -> dict[str, Any]:
-    """Thresholds are chosen on the validation split only, never on test.
+                  regression: bool = False, chosen_on: str = "validation") -> dict[str, Any]:
+    """Thresholds are chosen on held-out rows only (the validation split, or out-of-fold
+    predictions in `tltool select`), never on test.
 
     Multi-label: one threshold per label (0.5 each under rule argmax). Regression: the
     predicted value is the answer (no threshold).
@@ -272,8 +715,8 @@ def decision_rule(cfg: ExperimentConfig, classes: list[str], multilabel: bool,
         return {"rule": "threshold", "threshold": None, "optimize": optimize,
                 "per_label": [c["threshold"] for c in chosen],
                 "validation_score": [c["validation_score"] for c in chosen],
-                "chosen_on": "validation"}
+                "chosen_on": chosen_on}
     if rule == "argmax":
         return {"rule": "argmax", "threshold": None, "chosen_on": None}
     chosen = choose_threshold(y_val, proba_val[:, 1], optimize)
-    return {"rule": "threshold", "positive": classes[1], **chosen, "chosen_on": "validation"}
+    return {"rule": "threshold", "positive": classes[1], **chosen, "chosen_on": chosen_on}

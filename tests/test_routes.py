@@ -1,0 +1,204 @@
+"""The transfer routes as config choices: classic heads, pooled training, L2-SP, the source
+model as a prior, the source head kept; each through the commands and run folders."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tltool.config import TrainConfig
+from tltool.engine import Phase, Tensors, Trainer, l2sp_penalty
+from tltool.models import build_model, model_spec
+
+NEW_ROWS = Path(__file__).resolve().parents[1] / "configs" / "credit" / "new_applicants.csv"
+RAW = {"backbone": "raw", "backbone_args": {}, "weights": "none"}
+
+
+def _run(cli, tmp_path, *args) -> Path:
+    res = cli(*args)
+    assert res.code == 0, res.err
+    return tmp_path / res.out.strip()
+
+
+def _metrics(run: Path) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("head", ["logistic_regression", "gradient_boosting"])
+def test_classic_reference_models_train_evaluate_and_predict(head, cli, write_config,
+                                                              tmp_path):
+    run = _run(cli, tmp_path, "freeze-finetune", write_config("t", {"model": {**RAW,
+                                                                               "head": head}}))
+    m = _metrics(run)
+    assert m["route"]["head"] == head and m["epochs_run"] == 0 and m["test"]["n"] == 181
+    assert 0.5 < m["test"]["auroc"] < 1
+    ev = _metrics(_run(cli, tmp_path, "evaluate", str(run)))
+    assert ev["test"]["auroc"] == pytest.approx(m["test"]["auroc"], abs=1e-12)
+    out = tmp_path / "p.csv"
+    _run(cli, tmp_path, "predict", str(run), str(NEW_ROWS), "--out", str(out))
+    assert len(pd.read_csv(out)) == len(pd.read_csv(NEW_ROWS))
+    # the checkpoint is plain tensors: weights_only loading, nothing pickled
+    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert ckpt["spec"]["head"] == head and "head_shape" in ckpt["spec"]
+
+
+def test_pooled_training_with_source_weight_zero_is_target_only(cli, write_config, tmp_path):
+    """source_weight 0 means no source rows at all: the same metrics, byte for byte."""
+    for extra in ({"backbone_args": {"hidden": [16, 8]}}, {**RAW, "head": "logistic_regression"}):
+        a = _run(cli, tmp_path, "freeze-finetune", write_config("a", {"model": extra}))
+        b = _run(cli, tmp_path, "freeze-finetune", write_config("b", {
+            "model": extra, "train": {"source_weight": 0.0, "domain_offset": True}}))
+        ma, mb = _metrics(a), _metrics(b)
+        assert ma["val"] == mb["val"] and ma["test"] == mb["test"]
+
+
+def test_pooled_training_uses_the_source_rows(cli, write_config, tmp_path):
+    for extra in ({"backbone_args": {"hidden": [16, 8]}}, {**RAW, "head": "logistic_regression"}):
+        run = _run(cli, tmp_path, "freeze-finetune", write_config("p", {
+            "model": extra, "train": {"source_weight": 0.5}}))
+        m = _metrics(run)
+        assert m["route"]["pooled"]["source_rows"] == 2805
+        assert m["route"]["pooled"]["source_weight"] == 0.5
+        if extra.get("head") is None:  # the network keeps the source offset out of prediction
+            state = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["state_dict"]
+            assert state["domain_bias"].abs().sum() > 0
+            plan = (run / "freeze_plan.txt").read_text()
+            assert "domain" in plan
+
+
+def test_l2sp_penalty_equals_its_formula():
+    torch.manual_seed(0)
+    model = build_model(model_spec("mlp", {"hidden": [6, 4]}, 5, "linear", 8, 0.0, 2))
+    anchor = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.backbone.blocks[0][0].weight.requires_grad_(False)  # frozen: no penalty
+    alpha, beta = 0.3, 0.05
+    expected = 0.0
+    for name, p in model.backbone.named_parameters():
+        if p.requires_grad:
+            expected += alpha / 2 * float(((p - anchor[name]) ** 2).sum().detach())
+    expected += beta / 2 * sum(float((p ** 2).sum().detach()) for p in model.head.parameters())
+    got = float(l2sp_penalty(model, anchor, alpha, beta))
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_l2sp_pulls_weights_towards_the_pretrained_ones():
+    def train(alpha: float) -> float:
+        torch.manual_seed(0)
+        model = build_model(model_spec("mlp", {"hidden": [8]}, 6, "linear", 8, 0.0, 2))
+        start = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+        x, y = torch.randn(64, 6), torch.randint(0, 2, (64,))
+        cfg = TrainConfig(epochs=5, batch_size=16, lr=0.05, l2sp={"alpha": alpha, "beta": 0.0})
+        t = Trainer(model, Tensors(x, y), None, [Phase(0, "full", 5, 0.05, 1.0)], cfg,
+                    ["a", "b"], 0)
+        t.start_round(1)
+        for _ in range(5):
+            t.run_epoch()
+        return sum(float(((p - start[n]) ** 2).sum())
+                   for n, p in model.backbone.named_parameters())
+
+    assert train(10.0) < 0.5 * train(0.0)
+
+
+def test_prior_offset_and_keep_head_routes(pretrained, cli, write_config, tmp_path):
+    src = str(pretrained)
+    only = _run(cli, tmp_path, "freeze-finetune", write_config("so", {"model": {
+        "weights": src, "backbone_args": {}, "keep_head": True}, "train": {"epochs": 0}}))
+    ev = _metrics(_run(cli, tmp_path, "evaluate", src, "--on", "target"))
+    m = _metrics(only)
+    assert m["route"]["source_only"] and m["test"]["auroc"] == pytest.approx(
+        ev["test"]["auroc"], abs=1e-9)  # the source model as it is
+    for head in ("logistic_regression", "linear"):
+        changes = {"model": {**RAW, "head": head, "prior": "offset", "prior_weights": src}}
+        if head == "linear":
+            changes = {"model": {"weights": src, "backbone_args": {}, "prior": "offset"}}
+        run = _run(cli, tmp_path, "freeze-finetune", write_config(f"pr-{head}", changes))
+        m = _metrics(run)
+        assert m["route"]["prior"]["mode"] == "offset"
+        assert Path(m["route"]["prior"]["weights"]).resolve() == pretrained.resolve()
+        again = _metrics(_run(cli, tmp_path, "evaluate", str(run)))
+        assert again["test"]["auroc"] == pytest.approx(m["test"]["auroc"], abs=1e-6)
+        _run(cli, tmp_path, "predict", str(run), str(NEW_ROWS))
+
+
+def test_prior_input_feeds_the_head(pretrained, cli, write_config, tmp_path):
+    run = _run(cli, tmp_path, "freeze-finetune", write_config("pi", {"model": {
+        **RAW, "head": "gradient_boosting", "prior": "input", "prior_weights": str(pretrained)}}))
+    spec = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["spec"]
+    assert spec["prior"]["mode"] == "input" and spec["prior"]["binary"]
+    raw_width = spec["in_features"]
+    assert spec["head_shape"]["in_features"] == raw_width + 1  # the source's log-odds
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"model": {"keep_head": True}}, "model.keep_head: keeps the source model's head"),
+    ({"model": {"prior": "offset"}}, "model.prior: 'offset' needs a source model"),
+    ({"model": {**RAW, "head": "ridge"}}, "model.head: 'ridge' predicts numbers"),
+    ({"model": {**RAW, "head": "gradient_boosting"}, "train": {"rounds": [{"epochs": 2}]}},
+     "train.rounds: 'gradient_boosting' is fitted once"),
+    ({"model": {"head": "logistic_regression", "head_args": {"C": -1}}},
+     "model.head_args.C"),
+    ({"train": {"l2sp": {"alpha": 0.1}}}, "train.l2sp.alpha: pulls the backbone towards its "
+                                          "pretrained weights, but model.weights is none"),
+    ({"model": {"weights": "source:net"}}, "names a source model of `tltool select`"),
+])
+def test_route_options_that_do_not_fit_are_refused(changes, message, cli, write_config,
+                                                   tmp_path):
+    res = cli("freeze-finetune", write_config("bad", changes))
+    assert res.code == 2, res.out
+    assert message in res.err and "Traceback" not in res.err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("run.json"))
+
+
+def test_a_crafted_checkpoint_never_runs_code(cli, write_config, tmp_path):
+    run = _run(cli, tmp_path, "freeze-finetune", write_config("c", {"model": {
+        **RAW, "head": "gradient_boosting"}}))
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    best = run / "checkpoints" / "best.pt"
+    payload = torch.load(best, weights_only=True)
+    payload["spec"]["head_shape"] = Evil()
+    with open(best, "wb") as fh:
+        pickle.dump(payload, fh)
+    res = cli("evaluate", str(run))
+    assert res.code == 2 and not marker.exists()
+    assert "Traceback" not in res.err
+    # a tree whose child points outside it is refused, not followed
+    payload = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    payload["state_dict"]["head.right"][0, 0] = 10**9
+    torch.save(payload, best)
+    res = cli("evaluate", str(run))
+    assert res.code == 2 and "Traceback" not in res.err
+
+
+def test_extract_honours_the_decision_rule(pretrained, cli, write_config, tmp_path):
+    run = _run(cli, tmp_path, "extract", write_config("x", {
+        "model": {"weights": str(pretrained), "backbone_args": {}},
+        "extract": {"heads": ["logistic_regression"]},
+        "decision": {"rule": "threshold", "optimize": "f1"}}))
+    head = _metrics(run)["heads"]["logistic_regression"]
+    assert head["threshold"] is not None and head["threshold"] != 0.5
+    assert head["test"]["threshold"] == head["threshold"]
+
+
+def test_sample_seed_draws_other_labelled_rows_only_when_asked(cli, write_config, tmp_path):
+    runs = [_run(cli, tmp_path, "freeze-finetune", write_config(f"s{i}", {
+        "seed": i, "model": {**RAW, "head": "logistic_regression"}})) for i in (0, 1)]
+    digests = [_metrics(r)["data"]["splits"]["train"] for r in runs]
+    assert digests[0] == digests[1]
+    other = _run(cli, tmp_path, "freeze-finetune", write_config("s2", {
+        "target": {"sample_seed": 7}, "model": {**RAW, "head": "logistic_regression"}}))
+    assert _metrics(other)["data"]["splits"]["train"] != digests[0]
+    assert np.isfinite(_metrics(other)["test"]["auroc"])

@@ -1,0 +1,220 @@
+"""`tltool select`: candidate routes scored by cross-validation on the labelled target rows,
+the winner refit and saved; the test split never influences the choice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import BASE, merge
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from tltool.config import validate_config
+from tltool.cv import Scored, choose, make_folds
+from tltool.datasets import load_table
+
+NEW_ROWS = Path(__file__).resolve().parents[1] / "configs" / "credit" / "new_applicants.csv"
+
+
+def _candidates(src: Path) -> list[dict]:
+    raw = {"model.backbone": "raw", "model.backbone_args": {}, "model.weights": "none"}
+    return [
+        {"name": "source-only", "set": {"model.weights": str(src), "model.backbone_args": {},
+                                        "model.keep_head": True, "train.epochs": 0}},
+        {"name": "target-lr", "set": {**raw, "model.head": "logistic_regression"}},
+        {"name": "prior-lr", "set": {**raw, "model.head": "logistic_regression",
+                                     "model.prior": "offset", "model.prior_weights": str(src),
+                                     "model.head_args": {"C": 0.1}}},
+        {"name": "finetune", "set": {"model.weights": str(src), "model.backbone_args": {},
+                                     "model.frozen_layers": 1}},
+    ]
+
+
+def _select_cfg(write_config, src: Path, name: str = "sel", **changes) -> str:
+    return write_config(name, merge({"target": {"n_train": 60, "n_val": 30},
+                                     "select": {"folds": 3, "repeats": 1,
+                                                "candidates": _candidates(src)}}, changes))
+
+
+@pytest.fixture
+def chosen(pretrained, cli, write_config, tmp_path) -> Path:
+    res = cli("select", _select_cfg(write_config, pretrained))
+    assert res.code == 0, res.err
+    return tmp_path / res.out.strip()
+
+
+def test_select_writes_a_leaderboard_and_a_usable_model(chosen, cli, tmp_path):
+    board = json.loads((chosen / "leaderboard.json").read_text())
+    names = [c["name"] for c in board["candidates"]]
+    assert sorted(names) == ["finetune", "prior-lr", "source-only", "target-lr"]
+    assert board["metric"] == "auroc" and board["folds"] == 3
+    assert sum(c["chosen"] for c in board["candidates"]) == 1
+    for c in board["candidates"]:
+        assert len(c["fold_scores"]) == 3 and c["mean"] == pytest.approx(
+            np.mean(c["fold_scores"]), abs=1e-6)
+    assert (chosen / "leaderboard.csv").read_text().startswith("rank,name,chosen")
+    assert (chosen / "plots" / "leaderboard.png").stat().st_size > 1000
+    m = json.loads((chosen / "metrics.json").read_text())
+    winner = next(c for c in board["candidates"] if c["chosen"])
+    assert m["select"]["winner"] == winner["name"] and m["test"]["n"] == 181
+    assert m["decision"]["chosen_on"] in ("out-of-fold", None)
+    oof = pd.read_csv(chosen / "oof_predictions.csv")
+    assert len(oof) == 90 and set(oof["label"]) == {"good", "bad"}
+    # the run folder is a trained model for evaluate / predict
+    ev = cli("evaluate", str(chosen))
+    assert ev.code == 0, ev.err
+    again = json.loads((tmp_path / ev.out.strip() / "metrics.json").read_text())
+    assert again["test"]["auroc"] == pytest.approx(m["test"]["auroc"], abs=1e-9)
+    pred = cli("predict", str(chosen), str(NEW_ROWS), "--id-column", "applicant_id")
+    assert pred.code == 0, pred.err
+
+
+def test_one_standard_error_rule_takes_the_simplest_close_candidate():
+    def s(name, c, scores):
+        return Scored(name, c, scores, 1)
+
+    results = [s("complex", 4, [0.80, 0.70, 0.75]), s("simple", 0, [0.74, 0.73, 0.72]),
+               s("far", 1, [0.60, 0.61, 0.62])]
+    winner, how = choose(results, "one_se")
+    assert winner.name == "simple" and how["best"] == "complex"
+    assert set(how["within_one_se"]) == {"complex", "simple"}
+    assert choose(results, "best")[0].name == "complex"
+    lower = [Scored("a", 2, [1.0, 1.1], -1), Scored("b", 0, [3.0, 3.2], -1)]
+    assert choose(lower, "one_se")[0].name == "a"  # rmse: lower is better
+
+
+def test_folds_are_stratified_seeded_and_disjoint():
+    y = np.array([0] * 30 + [1] * 12)
+    a = make_folds(y, "classification", 4, 2, seed=5)
+    b = make_folds(y, "classification", 4, 2, seed=5)
+    assert len(a.splits) == 8 and all(np.array_equal(x[1], z[1])
+                                      for x, z in zip(a.splits, b.splits, strict=True))
+    for r in range(2):
+        held = np.concatenate([h for j, (_, h) in enumerate(a.splits) if a.repeat_of(j) == r])
+        assert sorted(held) == list(range(42))  # each row held out once per repeat
+    for train, held in a.splits:
+        assert not set(train) & set(held)
+        assert 2 <= y[held].sum() <= 4  # 12 positives over 4 folds
+    rare = make_folds(np.array([0] * 20 + [1] * 3), "classification", 5, 1, seed=0)
+    assert rare.k == 3 and "lowered to 3 folds" in rare.notes[0]
+
+
+def test_leaderboard_is_byte_identical_on_a_rerun(pretrained, cli, write_config, tmp_path):
+    cfg = _select_cfg(write_config, pretrained)
+    runs = []
+    for _ in range(2):
+        res = cli("select", cfg)
+        assert res.code == 0, res.err
+        runs.append(tmp_path / res.out.strip())
+    for name in ("leaderboard.json", "leaderboard.csv", "oof_predictions.csv"):
+        assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes(), name
+
+
+def test_changing_the_test_labels_leaves_the_choice_unchanged(pretrained, cli, write_config,
+                                                              tmp_path):
+    """The test split is read only after the choice: other test labels, same leaderboard."""
+    from tltool.data.tabular import load_tabular
+
+    frame = load_table("credit_data")
+    frame = frame[frame["Job"] == "partime"].reset_index(drop=True)
+    target = {"kind": "csv", "label": "Status", "positive": "bad",
+              "n_train": 60, "n_val": 30, "split": {"val": 0.2, "test": 0.4,
+                                                    "stratify": False}}
+    frame.to_csv(tmp_path / "a.csv", index=False)
+    data_cfg = validate_config(merge(BASE, {"target": {**target, "path": str(tmp_path /
+                                                                           "a.csv")}}),
+                               "t").target
+    test_rows = load_tabular(data_cfg, 0).test.ids.astype(int)
+    flipped = frame.copy()
+    flipped.loc[test_rows, "Status"] = np.where(frame.loc[test_rows, "Status"] == "bad",
+                                                "good", "bad")
+    flipped.to_csv(tmp_path / "b.csv", index=False)
+    runs = []
+    for name in ("a", "b"):
+        cfg = _select_cfg(write_config, pretrained, name=f"sel-{name}", target={
+            **target, "path": str(tmp_path / f"{name}.csv")})
+        res = cli("select", cfg)
+        assert res.code == 0, res.err
+        runs.append(tmp_path / res.out.strip())
+    for name in ("leaderboard.json", "leaderboard.csv", "oof_predictions.csv"):
+        assert (runs[0] / name).read_bytes() == (runs[1] / name).read_bytes(), name
+    tests = [json.loads((r / "metrics.json").read_text())["test"]["auroc"] for r in runs]
+    assert tests[0] == pytest.approx(1 - tests[1], abs=1e-9)  # the labels did change
+
+
+def test_cross_validation_of_a_classic_route_matches_scikit_learn(pretrained, write_config):
+    """target-lr's fold scores are those of a plain scikit-learn LogisticRegression fitted on
+    the same encoded rows of the same folds."""
+    from tltool.config import load_config
+    from tltool.cv import fold_scores
+    from tltool.engine import PrefixStore
+    from tltool.workflows.select import Candidate, _labelled, cross_validate
+    from tltool.workflows.train import prepare
+
+    cfg = load_config(_select_cfg(write_config, pretrained), [
+        "model.backbone=raw", "model.backbone_args={}", "model.weights=none",
+        "model.head=logistic_regression"])
+    route = prepare(cfg, "freeze-finetune")
+    cand = Candidate("target-lr", {}, None, False)
+    rows = _labelled([(cand, route)])
+    folds = make_folds(rows.y, "classification", 3, 2, seed=1)
+    scored, oof = cross_validate(route, cand, rows.of(route), folds, PrefixStore(), "auroc", 1)
+    x = rows.of(route).x.numpy().astype(np.float64)
+    expected = []
+    for train, held in folds.splits:
+        lr = LogisticRegression(max_iter=5000, tol=1e-8).fit(x[train], rows.y[train])
+        expected.append(roc_auc_score(rows.y[held], lr.predict_proba(x[held])[:, 1]))
+    assert np.allclose(scored.scores, expected, atol=1e-6)
+    assert np.allclose(fold_scores("auroc", rows.y, oof, folds, None), expected, atol=1e-6)
+    assert scored.complexity == 2
+
+
+def test_ensemble_of_select_runs_uses_their_out_of_fold_predictions(
+        pretrained, cli, write_config, tmp_path):
+    runs = []
+    for seed in (0, 1):
+        cfg = _select_cfg(write_config, pretrained, name=f"sel{seed}", seed=seed,
+                          select={"seed": seed})
+        res = cli("select", cfg)
+        assert res.code == 0, res.err
+        runs.append(tmp_path / res.out.strip())
+    res = cli("ensemble", *map(str, runs), "--name", "sel-avg")
+    assert res.code == 0, res.err
+    m = json.loads((tmp_path / res.out.strip() / "metrics.json").read_text())
+    assert m["val_from"] == "out-of-fold" and m["decision"]["chosen_on"] == "out-of-fold"
+    assert m["val"]["n"] == 90 and m["labelled_rows_seen"] == 90
+
+
+def test_select_refuses_unknown_sources_and_bad_candidates(cli, write_config):
+    cfg = write_config("bad", {"select": {"candidates": [
+        {"name": "a", "set": {"model.weights": "source:nope"}},
+        {"name": "b", "set": {"train.lr": -1}}]}})
+    res = cli("select", cfg)
+    assert res.code == 2
+    assert "select.candidates.0 (a): model.weights: 'source:nope' names no source model" in res.err
+    assert "select.candidates.1 (b): train.lr: input should be greater than 0" in res.err
+    assert "Traceback" not in res.err
+
+
+def test_prior_offset_starts_at_the_source_answer(pretrained):
+    """A network with a prior offset and a zero-initialised head predicts exactly the prior's
+    log-probabilities before training."""
+    from tltool.models import build_model
+    from tltool.runs import load_checkpoint
+    from tltool.workflows.common import load_trained
+
+    ckpt = load_checkpoint(pretrained / "checkpoints" / "best.pt")
+    source = load_trained(ckpt)
+    spec = dict(ckpt["spec"], prior={"mode": "offset", "spec": ckpt["spec"],
+                                     "classes": ckpt["classes"], "binary": True})
+    model = build_model(spec)
+    model.prior.model.load_state_dict(source.state_dict())
+    x = torch.randn(7, ckpt["spec"]["in_features"])
+    with torch.no_grad():
+        assert torch.allclose(torch.softmax(model(x), 1), torch.softmax(source(x), 1),
+                              atol=1e-6)
