@@ -10,7 +10,8 @@ STAMP := $(VENV)/.installed-stamp
 TL := $(BIN)/tltool
 DEMO_ROOT ?= runs
 
-.PHONY: install demo test test-slow lint bench transfer-table amount-table digits-table adapt-table clean config-doc
+.PHONY: install demo test test-slow lint bench transfer-table german-table amount-table digits-table \
+	lite0-table adapt-table select-sharing clean config-doc
 
 # Downloads from a package registry can break off mid-file: each pip step is tried three times.
 CONSTRAINTS ?= constraints.txt
@@ -49,12 +50,22 @@ test-slow: install
 lint: install
 	$(BIN)/ruff check tltool tests benchmarks
 
-# Transfer vs target-only vs source-only on credit_data (docs/TRANSFER.md).
+# Every route and `tltool select` on the same labelled rows, 5 seeds (docs/SELECT.md).
 transfer-table: install
-	$(BIN)/python benchmarks/credit_transfer.py --out docs/TRANSFER.md
+	$(BIN)/python benchmarks/select_table.py --case credit --out docs/TRANSFER.md
+
+german-table: install
+	$(BIN)/python benchmarks/select_table.py --case german --out docs/TRANSFER_GERMAN.md
 
 amount-table: install
-	$(BIN)/python benchmarks/amount_transfer.py --out docs/TRANSFER_AMOUNT.md
+	$(BIN)/python benchmarks/select_table.py --case amount --out docs/TRANSFER_AMOUNT.md
+
+lite0-table: install
+	$(BIN)/python benchmarks/select_table.py --case lite0 --out docs/TRANSFER_LITE0.md
+
+# Wall time of select with shared work, without it, and of separate commands.
+select-sharing: install
+	$(BIN)/python benchmarks/select_sharing.py --case lite0
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
@@ -66,7 +77,7 @@ config-doc: install
 
 # Image transfer: MNIST-5k -> digits (docs/TRANSFER_DIGITS.md).
 digits-table: install
-	$(BIN)/python benchmarks/digits_transfer.py --out docs/TRANSFER_DIGITS.md
+	$(BIN)/python benchmarks/select_table.py --case digits --out docs/TRANSFER_DIGITS.md
 
 adapt-table: install
 	$(BIN)/python benchmarks/adapt_table.py --out docs/ADAPT.md

@@ -20,6 +20,7 @@ Usage: python benchmarks/adapt_table.py [--seeds 0 1 2] [--out docs/ADAPT.md]
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import tempfile
 import time
@@ -29,6 +30,7 @@ from tables import Scores, machine_line
 
 from tltool.config import load_config
 from tltool.workflows.infer import evaluate
+from tltool.workflows.select import select
 from tltool.workflows.train import freeze_finetune, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,6 +54,7 @@ def main() -> None:
     start = time.time()
     scores = Scores()
     columns = []
+    picks: dict[str, dict[str, list[bool]]] = {}  # criterion -> case -> picked best on test
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
             adapt_cfg, finetune_cfg, metric, n = CASES[case]
@@ -71,6 +74,19 @@ def main() -> None:
                         f"model.weights={plain}", f"target.n_train={n}",
                         f"target.n_val={n // 2}"]))
                     scores.add(method, few, ft["metrics"]["test"][metric])
+                # the choice without any target label: tltool select, target_labels false
+                chosen = select(load_config(adapt_cfg, common + [
+                    "select.target_labels=false", "select.research=true",
+                    f"select.seed={seed}"]))
+                run = Path(chosen["run"])
+                scores.add("select, no target labels (ensv)", unsup,
+                           chosen["metrics"]["test"][metric])
+                board = json.loads((run / "leaderboard.json").read_text())["candidates"]
+                best = json.loads((run / "research.json").read_text())["best_on_test"]
+                for crit, lower in (("ensv", False), ("dev", True), ("iwcv", True)):
+                    pick = min(board, key=lambda c, k=crit, lo=lower: c[k] if lo else -c[k])
+                    picks.setdefault(crit, {}).setdefault(case, []).append(
+                        pick["name"] == best)
     table = "\n".join([
         "# Domain adaptation: does aligning source and target features help?",
         "",
@@ -85,6 +101,18 @@ def main() -> None:
         "alongside. digits: test accuracy (719 images); credit: test AUROC (181 applicants).",
         "",
         *scores.markdown(columns, "{}"),
+        "",
+        "## Choosing without target labels",
+        "",
+        "`tltool select` with `select.target_labels: false` (the no-target-labels column's "
+        "four candidates, no target label read before the choice): how often each criterion "
+        "picked the candidate that was best on the target's test split (`select.research`).",
+        "",
+        "| criterion | " + " | ".join(args.cases) + " | all |",
+        "|---|" + "---|" * (len(args.cases) + 1),
+        *[f"| {crit} | " + " | ".join(f"{sum(p[c])}/{len(p[c])}" for c in args.cases) +
+          f" | {sum(sum(v) for v in p.values())}/{sum(len(v) for v in p.values())} |"
+          for crit, p in picks.items()],
         "", machine_line(time.time() - start), ""])
     print(table)
     if args.out:

@@ -28,6 +28,8 @@ from tltool.models.classic import (
     load_classic_head,
 )
 
+# scikit-learn's default tolerance (1e-4) stops short of the optimum; parity tests need 1e-8.
+TIGHT = {"tol": LOGISTIC_TOL}
 FAST_GB = {"max_iter": 30}  # multiclass boosting grows one tree per class and iteration
 
 
@@ -125,7 +127,7 @@ def test_logistic_regression_matches_sklearn(data, variant, request):
     cw = "balanced" if variant == "balanced" else None
     x_in = x.astype(np.float32) if variant == "float32" else x
     head = fit_classic_head("logistic_regression", x_in, y, task="classification", n_classes=k,
-                            args={"C": 0.5}, class_weight=cw, **kw)
+                            args={"C": 0.5, **TIGHT}, class_weight=cw, **kw)
     # Linear heads are fitted in float64 whatever the input dtype.
     est = sk_logistic(x_in.astype(np.float64), y, C=0.5, class_weight=cw, **kw)
     np.testing.assert_allclose(probs(head, x_in), est.predict_proba(x_in), rtol=0, atol=1e-6)
@@ -135,7 +137,7 @@ def test_logistic_regression_unseen_class_gets_no_probability(multiclass):
     x, y = multiclass
     keep = y < 3
     head = fit_classic_head("logistic_regression", x[keep], y[keep], task="classification",
-                            n_classes=5)
+                            n_classes=5, args=TIGHT)
     p = probs(head, x)
     np.testing.assert_allclose(p[:, :3], sk_logistic(x[keep], y[keep]).predict_proba(x),
                                rtol=0, atol=1e-6)
@@ -163,7 +165,8 @@ def test_domain_column_predicts_target_rows(kind, binary, regression):
     x, y = regression if task == "regression" else binary
     domain = (np.random.default_rng(4).random(len(y)) < 0.4).astype(np.int64)
     head = fit_classic_head(kind, x, y, task=task, n_classes=2, domain=domain, args=(
-        FAST_GB if kind == "gradient_boosting" else None))
+        FAST_GB if kind == "gradient_boosting" else TIGHT if kind == "logistic_regression"
+        else None))
     x_dom = np.hstack([x, domain[:, None]])
     x_target = np.hstack([x, np.ones((len(x), 1))])
     shape = classic_shape(head)
@@ -187,7 +190,7 @@ def test_logistic_regression_zero_offset_is_sklearn(data, request):
     x, y = request.getfixturevalue(data)
     k = int(y.max()) + 1
     head = fit_classic_head("logistic_regression", x, y, task="classification", n_classes=k,
-                            offset=np.zeros((len(y), k)))
+                            offset=np.zeros((len(y), k)), args=TIGHT)
     np.testing.assert_allclose(probs(head, x), sk_logistic(x, y).predict_proba(x), rtol=0,
                                atol=1e-4)
 
@@ -197,7 +200,7 @@ def test_logistic_regression_constant_offset_is_absorbed_by_intercepts(multiclas
     x, y = multiclass
     offset = np.tile(np.log(np.linspace(0.05, 0.2, 10)), (len(y), 1))
     head = fit_classic_head("logistic_regression", x, y, task="classification", n_classes=10,
-                            offset=offset)
+                            offset=offset, args=TIGHT)
     np.testing.assert_allclose(probs(head, x, offset), sk_logistic(x, y).predict_proba(x),
                                rtol=0, atol=1e-4)
 
@@ -219,7 +222,7 @@ def test_logistic_regression_offset_reaches_the_optimum(data, request):
     weight = np.random.default_rng(5).uniform(0.5, 2.0, len(y))
     offset = source_log_probs(x, y, k)
     head = fit_classic_head("logistic_regression", x, y, task="classification", n_classes=k,
-                            offset=offset, sample_weight=weight, args={"C": c})
+                            offset=offset, sample_weight=weight, args={"C": c, **TIGHT})
     w = head.weight.clone().requires_grad_(True)
     b = head.bias.clone().requires_grad_(True)
     logits = torch.as_tensor(x) @ w.T + b + torch.as_tensor(offset)
@@ -230,7 +233,7 @@ def test_logistic_regression_offset_reaches_the_optimum(data, request):
     scale = weight.sum()
     assert w.grad[free].abs().max() / scale < 1e-6 and b.grad[free].abs().max() / scale < 1e-6
     plain = fit_classic_head("logistic_regression", x, y, task="classification", n_classes=k,
-                             sample_weight=weight, args={"C": c})
+                             sample_weight=weight, args={"C": c, **TIGHT})
     assert not torch.allclose(head.weight, plain.weight, atol=1e-3)  # the prior mattered
 
 
@@ -397,7 +400,8 @@ def test_pickled_object_is_refused_by_weights_only_load(tmp_path):
 
 def test_classic_args_defaults_and_numbers():
     assert classic_args("gradient_boosting", None) == CLASSIC_ARGS["gradient_boosting"]
-    assert classic_args("logistic_regression", {"C": "1e-3"}) == {"C": 1e-3, "max_iter": 5000}
+    assert classic_args("logistic_regression", {"C": "1e-3"}) == {"C": 1e-3, "max_iter": 5000,
+                                                                  "tol": 1e-4}
     assert classic_args("ridge", {"alpha": 2})["alpha"] == 2.0
 
 

@@ -123,7 +123,7 @@ def test_prior_offset_and_keep_head_routes(pretrained, cli, write_config, tmp_pa
         run = _run(cli, tmp_path, "freeze-finetune", write_config(f"pr-{head}", changes))
         m = _metrics(run)
         assert m["route"]["prior"]["mode"] == "offset"
-        assert Path(m["route"]["prior"]["weights"]).resolve() == pretrained.resolve()
+        assert Path(m["route"]["prior"]["weights"][0]).resolve() == pretrained.resolve()
         again = _metrics(_run(cli, tmp_path, "evaluate", str(run)))
         assert again["test"]["auroc"] == pytest.approx(m["test"]["auroc"], abs=1e-6)
         _run(cli, tmp_path, "predict", str(run), str(NEW_ROWS))
@@ -202,3 +202,29 @@ def test_sample_seed_draws_other_labelled_rows_only_when_asked(cli, write_config
         "target": {"sample_seed": 7}, "model": {**RAW, "head": "logistic_regression"}}))
     assert _metrics(other)["data"]["splits"]["train"] != digests[0]
     assert np.isfinite(_metrics(other)["test"]["auroc"])
+
+
+def test_a_prior_of_several_source_models_averages_their_log_probabilities(
+        pretrained, cli, write_config, tmp_path):
+    """model.prior_weights as a list: the prior's signal is the mean of the models' own."""
+    from tltool.runs import load_checkpoint
+    from tltool.workflows.common import load_trained
+
+    lr = _run(cli, tmp_path, "pretrain", write_config("src-lr", {"model": {
+        **RAW, "head": "logistic_regression"}}))
+    gb = _run(cli, tmp_path, "pretrain", write_config("src-gb", {"model": {
+        **RAW, "head": "gradient_boosting"}}))
+    run = _run(cli, tmp_path, "freeze-finetune", write_config("avg", {"model": {
+        **RAW, "head": "logistic_regression", "prior": "offset",
+        "prior_weights": [str(lr), str(gb)], "head_args": {"C": 1e-6}}}))
+    model = load_trained(load_checkpoint(run / "checkpoints" / "best.pt"))
+    members = [load_trained(load_checkpoint(r / "checkpoints" / "best.pt")) for r in (lr, gb)]
+    x = torch.randn(9, model.spec["in_features"])
+    with torch.no_grad():
+        mean = torch.stack([torch.log_softmax(m(x), 1) for m in members]).mean(0)
+        assert torch.allclose(model.prior(x), mean, atol=1e-6)
+        # with an (almost) unpenalised intercept only, the ranking is the prior's own
+        order = torch.argsort(model(x)[:, 1] - model(x)[:, 0])
+        assert torch.equal(order, torch.argsort(mean[:, 1] - mean[:, 0]))
+    cfg = (run / "config.yaml").read_text()
+    assert str(lr.resolve()) in cfg and str(gb.resolve()) in cfg

@@ -167,7 +167,7 @@ def test_cross_validation_of_a_classic_route_matches_scikit_learn(pretrained, wr
     x = rows.of(route).x.numpy().astype(np.float64)
     expected = []
     for train, held in folds.splits:
-        lr = LogisticRegression(max_iter=5000, tol=1e-8).fit(x[train], rows.y[train])
+        lr = LogisticRegression(max_iter=5000).fit(x[train], rows.y[train])
         expected.append(roc_auc_score(rows.y[held], lr.predict_proba(x[held])[:, 1]))
     assert np.allclose(scored.scores, expected, atol=1e-6)
     assert np.allclose(fold_scores("auroc", rows.y, oof, folds, None), expected, atol=1e-6)
@@ -210,11 +210,74 @@ def test_prior_offset_starts_at_the_source_answer(pretrained):
 
     ckpt = load_checkpoint(pretrained / "checkpoints" / "best.pt")
     source = load_trained(ckpt)
-    spec = dict(ckpt["spec"], prior={"mode": "offset", "spec": ckpt["spec"],
+    spec = dict(ckpt["spec"], prior={"mode": "offset", "specs": [ckpt["spec"]],
                                      "classes": ckpt["classes"], "binary": True})
     model = build_model(spec)
-    model.prior.model.load_state_dict(source.state_dict())
+    model.prior.models[0].load_state_dict(source.state_dict())
     x = torch.randn(7, ckpt["spec"]["in_features"])
     with torch.no_grad():
         assert torch.allclose(torch.softmax(model(x), 1), torch.softmax(source(x), 1),
                               atol=1e-6)
+
+
+def test_select_without_target_labels_chooses_by_an_unsupervised_criterion(
+        cli, write_config, tmp_path):
+    """select.target_labels false: pretrain routes (no adaptation, CORAL) scored without any
+    target label; every criterion is in the leaderboard, the test split scored once after."""
+    cfg = write_config("da", {"train": {"epochs": 3}, "select": {
+        "target_labels": False, "criterion": "ensv", "research": True, "candidates": [
+            {"name": "source-only", "set": {"adapt.method": "none"}},
+            {"name": "coral", "set": {"adapt.method": "coral"}}]}})
+    res = cli("select", cfg)
+    assert res.code == 0, res.err
+    run = tmp_path / res.out.strip()
+    board = json.loads((run / "leaderboard.json").read_text())
+    assert board["target_labels"] is False and board["criterion"] == "ensv"
+    rows = board["candidates"]
+    assert [r["name"] for r in rows] == sorted((r["name"] for r in rows),
+                                               key=lambda n: -next(
+                                                   r["ensv"] for r in rows if r["name"] == n))
+    for r in rows:
+        assert 0 <= r["ensv"] <= 1 and r["dev"] is not None and r["iwcv"] >= 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["select"]["winner"] == rows[0]["name"] and m["test"]["n"] == 181
+    research = json.loads((run / "research.json").read_text())
+    assert {c["name"] for c in research["candidates"]} == {"source-only", "coral"}
+    ev = cli("evaluate", str(run))
+    assert ev.code == 0, ev.err
+
+
+def test_ensv_agreement_and_dev_control_variate():
+    from tltool.criteria import dev_risk, ensv_scores, iwcv_risk
+
+    a = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    b = np.array([[0.8, 0.2], [0.3, 0.7], [0.1, 0.9]])
+    c = np.array([[0.7, 0.3], [0.4, 0.6], [0.3, 0.7]])
+    # averaged: [0.8, 0.2], [0.3, 0.7], [0.333, 0.667] -> pseudo labels 0, 1, 1
+    assert ensv_scores({"a": a, "b": b, "c": c}) == {"a": 2 / 3, "b": 1.0, "c": 1.0}
+    losses = np.array([0.5, 1.0, 0.2, 0.8])
+    weights = np.array([1.0, 1.0, 1.0, 1.0])
+    assert iwcv_risk(losses, weights) == pytest.approx(0.625)
+    assert dev_risk(losses, weights) == pytest.approx(0.625)  # constant weights: no correction
+    w = np.array([0.5, 1.5, 0.5, 1.5])
+    weighted = w * losses
+    eta = -np.cov(weighted, w, ddof=1)[0, 1] / np.var(w, ddof=1)
+    assert dev_risk(losses, w) == pytest.approx(weighted.mean() + eta * w.mean() - eta)
+
+
+def test_adaptation_that_lowers_the_target_validation_score_is_reported(cli, write_config,
+                                                                        tmp_path):
+    """pretrain + adapt: the target's labelled validation rows are scored every epoch (never
+    trained or stopped on) and metrics.json says how the kept epoch compares."""
+    res = cli("pretrain", write_config("ad", {"train": {"epochs": 6},
+                                              "adapt": {"method": "mmd", "weight": 5.0}}))
+    assert res.code == 0, res.err
+    run = tmp_path / res.out.strip()
+    watch = json.loads((run / "metrics.json").read_text())["target_watch"]
+    assert set(watch) >= {"first_epoch", "best", "best_epoch", "kept", "kept_epoch", "warned"}
+    frame = pd.read_csv(run / "metrics.csv")
+    assert frame["target_val_score"].notna().all() and len(frame) == 6
+    assert watch["best"] == pytest.approx(frame["target_val_score"].max(), abs=1e-6)
+    assert watch["warned"] == (watch["best"] - watch["kept"] > 0.02)
+    if watch["warned"]:
+        assert "adapt: the target's labelled validation rows score" in res.err

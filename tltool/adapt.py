@@ -89,6 +89,10 @@ class Adaptation:
     source: object | None = None  # Tensors of labelled source rows; None: the batch is source
     source_weight: float = 1.0
     critic: DomainCritic | None = None
+    # pretrain: the target's labelled validation rows, when it has them. Never trained or
+    # early-stopped on; scored each epoch so a run can warn when the alignment lowers what
+    # the target's labels would have shown (its own validation rows are source rows).
+    watch: object | None = None
 
     def make_critic(self, in_features: int, device: torch.device) -> DomainCritic | None:
         if self.method == "dann" and self.critic is None:

@@ -158,7 +158,9 @@ def select_(
 
     cfg = _call(lambda: _load(config, set_))
     result = _call(lambda: run(cfg, sys.argv))
-    lines = [f"{'':2}{'rank':>4}  {'candidate':<22} {'cv ' + row['metric']:>14}  "
+    unsupervised = bool(result.get("unsupervised"))
+    lines = [f"{'':2}{'rank':>4}  {'candidate':<22} "
+             f"{(row['metric'] if unsupervised else 'cv ' + row['metric']):>14}  "
              f"{'± se':>7}  complexity" for row in result["leaderboard"][:1]]
     for row in result["leaderboard"]:
         mean = "n/a" if row["mean"] is None else f"{row['mean']:.4f}"

@@ -143,8 +143,10 @@ class ModelConfig(_Strict):
         "probabilities; regression: its prediction) is added to this model's, whose head starts "
         "at zero, so training learns a correction of the source's answer; input: its output is "
         "an extra input of the head")
-    prior_weights: str | None = Field(None, description="the run (or checkpoint) whose model is "
-                                      "the prior (default: model.weights)")
+    prior_weights: str | list[str] | None = Field(
+        None, description="the run (or checkpoint) whose model is the prior (default: "
+        "model.weights); a list of several: their signals are averaged (an ensemble of source "
+        "models as one prior)")
     bn_policy: Literal["eval", "train"] = Field(
         "eval", description="BatchNorm in frozen blocks: eval (statistics fixed, inference mode "
         "even after model.train()) or train (statistics adapt to the target: AdaBN-style "
@@ -290,6 +292,10 @@ class SelectConfig(_Strict):
         "2007), both on the source validation rows")
     target_labels: bool = Field(True, description="false: ignore the target's labels (pure "
                                 "domain adaptation: adapt methods chosen by `criterion`)")
+    share_work: bool = Field(True, description="decode the data once and compute a frozen "
+                             "prefix or features once for every candidate and fold that uses "
+                             "them (false: recompute per candidate and fold; only to measure "
+                             "what sharing saves)")
 
 
 class OutputConfig(_Strict):

@@ -357,6 +357,7 @@ class EpochResult:
     train_loss: float
     align_loss: float | None
     logits: torch.Tensor | None  # validation logits (None without validation rows)
+    watch: float | None = None  # adaptation: the target validation rows' score
 
 
 class Trainer:
@@ -474,7 +475,18 @@ class Trainer:
         self.timing["train_epoch_seconds"].append(round(time.perf_counter() - tick, 4))
         logits = (None if self.va is None else
                   predict_logits(self.model, self.va, self.eval_batch, self.start, self.rt))
-        return EpochResult(loss, align, logits)
+        return EpochResult(loss, align, logits, self._watch())
+
+    def _watch(self) -> float | None:
+        """The target's validation score (AUROC for two classes, else accuracy) while an
+        adaptation trains on the source: for a warning only, never for a choice."""
+        watch = None if self.adapt is None else self.adapt.watch
+        if watch is None or self.task.regression or self.task.multilabel:
+            return None
+        logits = predict_logits(self.model, watch, self.eval_batch, 0, self.rt)
+        proba = self.task.proba(logits).double().numpy()
+        scores = epoch_scores(watch.y.numpy(), proba, False, False)
+        return scores["auroc"] if proba.shape[1] == 2 else scores["accuracy"]
 
     def _epoch(self, data: Tensors) -> float:
         model, rt, bs = self.model, self.rt, self.cfg.batch_size
@@ -586,6 +598,10 @@ def fit(model: TransferModel, train: Tensors, val: Tensors | None, phases: list[
               "lr_head", "lr_backbone", "trainable_params", "align_loss"]
     if task.regression:
         fields[4:7] = ["val_rmse", "val_r2"]
+    watching = adapt is not None and adapt.watch is not None
+    if watching:
+        fields.append("target_val_score")
+    watched: dict[int, float] = {}
     with open(metrics_csv, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -598,6 +614,9 @@ def fit(model: TransferModel, train: Tensors, val: Tensors | None, phases: list[
                        "lr_head": tr.lrs["head"], "lr_backbone": tr.lr_backbone,
                        "trainable_params": tr.plan.trainable,
                        "align_loss": None if res.align_loss is None else round(res.align_loss, 6)}
+                if res.watch is not None:
+                    row["target_val_score"] = round(res.watch, 6)
+                    watched[tr.epoch_total] = res.watch
                 if res.logits is None:
                     writer.writerow(row)
                     fh.flush()
@@ -623,7 +642,31 @@ def fit(model: TransferModel, train: Tensors, val: Tensors | None, phases: list[
             save("last.pt", tr.epoch_total)
     if val is None or tr.epoch_total == 0:
         save("best.pt", tr.epoch_total)
-    return tr.summary(monitor)
+    summary = tr.summary(monitor)
+    if watching and watched:
+        summary["target_watch"] = _watch_verdict(watched, summary["best_epoch"])
+    return summary
+
+
+# A drop of the target's validation score from its best epoch to the kept one larger than this
+# (AUROC or accuracy) is worth a warning.
+WATCH_MARGIN = 0.02
+
+
+def _watch_verdict(watched: dict[int, float], kept: int) -> dict[str, Any]:
+    """Compare the target validation score at the kept epoch with its best and first epochs."""
+    import math
+
+    finite = {e: v for e, v in watched.items() if v is not None and not math.isnan(v)}
+    if not finite:
+        return {}
+    best_epoch = max(finite, key=lambda e: (finite[e], -e))
+    first = finite[min(finite)]
+    at_kept = finite.get(kept, finite[max(finite)])
+    out = {"first_epoch": round(first, 6), "best": round(finite[best_epoch], 6),
+           "best_epoch": best_epoch, "kept_epoch": kept, "kept": round(at_kept, 6),
+           "warned": finite[best_epoch] - at_kept > WATCH_MARGIN}
+    return out
 
 
 def _adapt_epoch(model: TransferModel, data: Tensors, aux: dict[str, Tensors],

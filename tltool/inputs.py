@@ -79,11 +79,15 @@ def is_image_data(cfg: DataConfig) -> bool:
 
 def load_inputs(cfg: DataConfig, section: str, seed: int, spec: BackboneSpec,
                 weights: Weights, like: dict[str, Any] | None = None,
-                pool: bool = False) -> Inputs:
+                pool: bool = False, fit_rows: str = "train",
+                also_fit: Any = None) -> Inputs:
     """Load a data section and encode it the way the model (and its weights) expect.
 
     `like`: an input state to encode with instead (the other domain of a domain adaptation
-    run is encoded exactly like the main one). `pool`: also encode the unlabelled pool."""
+    run is encoded exactly like the main one). `pool`: also encode the unlabelled pool.
+    Tables whose encoding is fitted here (no `like`, no pretrained state): on the training
+    split (`fit_rows` "train"), or on training + validation rows ("labelled": tltool select
+    learns from both), plus the rows of `also_fit` (a frame: pooled source rows)."""
     image = is_image_data(cfg)
     if image and cfg.task == "regression":
         raise ConfigError(f"{section}.task: 'regression' is supported for tables (kind csv or "
@@ -95,7 +99,7 @@ def load_inputs(cfg: DataConfig, section: str, seed: int, spec: BackboneSpec,
     source_state = like if like is not None else (weights.ckpt["preprocessor"] if weights.ckpt
                                                   else None)
     inputs = (_image_inputs(cfg, seed, spec, weights, source_state) if image
-              else _tabular_inputs(cfg, seed, source_state))
+              else _tabular_inputs(cfg, seed, source_state, fit_rows, also_fit))
     for note in inputs.data.notes:  # also in metrics.json; said now so a user sees it
         log.info("%s: %s", section, note)
     if pool:
@@ -139,12 +143,18 @@ def pool_of(inputs: Inputs) -> Tensors:
     return Tensors(x, torch.full((len(x),), -1, dtype=torch.long), train.prepare, train.augments)
 
 
-def _tabular_inputs(cfg: DataConfig, seed: int, source_state: dict | None) -> Inputs:
+def _tabular_inputs(cfg: DataConfig, seed: int, source_state: dict | None,
+                    fit_rows: str = "train", also_fit: Any = None) -> Inputs:
+    import pandas as pd
+
     from tltool.data.tabular import load_tabular
 
     data = load_tabular(cfg, seed)
     if source_state is None:
-        pre = TabularPreprocessor().fit(data.train.frame, data.feature_columns,
+        frames = [data.train.frame] + ([data.val.frame] if fit_rows == "labelled" else [])
+        if also_fit is not None:
+            frames.append(also_fit[[c for c in data.feature_columns if c in also_fit]])
+        pre = TabularPreprocessor().fit(pd.concat(frames), data.feature_columns,
                                         data.categorical, data.origin)
     else:
         # A pretrained first block expects the source's columns, scaling and categories.

@@ -35,25 +35,30 @@ def build_head(kind: str, in_features: int, n_outputs: int, hidden: int,
 
 
 class Prior(nn.Module):
-    """A frozen source model used as a prior. Its signal: log-probabilities for classes (the
-    logits themselves for multi-label), or for regression its prediction on the target's
-    standardised scale, so it adds directly to this model's standardised output."""
+    """Frozen source models used as a prior. The signal of one: log-probabilities for classes
+    (the logits themselves for multi-label), or for regression its prediction on the target's
+    standardised scale, so it adds directly to this model's standardised output. Several
+    models: the mean of their signals (an average of log-probabilities: a geometric mean of
+    the probabilities, up to the softmax's normalisation)."""
 
-    def __init__(self, model: TransferModel, target_scale: tuple[float, float] | None = None,
-                 multilabel: bool = False):
+    def __init__(self, models: list[TransferModel],
+                 target_scale: tuple[float, float] | None = None, multilabel: bool = False):
         super().__init__()
-        self.model = model
+        self.models = nn.ModuleList(models)
         self.target_scale = target_scale
         self.multilabel = multilabel
-        for p in model.parameters():
+        for p in self.models.parameters():
             p.requires_grad_(False)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.model.eval()
-        logits = self.model(x)
-        if self.model.target_scale is not None:
-            mean, std = self.model.target_scale
+        return torch.stack([self._signal(m, x) for m in self.models]).mean(dim=0)
+
+    def _signal(self, model: TransferModel, x: torch.Tensor) -> torch.Tensor:
+        model.eval()
+        logits = model(x)
+        if model.target_scale is not None:
+            mean, std = model.target_scale
             value = logits.double() * std + mean
             t_mean, t_std = self.target_scale or (mean, std)
             return ((value - t_mean) / t_std).float()
@@ -149,9 +154,14 @@ def model_spec(backbone: str, backbone_args: dict[str, Any], in_features: int, h
     return spec
 
 
+def prior_specs(prior_spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The model specs of a prior (one, or several averaged)."""
+    return list(prior_spec.get("specs") or [prior_spec["spec"]])
+
+
 def prior_width(prior_spec: dict[str, Any]) -> int:
     """Head inputs the prior adds in `input` mode."""
-    n = int(prior_spec["spec"]["n_outputs"])
+    n = int(prior_specs(prior_spec)[0]["n_outputs"])
     return 1 if prior_spec.get("binary") else n
 
 
@@ -164,7 +174,10 @@ def build_model(spec: dict[str, Any], _depth: int = 0) -> TransferModel:
         if _depth:
             raise ValueError("a prior model may not have a prior of its own")
         p = spec["prior"]
-        prior = Prior(build_model(p["spec"], _depth + 1),
+        specs = prior_specs(p)
+        if not 1 <= len(specs) <= 64:
+            raise ValueError(f"a prior of {len(specs)} models (allowed: 1 to 64)")
+        prior = Prior([build_model(s, _depth + 1) for s in specs],
                       tuple(spec["target_scale"]) if spec.get("target_scale") else None,
                       bool(p.get("multilabel")))
         extra = prior_width(p) if p["mode"] == "input" else 0

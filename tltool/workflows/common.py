@@ -70,7 +70,7 @@ def trained_on(ckpt: dict[str, Any]) -> str:
 
 
 def pin_config(cfg: ExperimentConfig, weights: Weights | None = None,
-               prior_path: Path | None = None) -> ExperimentConfig:
+               prior_path: list[Path] | None = None) -> ExperimentConfig:
     """The config as a run folder keeps it: data paths absolute (evaluate works from any
     folder) and model.weights (and model.prior_weights) the run folder or file actually used
     (not `.../latest`, which moves on as new runs complete)."""
@@ -83,15 +83,18 @@ def pin_config(cfg: ExperimentConfig, weights: Weights | None = None,
                  if (v := getattr(data, k))}
         if paths:
             update[section] = data.model_copy(update=paths)
-    model: dict[str, Any] = {}
-    for key, used in (("weights", None if weights is None else weights.path),
-                      ("prior_weights", prior_path)):
-        if used is None:
-            continue
+    def pinned(used) -> str:
         used = Path(used)
         if used.name == "best.pt" and used.parent.name == "checkpoints":
             used = used.parent.parent  # the run folder
-        model[key] = str(used.resolve())
+        return str(used.resolve())
+
+    model: dict[str, Any] = {}
+    if weights is not None and weights.path is not None:
+        model["weights"] = pinned(weights.path)
+    if prior_path:
+        model["prior_weights"] = ([pinned(p) for p in prior_path] if len(prior_path) > 1
+                                  else pinned(prior_path[0]))
     if model:
         update["model"] = cfg.model.model_copy(update=model)
     return cfg.model_copy(update=update)
@@ -220,7 +223,9 @@ def check_input_fits(model: TransferModel, inputs, section: str) -> None:
     try:
         with torch.no_grad():
             model.eval()
-            model(inputs.train.batch(slice(0, 1), train=False))
+            # the backbone alone: a classic head is not fitted yet (its input is the
+            # backbone's output by construction)
+            model.backbone(inputs.train.batch(slice(0, 1), train=False))
     except (RuntimeError, ValueError) as exc:
         reason = str(exc).splitlines()[0][:200]
         raise ConfigError(f"{section}.image_size: backbone {model.spec['backbone']!r} cannot "

@@ -160,7 +160,11 @@ def default_grid(cfg: ExperimentConfig, facts: dict[str, Any],
                                     or facts["net_weights"] is not None)
     spec = get_spec(cfg.model.backbone)
     n_blocks = len(_blocks_of(cfg, spec))
-    frozen = cfg.model.frozen_layers or max(1, n_blocks // 2)
+    # Freeze all blocks but the last (the usual transfer of a small network), and half of a
+    # deeper one's blocks; the config's own frozen_layers too, when it names another count.
+    depths = sorted({d for d in (n_blocks - 1, n_blocks // 2 if n_blocks >= 4 else 0,
+                                 cfg.model.frozen_layers) if 0 < d < n_blocks})
+    frozen = depths[-1] if depths else 0
     plain = {"model.keep_head": False, "model.prior": "none", "model.prior_weights": None,
              "train.source_weight": 0.0, "adapt.method": "none", "train.rounds": [],
              "train.l2sp.alpha": 0.0, "train.l2sp.beta": 0.0}
@@ -189,6 +193,22 @@ def default_grid(cfg: ExperimentConfig, facts: dict[str, Any],
                                               "model.prior": "offset",
                                               "model.prior_weights": f"source:{name}",
                                               "model.head_args": _CORRECTION[task]}))
+    # Ensembles of the source models (all that predict the target's classes): their mean
+    # log-probabilities, recalibrated by an intercept only (source-avg; what learning the
+    # target's class balance gives, like a threshold) or corrected by a penalised linear model
+    # (prior-avg). Averaging guards against a source model that a few labels cannot tell
+    # apart from a better one.
+    members = [f"source:{n}" for n in ("lr", "gb") if n in sources]
+    if have_net and same and (facts["net_is_run"] or "net" in sources):
+        members.insert(0, net)
+    if classic_ok and same and len(members) > 1:
+        intercept_only = ({"alpha": 1e6} if task == "regression" else {"C": 1e-6})
+        grid.append(("source-avg", {**classic, "model.head": linear, "model.prior": "offset",
+                                    "model.prior_weights": members,
+                                    "model.head_args": intercept_only}))
+        grid.append(("prior-avg", {**classic, "model.head": linear, "model.prior": "offset",
+                                   "model.prior_weights": members,
+                                   "model.head_args": _CORRECTION[task]}))
     if not have_net:
         return grid
     tuned = {**plain, "model.weights": net, "model.backbone_args": {}}
@@ -203,14 +223,14 @@ def default_grid(cfg: ExperimentConfig, facts: dict[str, Any],
     grid += [
         ("linear-probe", {**tuned, "model.strategy": "linear_probe", "model.frozen_layers": 0}),
         ("bias-only", {**tuned, "model.strategy": "bias_only", "model.frozen_layers": 0}),
-        (f"finetune-freeze{frozen}", {**tuned, "model.strategy": "freeze",
-                                      "model.frozen_layers": frozen}),
+        *[(f"finetune-freeze{d}", {**tuned, "model.strategy": "freeze",
+                                   "model.frozen_layers": d}) for d in depths],
         ("finetune-full", {**tuned, "model.strategy": "full", "model.frozen_layers": 0}),
         ("l2sp", {**tuned, "model.strategy": "full", "model.frozen_layers": 0,
                   "train.weight_decay": 0.0, "train.l2sp.alpha": 0.01,
                   "train.l2sp.beta": 0.01}),
     ]
-    if same and facts["source"]:
+    if same and facts["source"] and not image:  # images: adapt-* train source rows alongside
         grid.append(("pooled-net", {**tuned, "model.strategy": "freeze",
                                     "model.frozen_layers": frozen,
                                     "train.source_weight": 1.0}))
@@ -224,6 +244,13 @@ def default_grid(cfg: ExperimentConfig, facts: dict[str, Any],
     return grid
 
 
+def _intercept_only(m) -> bool:
+    """A linear correction so penalised that only its (free) intercept moves."""
+    args = m.head_args or {}
+    return float(args.get("C", 1.0)) <= 1e-4 if m.head == "logistic_regression" else \
+        float(args.get("alpha", 0) if args.get("alpha") != "auto" else 0) >= 1e4
+
+
 def _target_weights(facts: dict[str, Any], spec) -> str:
     """Target-only network: no source run; a named pretrained set (e.g. imagenet) stays, as
     it is not the source data."""
@@ -232,10 +259,17 @@ def _target_weights(facts: dict[str, Any], spec) -> str:
 
 
 def _blocks_of(cfg: ExperimentConfig, spec) -> list[str]:
+    """The blocks of the config's network (of the source run's, when model.weights names
+    one: its options shape the network)."""
     from tltool.models.backbones import build_backbone, resolve_args
 
     try:
         args = resolve_args(cfg.model.backbone, cfg.model.backbone_args)
+        ref = cfg.model.weights.strip()
+        if ref.lower() not in ("none", "") and ref not in spec.weights:
+            from tltool.workflows.common import resolve_checkpoint
+
+            args = resolve_checkpoint(ref, "model.weights")[0]["spec"]["backbone_args"]
         return build_backbone(cfg.model.backbone, args, 8 if spec.input == "tabular"
                               else 3).block_names
     except Exception:  # noqa: BLE001 - a source run's args may differ; a guess is enough
@@ -261,12 +295,13 @@ def _candidates(cfg: ExperimentConfig, facts: dict[str, Any],
             raw = candidate_raw(cfg, changes, where)
             validate_config(raw, origin=where)
             for key in ("weights", "prior_weights"):
-                ref = raw["model"].get(key)
-                if isinstance(ref, str) and ref.startswith(SOURCE_REF) and \
-                        ref[len(SOURCE_REF):] not in sources:
-                    raise ConfigError(f"{where}: model.{key}: {ref!r} names no source model; "
-                                      f"sources: {', '.join(sources) or 'none'} "
-                                      f"(select.sources)")
+                refs = raw["model"].get(key)
+                for ref in refs if isinstance(refs, list) else [refs]:
+                    if isinstance(ref, str) and ref.startswith(SOURCE_REF) and \
+                            ref[len(SOURCE_REF):] not in sources:
+                        raise ConfigError(f"{where}: model.{key}: {ref!r} names no source "
+                                          f"model; sources: {', '.join(sources) or 'none'} "
+                                          f"(select.sources)")
         except ConfigError as exc:
             problems.append(str(exc))
             continue
@@ -278,11 +313,15 @@ def _candidates(cfg: ExperimentConfig, facts: dict[str, Any],
 
 def complexity_of(route: Route) -> int:
     """Rank for the one-standard-error rule: how much a route learns from the target labels.
-    0 the source model as is; 1 a correction of a prior, or only a head / the biases; 2 a
-    linear model; 3 part of a network; 4 a whole network, boosted trees, or a network trained
-    with other rows (pooled, adapted)."""
+    0 the source model(s) as they are (at most an intercept learnt: the class balance); 1 a
+    correction of a prior, or only a head / the biases; 2 a linear model; 3 part of a network;
+    4 a whole network, boosted trees, or a network trained with other rows (pooled,
+    adapted)."""
     m, t = route.cfg.model, route.cfg.train
     if route.source_only:
+        return 0
+    if route.classic and route.prior is not None and m.prior == "offset" and \
+            m.head != "gradient_boosting" and _intercept_only(m):
         return 0
     if route.classic:
         if m.head == "gradient_boosting":
@@ -308,7 +347,7 @@ def select(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, An
         raise ConfigError("target: select needs a `target` data section (and, for transfer "
                           "routes, a source section or model.weights)")
     check_output_root(cfg.output.root)
-    cache = InputCache()
+    cache = InputCache(fit_rows="labelled")
     facts = _facts(cfg, cache)
     if not cfg.select.target_labels:
         from tltool.workflows.select_unsupervised import select_unsupervised
@@ -324,12 +363,12 @@ def select(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, An
     with new_run(cfg.output.root, cfg.name, "select", argv, cfg.seed, cfg) as run:
         write_text(run.file("select_config.yaml"), dump_config(cfg))
         source_runs = _pretrain_sources(cfg, sources, run, cache, timing)
-        routes, notes = _prepare_all(candidates, source_runs, cache)
+        routes, notes = _prepare_all(candidates, source_runs, cache if sel.share_work else None)
         rows = _labelled(routes)
         folds = make_folds(rows.y, facts["task"], sel.folds, sel.repeats, sel.seed)
         for note in folds.notes:
             log.info("select: %s", note)
-        store = PrefixStore()
+        store = PrefixStore() if sel.share_work else None
         results, oofs = [], {}
         for cand, route in routes:
             start = time.perf_counter()
@@ -418,22 +457,30 @@ def _pretrain_sources(cfg: ExperimentConfig, sources: dict[str, dict[str, Any]],
 
 def _resolve_sources(raw: dict[str, Any], source_runs: dict[str, Path]) -> dict[str, Any]:
     raw = copy.deepcopy(raw)
+
+    def resolved(ref):
+        if isinstance(ref, str) and ref.startswith(SOURCE_REF):
+            return str(source_runs[ref[len(SOURCE_REF):]])
+        return ref
+
     for key in ("weights", "prior_weights"):
         ref = raw["model"].get(key)
-        if isinstance(ref, str) and ref.startswith(SOURCE_REF):
-            raw["model"][key] = str(source_runs[ref[len(SOURCE_REF):]])
+        raw["model"][key] = [resolved(r) for r in ref] if isinstance(ref, list) else \
+            resolved(ref)
     return raw
 
 
 def _prepare_all(candidates: list[Candidate], source_runs: dict[str, Path],
-                 cache: InputCache) -> tuple[list[tuple[Candidate, Route]], list[str]]:
-    """Each candidate's route; a default candidate that does not apply is left out (noted)."""
+                 cache: InputCache | None) -> tuple[list[tuple[Candidate, Route]], list[str]]:
+    """Each candidate's route; a default candidate that does not apply is left out (noted).
+    `cache` None: each candidate loads its data on its own (select.share_work false)."""
     out, notes = [], []
     for cand in candidates:
+        cache_here = cache or InputCache(fit_rows="labelled")
         raw = _resolve_sources(cand.raw, source_runs)
         try:
             ccfg = validate_config(raw, origin=f"select.candidates ({cand.name})")
-            route = prepare(ccfg, "freeze-finetune", cache)
+            route = prepare(ccfg, "freeze-finetune", cache_here)
             check_built(route, build(route, ccfg.seed))
         except (ConfigError, DataError) as exc:
             if not cand.default:
@@ -489,8 +536,10 @@ def _labelled(routes: list[tuple[Candidate, Route]]) -> Labelled:
 
 
 def cross_validate(route: Route, cand: Candidate, rows: Tensors, folds: Folds,
-                   store: PrefixStore, metric: str, seed: int) -> tuple[Scored, np.ndarray]:
-    """Out-of-fold predictions of one route (repeats x rows x outputs) and its fold scores."""
+                   store: PrefixStore | None, metric: str,
+                   seed: int) -> tuple[Scored, np.ndarray]:
+    """Out-of-fold predictions of one route (repeats x rows x outputs) and its fold scores.
+    `store` None: nothing shared between folds (each computes its own caches)."""
     cfg = route.cfg
     pooled = pooled_tensors(route)
     if route.source_only:
@@ -512,7 +561,8 @@ def _outputs(route: Route) -> int:
     return 1 if route.regression else len(route.classes)
 
 
-def _cv_fixed(route: Route, rows: Tensors, folds: Folds, store: PrefixStore) -> np.ndarray:
+def _cv_fixed(route: Route, rows: Tensors, folds: Folds,
+              store: PrefixStore | None) -> np.ndarray:
     """The source model as it is: one prediction of every labelled row, the same in each fold
     (only the decision threshold, chosen on the other folds, depends on the labels)."""
     model = build(route, route.cfg.seed)
@@ -521,11 +571,12 @@ def _cv_fixed(route: Route, rows: Tensors, folds: Folds, store: PrefixStore) -> 
     return np.repeat(proba[None], folds.repeats, axis=0)
 
 
-def _cv_classic(route: Route, rows: Tensors, folds: Folds, store: PrefixStore,
+def _cv_classic(route: Route, rows: Tensors, folds: Folds, shared: PrefixStore | None,
                 pooled: Tensors | None) -> np.ndarray:
     oof = np.zeros((folds.repeats, len(rows), _outputs(route)))
     rt = make_runtime(route.cfg.train, route.spec.input == "image")
     for j, (train_idx, held_idx) in enumerate(folds.splits):
+        store = shared or PrefixStore()
         model = build(route, route.cfg.seed)
         train = store.with_prior(model, rows.subset(train_idx), rt)
         src = None if pooled is None else store.with_prior(model, pooled, rt)
@@ -551,7 +602,7 @@ def _fold_adaptation(route: Route, train: Tensors, rest: Tensors | None):
     return Adaptation(a.method, a.weight, target, a.source, a.source_weight)
 
 
-def _cv_network(route: Route, rows: Tensors, folds: Folds, store: PrefixStore,
+def _cv_network(route: Route, rows: Tensors, folds: Folds, shared: PrefixStore | None,
                 pooled: Tensors | None) -> tuple[np.ndarray, list[int]]:
     """Every fold model in lockstep; early stopping on the mean held-out score."""
     cfg = route.cfg
@@ -560,6 +611,7 @@ def _cv_network(route: Route, rows: Tensors, folds: Folds, store: PrefixStore,
     trainers, held_rows = [], []
     phases: list[Phase] = []
     for train_idx, held_idx in folds.splits:
+        store = shared or PrefixStore()
         model = build(route, cfg.seed)
         rt = make_runtime(cfg.train, image)
         phases = phases_of(cfg, route.command, len(model.backbone.blocks),

@@ -126,7 +126,7 @@ def select_unsupervised(cfg: ExperimentConfig, argv, cache: InputCache,
         if cfg.select.research:
             _research(run, kept, winner, cache, crit)
         write_json(run.file("timing.json"), {"candidates": timing})
-    return {"run": str(run.path), "metrics": metrics,
+    return {"run": str(run.path), "metrics": metrics, "unsupervised": True,
             "leaderboard": [{"rank": r["rank"], "name": r["name"], "chosen": r["chosen"],
                              "metric": crit, "mean": r[crit], "se": None,
                              "within_one_se": False, "complexity": 0} for r in rows]}

@@ -31,7 +31,7 @@ from tltool.engine import (
 )
 from tltool.errors import CheckpointError, ConfigError
 from tltool.freeze import check_frozen_layers
-from tltool.inputs import Inputs, Weights, load_inputs, pool_of, split_digest
+from tltool.inputs import Inputs, Weights, is_image_data, load_inputs, pool_of, split_digest
 from tltool.metrics import (
     choose_threshold,
     classification_report,
@@ -101,11 +101,11 @@ class Route:
     args: dict[str, Any]  # backbone options
     inputs: Inputs
     label: str
-    prior: dict[str, Any] | None  # the prior's checkpoint (model.prior)
+    prior: list[dict[str, Any]] | None  # the prior models' checkpoints (model.prior)
     pooled: Inputs | None  # labelled source rows, encoded like the target (train.source_weight)
     adaptation: Adaptation | None
     adapt_info: dict[str, Any] | None
-    prior_path: Any = None  # where the prior came from (a run folder or file)
+    prior_path: list[Any] | None = None  # where the prior models came from (runs or files)
 
     @property
     def classes(self) -> list[str]:
@@ -139,22 +139,48 @@ class Route:
 
 class InputCache:
     """Loaded data sections by what they depend on, so routes that read the same data with the
-    same encoding share one load (tltool select prepares many routes on one data set)."""
+    same encoding share one load (tltool select prepares many routes on one data set).
 
-    def __init__(self) -> None:
-        self._loaded: dict[str, Inputs] = {}
+    `fit_rows`: the rows a table's own encoding is fitted on when no pretrained model fixes it
+    ("train": the training split; "labelled": training + validation rows, as tltool select
+    learns from both)."""
+
+    def __init__(self, fit_rows: str = "train") -> None:
+        self._loaded: dict[str, Any] = {}
+        self.fit_rows = fit_rows
 
     def load(self, data_cfg: DataConfig, section: str, seed: int, spec: BackboneSpec,
              weights: Weights, like: dict[str, Any] | None = None,
-             pool: bool = False) -> Inputs:
+             pool: bool = False, also: DataConfig | None = None) -> Inputs:
+        """`also`: a data section whose every row the encoding is fitted on too (pooled
+        training: the encoding must suit the source rows as well)."""
         import json
 
         state = like if like is not None else (weights.ckpt or {}).get("preprocessor")
         key = json.dumps([data_cfg.model_dump(mode="json"), section, spec.name, weights.name,
-                          state, pool, spec.input], sort_keys=True, default=str)
+                          state, pool, spec.input, self.fit_rows,
+                          None if also is None else also.model_dump(mode="json")],
+                         sort_keys=True, default=str)
         if key not in self._loaded:
+            extra = None if also is None or state is not None else self.frame(also, seed)
             self._loaded[key] = load_inputs(data_cfg, section, seed, spec, weights, like=like,
-                                            pool=pool)
+                                            pool=pool, fit_rows=self.fit_rows,
+                                            also_fit=extra)
+        return self._loaded[key]
+
+    def frame(self, data_cfg: DataConfig, seed: int):
+        """Every labelled row of a table section (its three splits), as read."""
+        import json
+
+        import pandas as pd
+
+        from tltool.data.tabular import load_tabular
+
+        key = json.dumps(["frame", data_cfg.model_dump(mode="json")], sort_keys=True,
+                         default=str)
+        if key not in self._loaded:
+            data = load_tabular(data_cfg, seed)
+            self._loaded[key] = pd.concat([data.train.frame, data.val.frame, data.test.frame])
         return self._loaded[key]
 
 
@@ -167,22 +193,24 @@ def prepare(cfg: ExperimentConfig, command: str, cache: InputCache | None = None
     cache = cache or InputCache()
     check_output_root(cfg.output.root)
     for key in ("weights", "prior_weights"):
-        ref = getattr(m, key)
-        if isinstance(ref, str) and ref.startswith("source:"):
-            raise ConfigError(f"model.{key}: {ref!r} names a source model of `tltool select`; "
-                              f"outside select give a run folder or a checkpoint file")
+        refs = getattr(m, key)
+        for ref in refs if isinstance(refs, list) else [refs]:
+            if isinstance(ref, str) and ref.startswith("source:"):
+                raise ConfigError(f"model.{key}: {ref!r} names a source model of `tltool "
+                                  f"select`; outside select give a run folder or a checkpoint "
+                                  f"file")
     spec = get_spec(m.backbone)  # unknown backbone: fail before reading data
     _check_combinations(cfg, command)
     weights = resolve_weights(m.weights, spec)
     if command == "freeze-finetune" and weights.path is None and weights.name is None \
             and m.prior == "none" and cfg.train.source_weight == 0 and m.head not in CLASSIC_HEADS:
-        log.warning("model.weights is none: freeze-finetune trains from random weights (no "
-                    "transfer; a target-only baseline). Name the source run, e.g. "
-                    "model.weights: runs/NAME/latest")
-    prior, prior_path = _prior_checkpoint(cfg) if m.prior != "none" else (None, None)
-    like = prior["preprocessor"] if prior is not None else None
+        log.info("model.weights is none: a target-only network from random weights (no "
+                 "transfer; to transfer, name the source run, e.g. model.weights: "
+                 "runs/NAME/latest)")
+    prior, prior_path = _prior_checkpoints(cfg) if m.prior != "none" else (None, None)
+    like = prior[0]["preprocessor"] if prior is not None else None
     if prior is not None and weights.ckpt is not None and \
-            weights.ckpt["preprocessor"] != prior["preprocessor"]:
+            weights.ckpt["preprocessor"] != like:
         raise ConfigError("model.prior_weights: the prior encodes its inputs differently from "
                           "model.weights (other columns, scaling or image size); use a prior "
                           "trained on the same source section, or model.weights none")
@@ -194,7 +222,10 @@ def prepare(cfg: ExperimentConfig, command: str, cache: InputCache | None = None
         from tltool.models.classic import classic_args
 
         classic_args(m.head, m.head_args)
-    inputs = cache.load(data_cfg, section, cfg.seed, spec, weights, like=like)
+    pooled_table = (cfg.train.source_weight > 0 and cfg.source is not None
+                    and not is_image_data(cfg.source) and not is_image_data(data_cfg))
+    inputs = cache.load(data_cfg, section, cfg.seed, spec, weights, like=like,
+                        also=cfg.source if pooled_table else None)
     label = getattr(inputs.data, "label", None) or data_cfg.label or "label"
     _check_task(cfg, section, label, inputs)
     if prior is not None:
@@ -287,20 +318,33 @@ def _check_task(cfg: ExperimentConfig, section: str, label: str, inputs: Inputs)
                               f"has task regression (use ridge or gradient_boosting)")
 
 
-def _prior_checkpoint(cfg: ExperimentConfig) -> tuple[dict[str, Any], Any]:
-    ref = cfg.model.prior_weights or cfg.model.weights
-    if ref.strip().lower() in ("none", ""):
+def _prior_checkpoints(cfg: ExperimentConfig) -> tuple[list[dict[str, Any]], list[Any]]:
+    refs = cfg.model.prior_weights or cfg.model.weights
+    refs = refs if isinstance(refs, list) else [refs]
+    key = "model.prior_weights" if cfg.model.prior_weights else "model.weights"
+    if not refs or any(r.strip().lower() in ("none", "") for r in refs):
         raise ConfigError(f"model.prior: {cfg.model.prior!r} needs a source model: set "
                           f"model.prior_weights (or model.weights) to a tltool run")
-    ckpt, path = resolve_checkpoint(ref, "model.prior_weights" if cfg.model.prior_weights
-                                    else "model.weights")
-    if ckpt["spec"].get("prior"):
-        raise ConfigError(f"model.prior_weights {ref}: that model has a prior of its own; a "
-                          f"prior must be a plain source model")
-    return ckpt, path
+    ckpts, paths = [], []
+    for ref in refs:
+        ckpt, path = resolve_checkpoint(ref, key)
+        if ckpt["spec"].get("prior"):
+            raise ConfigError(f"{key} {ref}: that model has a prior of its own; a prior must "
+                              f"be a plain source model")
+        if ckpts and (ckpt["preprocessor"] != ckpts[0]["preprocessor"]
+                      or ckpt["classes"] != ckpts[0]["classes"]
+                      or bool(ckpt["spec"].get("target_scale")) !=
+                      bool(ckpts[0]["spec"].get("target_scale"))):
+            raise ConfigError(f"{key}: {ref} and {refs[0]} differ in their input encoding, "
+                              f"classes or task; the models of one prior must be trained on "
+                              f"the same source section")
+        ckpts.append(ckpt)
+        paths.append(path)
+    return ckpts, paths
 
 
-def _check_prior(cfg: ExperimentConfig, prior: dict[str, Any], inputs: Inputs) -> None:
+def _check_prior(cfg: ExperimentConfig, priors: list[dict[str, Any]], inputs: Inputs) -> None:
+    prior = priors[0]
     p_reg = bool(prior["spec"].get("target_scale"))
     if cfg.model.prior != "offset":
         return
@@ -375,17 +419,19 @@ def build(route: Route, seed: int) -> TransferModel:
     spec = model_spec(m.backbone, route.args, inputs.n_inputs, m.head, m.head_hidden,
                       m.dropout, n_out, inputs.target_scale)
     if route.prior is not None:
-        p = route.prior
+        p = route.prior[0]
         binary = len(p["classes"]) == 2 and not p.get("multilabel") and \
             not p["spec"].get("target_scale")
-        spec["prior"] = {"mode": m.prior, "spec": p["spec"], "classes": list(p["classes"]),
-                         "multilabel": bool(p.get("multilabel")), "binary": binary}
+        spec["prior"] = {"mode": m.prior, "specs": [c["spec"] for c in route.prior],
+                         "classes": list(p["classes"]), "multilabel": bool(p.get("multilabel")),
+                         "binary": binary}
     if route.pooled is not None and route.cfg.train.domain_offset and not route.classic:
         spec["domain_offset"] = True
     model = build_model(spec)
     load_backbone_weights(model, route.spec, route.weights)
     if model.prior is not None:
-        load_state(model.prior.model, route.prior["state_dict"], "model.prior_weights")
+        for sub, ckpt in zip(model.prior.models, route.prior, strict=True):
+            load_state(sub, ckpt["state_dict"], "model.prior_weights")
     return model
 
 
@@ -421,9 +467,17 @@ def train_route(route: Route, model: TransferModel, train: Tensors, val: Tensors
                     "(pretrained backbone, %s head)", "kept" if cfg.model.keep_head else "random")
     task = Task.of(model, route.multilabel)
     pool = Pooled(pooled, cfg.train.source_weight) if pooled is not None else None
-    return fit(model, train, val, phases, cfg.train, route.classes, seed, save, metrics_csv,
-               log.info, task=task, bn_policy=cfg.model.bn_policy, rt=rt,
-               adapt=route.adaptation, pooled=pool, store=store)
+    summary = fit(model, train, val, phases, cfg.train, route.classes, seed, save, metrics_csv,
+                  log.info, task=task, bn_policy=cfg.model.bn_policy, rt=rt,
+                  adapt=route.adaptation, pooled=pool, store=store)
+    w = summary.get("target_watch") or {}
+    if w.get("warned"):
+        log.warning("adapt: the target's labelled validation rows score %.3f at the kept epoch "
+                    "%d (chosen on source rows, which cannot show how the alignment changes the "
+                    "target) but %.3f at epoch %d (first epoch: %.3f); compare the adapt "
+                    "methods and none with `tltool select` before trusting this model",
+                    w["kept"], w["kept_epoch"], w["best"], w["best_epoch"], w["first_epoch"])
+    return summary
 
 
 def _nothing_trained(model: TransferModel) -> dict[str, Any]:
@@ -559,6 +613,7 @@ def write_outputs(run, route: Route, model: TransferModel, summary: dict[str, An
         "test": report(test.y.numpy(), proba_test, classes, decision),
         **{k: summary[k] for k in ("best_epoch", "best_round", "epochs_run", "monitor", "cache",
                                    "freeze_check")},
+        **({"target_watch": summary["target_watch"]} if summary.get("target_watch") else {}),
         "trainable_params": plans[-1]["trainable_params"] if plans else 0,
         "total_params": plans[-1]["total_params"] if plans else n_params,
         "adapt": route.adapt_info,
@@ -586,8 +641,8 @@ def describe_route(route: Route) -> dict[str, Any]:
             "strategy": None if route.classic else m.strategy,
             "frozen_layers": None if route.classic else m.frozen_layers,
             "keep_head": m.keep_head, "source_only": route.source_only,
-            "prior": None if route.prior is None else {"mode": m.prior,
-                                                       "weights": str(route.prior_path)},
+            "prior": None if route.prior is None else {
+                "mode": m.prior, "weights": [str(p) for p in route.prior_path]},
             "pooled": None if route.pooled is None else {
                 "source_weight": t.source_weight, "domain_offset": t.domain_offset,
                 "source_rows": int(sum(len(getattr(route.pooled, s))
@@ -637,12 +692,16 @@ def _adaptation(cfg: ExperimentConfig, command: str, inputs, spec,
                     other_cfg.image_size, state["size"], other, state["size"])
     if state.get("kind") == "image":
         other_cfg = other_cfg.model_copy(update={"image_size": state["size"]})
+    watch = None
     if command == "pretrain":
         target = load_inputs(other_cfg, other, cfg.seed, spec, weights, like=state,
                              pool=a.unlabeled == "pool")
         rows = target.pool if a.unlabeled == "pool" else target.train
         source_rows = None
         n_source = len(inputs.train.y)
+        if target.classes == inputs.classes and not target.multilabel and \
+                not target.regression and len(target.val.y):
+            watch = target.val
     else:
         source = load_inputs(other_cfg, other, cfg.seed, spec, weights, like=state)
         if a.source_weight > 0 and (source.classes != inputs.classes
@@ -661,7 +720,8 @@ def _adaptation(cfg: ExperimentConfig, command: str, inputs, spec,
             "source_weight": a.source_weight if command == "freeze-finetune" else None}
     log.info("adapt: %s (weight %s) on %d source rows and %d unlabelled target rows",
              a.method, a.weight, n_source, len(rows.y))
-    return Adaptation(a.method, a.weight, rows, source_rows, a.source_weight), info
+    return Adaptation(a.method, a.weight, rows, source_rows, a.source_weight,
+                      watch=watch), info
 
 
 def report(y: np.ndarray, proba: np.ndarray, classes: list[str],
