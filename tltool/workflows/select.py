@@ -51,6 +51,7 @@ from tltool.engine import (
 from tltool.errors import ConfigError, DataError
 from tltool.inputs import Weights, is_image_data, unlabelled_rows
 from tltool.metrics import epoch_scores
+from tltool.models import CLASSIC_HEADS
 from tltool.models.backbones import get_spec
 from tltool.runs import write_json, write_text
 from tltool.runtime import make_runtime
@@ -209,7 +210,13 @@ def default_grid(cfg: ExperimentConfig, facts: dict[str, Any],
         grid.append(("prior-avg", {**classic, "model.head": linear, "model.prior": "offset",
                                    "model.prior_weights": members,
                                    "model.head_args": _CORRECTION[task]}))
+    target_net = ("target-net", {**plain, "model.weights": _target_weights(facts, spec),
+                                 "model.strategy": "full", "model.frozen_layers": 0})
     if not have_net:
+        # no source network: the config's own network on the target rows, unless it is a
+        # classic head on raw inputs (already among the reference models)
+        if spec.name not in ("raw", "pixels") and cfg.model.head not in CLASSIC_HEADS:
+            grid.append(target_net)
         return grid
     tuned = {**plain, "model.weights": net, "model.backbone_args": {}}
     if same and (facts["net_is_run"] or "net" in sources):
@@ -234,8 +241,7 @@ def default_grid(cfg: ExperimentConfig, facts: dict[str, Any],
         grid.append(("pooled-net", {**tuned, "model.strategy": "freeze",
                                     "model.frozen_layers": frozen,
                                     "train.source_weight": 1.0}))
-    grid.append(("target-net", {**plain, "model.weights": _target_weights(facts, spec),
-                                "model.strategy": "full", "model.frozen_layers": 0}))
+    grid.append(target_net)
     if facts["pool"] and facts["source"]:
         for method in ("coral", "mmd", "dann"):
             grid.append((f"adapt-{method}", {**tuned, "model.strategy": "freeze",
