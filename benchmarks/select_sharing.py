@@ -59,14 +59,14 @@ def separate_commands(config: Path, run: Path, root: str) -> float:
 
 
 def _candidate_changes(base, name: str, run: Path) -> dict:
-    from tltool.workflows.select import _facts, _source_plan, default_grid
-    from tltool.workflows.train import InputCache
+    from tltool.workflows.candidates import default_grid, facts, source_plan
+    from tltool.workflows.routes import InputCache
 
     if base.select.candidates is not None:
         changes = next(c.set for c in base.select.candidates if c.name == name)
     else:
-        facts = _facts(base, InputCache())
-        grid = dict((n, s) for n, s in default_grid(base, facts, _source_plan(base, facts)))
+        found = facts(base, InputCache())
+        grid = dict((n, s) for n, s in default_grid(base, found, source_plan(base, found)))
         changes = grid[name]
     sources = {p.name: next(iter(sorted(p.iterdir())))
                for p in (run / "sources").iterdir()} if (run / "sources").exists() else {}

@@ -158,12 +158,12 @@ def test_predict_input_missing_a_column_or_text_in_numbers(pretrained, cli, tmp_
 
 def test_a_failed_run_is_marked_failed_and_never_picked(pretrained, cli, write_config,
                                                         tmp_path, monkeypatch):
-    import tltool.workflows.train as train
+    import tltool.workflows.routes as routes
 
     def boom(*args, **kwargs):
         raise RuntimeError("power cut")
 
-    monkeypatch.setattr(train, "fit", boom)
+    monkeypatch.setattr(routes, "fit", boom)
     with pytest.raises(RuntimeError):
         cli("pretrain", write_config("src"))
     statuses = sorted(json.loads(p.read_text())["status"]

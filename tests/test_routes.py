@@ -148,7 +148,9 @@ def test_prior_input_feeds_the_head(pretrained, cli, write_config, tmp_path):
      "model.head_args.C"),
     ({"train": {"l2sp": {"alpha": 0.1}}}, "train.l2sp.alpha: pulls the backbone towards its "
                                           "pretrained weights, but model.weights is none"),
-    ({"model": {"weights": "source:net"}}, "names a source model of `tltool select`"),
+    ({"model": {"weights": "source:net"}}, "names a source model that `tltool select` "
+                                           "pretrains"),
+    ({"model": {"head_args": {"C": 1}}}, "model.head_args: options of a classic head"),
 ])
 def test_route_options_that_do_not_fit_are_refused(changes, message, cli, write_config,
                                                    tmp_path):
@@ -228,3 +230,47 @@ def test_a_prior_of_several_source_models_averages_their_log_probabilities(
         assert torch.equal(order, torch.argsort(mean[:, 1] - mean[:, 0]))
     cfg = (run / "config.yaml").read_text()
     assert str(lr.resolve()) in cfg and str(gb.resolve()) in cfg
+
+
+def test_a_prior_of_another_kind_of_data_is_refused(cli, write_config, tmp_path):
+    """An image model as the prior of a table model: one line, before any run folder."""
+    img = _run(cli, tmp_path, "pretrain", write_config("img", {
+        "source": {"kind": "builtin", "name": "digits", "where": {}, "n_train": 60,
+                   "split": {"val": 0.2, "test": 0.2}},
+        "model": {"backbone": "pixels", "backbone_args": {}, "head": "logistic_regression"},
+        "decision": {"rule": "argmax"}}))
+    res = cli("freeze-finetune", write_config("t", {"model": {
+        **RAW, "head": "logistic_regression", "prior": "input", "prior_weights": str(img)}}))
+    assert res.code == 2 and "model.prior_weights: the prior model takes images but target " \
+                              "holds table rows" in res.err
+    assert "Traceback" not in res.err
+
+
+def test_a_tampered_classic_head_width_is_refused(cli, write_config, tmp_path):
+    run = _run(cli, tmp_path, "freeze-finetune", write_config("w", {"model": {
+        **RAW, "head": "gradient_boosting"}}))
+    best = run / "checkpoints" / "best.pt"
+    payload = torch.load(best, weights_only=True)
+    payload["spec"]["head_shape"]["in_features"] -= 1
+    torch.save(payload, best)
+    for command in (["evaluate", str(run)], ["predict", str(run), str(NEW_ROWS)]):
+        res = cli(*command)
+        assert res.code == 2 and "head_shape.in_features" in res.err, res.err
+        assert "Traceback" not in res.err
+
+
+def test_a_label_column_with_no_value_is_refused(cli, write_config, tmp_path):
+    frame = pd.DataFrame({"x": range(30), "y": [""] * 30})
+    frame.to_csv(tmp_path / "blank.csv", index=False)
+    res = cli("freeze-finetune", write_config("b", {"target": {
+        "kind": "csv", "path": str(tmp_path / "blank.csv"), "label": "y", "where": {},
+        "n_train": None}}))
+    assert res.code == 2 and "label column 'y' is empty in all 30 selected rows" in res.err
+
+
+def test_another_label_of_a_builtin_table_does_not_take_its_default_positive(
+        cli, write_config, tmp_path):
+    run = _run(cli, tmp_path, "freeze-finetune", write_config("home", {
+        "target": {"label": "Home", "n_train": None}, "decision": {"rule": "argmax"},
+        "model": {**RAW, "head": "logistic_regression"}}))
+    assert len(_metrics(run)["classes"]) > 2

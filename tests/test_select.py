@@ -153,15 +153,16 @@ def test_cross_validation_of_a_classic_route_matches_scikit_learn(pretrained, wr
     from tltool.config import load_config
     from tltool.cv import fold_scores
     from tltool.engine import PrefixStore
-    from tltool.workflows.select import Candidate, _labelled, cross_validate
-    from tltool.workflows.train import prepare
+    from tltool.workflows.candidates import Candidate
+    from tltool.workflows.crossval import cross_validate, labelled_rows
+    from tltool.workflows.routes import prepare
 
     cfg = load_config(_select_cfg(write_config, pretrained), [
         "model.backbone=raw", "model.backbone_args={}", "model.weights=none",
         "model.head=logistic_regression"])
     route = prepare(cfg, "freeze-finetune")
     cand = Candidate("target-lr", {}, None, False)
-    rows = _labelled([(cand, route)])
+    rows = labelled_rows([(cand, route)])
     folds = make_folds(rows.y, "classification", 3, 2, seed=1)
     scored, oof = cross_validate(route, cand, rows.of(route), folds, PrefixStore(), "auroc", 1)
     x = rows.of(route).x.numpy().astype(np.float64)
@@ -196,7 +197,7 @@ def test_select_refuses_unknown_sources_and_bad_candidates(cli, write_config):
         {"name": "b", "set": {"train.lr": -1}}]}})
     res = cli("select", cfg)
     assert res.code == 2
-    assert "select.candidates.0 (a): model.weights: 'source:nope' names no source model" in res.err
+    assert "select.candidates.0 (a): 'source:nope' names no source model" in res.err
     assert "select.candidates.1 (b): train.lr: input should be greater than 0" in res.err
     assert "Traceback" not in res.err
 
@@ -281,3 +282,103 @@ def test_adaptation_that_lowers_the_target_validation_score_is_reported(cli, wri
     assert watch["warned"] == (watch["best"] - watch["kept"] > 0.02)
     if watch["warned"]:
         assert "adapt: the target's labelled validation rows score" in res.err
+
+
+def test_default_grid_offers_every_family_that_applies(write_config):
+    """Tables with a source section: reference models, source models as is / averaged / as a
+    prior, fine-tunes, L2-SP, pooled, adapt; each candidate a valid config."""
+    from tltool.config import load_config
+    from tltool.workflows.candidates import candidate_list, facts, source_plan
+    from tltool.workflows.routes import InputCache
+
+    cfg = load_config(write_config("g", {"target": {"n_train": 60, "n_val": 30}}))
+    found = facts(cfg, InputCache("labelled"))
+    sources = source_plan(cfg, found)
+    assert set(sources) == {"net", "lr", "gb"} and found["same_classes"] and found["pool"]
+    names = [c.name for c in candidate_list(cfg, found, sources)]
+    for expected in ("target-lr", "target-gb", "pooled-lr", "pooled-gb", "source-only-lr",
+                     "source-only-gb", "source-only", "source-avg", "prior-avg", "prior-gb",
+                     "extract-lr", "linear-probe", "bias-only", "finetune-freeze1",
+                     "finetune-full", "l2sp", "pooled-net", "target-net", "adapt-coral",
+                     "adapt-mmd", "adapt-dann"):
+        assert expected in names, expected
+    # regression: ridge instead of logistic regression; no source section: no source routes
+    reg = load_config(write_config("r", {"target": {"label": "Amount", "task": "regression",
+                                                    "drop": ["Status"]},
+                                         "source": {"label": "Amount", "task": "regression",
+                                                    "drop": ["Status"]},
+                                         "decision": {"rule": "argmax"}}))
+    found = facts(reg, InputCache("labelled"))
+    cands = {c.name: c for c in candidate_list(reg, found, source_plan(reg, found))}
+    assert cands["target-lr"].raw["model"]["head"] == "ridge"
+    alone = load_config(write_config("a", {"source": None}))
+    found = facts(alone, InputCache("labelled"))
+    assert [c.name for c in candidate_list(alone, found, source_plan(alone, found))] == [
+        "target-lr", "target-gb", "target-net"]
+
+
+def test_a_metric_that_does_not_fit_the_task_is_refused(cli, write_config):
+    res = cli("select", write_config("m", {"select": {"metric": "rmse"}}))
+    assert res.code == 2 and "select.metric: 'rmse' does not apply to a classification " \
+                              "target; allowed: auto, auroc" in res.err
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"target.n_train": 50}, "target.n_train: a candidate may not change the target's rows"),
+    ({"target.split.seed": 3}, "target.split: a candidate may not change the target's rows"),
+    ({"select.folds": 10}, "select.folds: the select run's own settings"),
+])
+def test_a_candidate_may_not_change_the_target_rows(changes, message, cli, write_config,
+                                                    tmp_path):
+    cfg = write_config("c", {"select": {"candidates": [
+        {"name": "lr", "set": {"model.backbone": "raw", "model.backbone_args": {},
+                               "model.head": "logistic_regression", **changes}}]}})
+    res = cli("select", cfg)
+    assert res.code == 2 and "select.candidates.0 (lr): " + message in res.err, res.err
+    assert not (tmp_path / "runs").exists()  # refused before any run folder
+
+
+def test_select_without_labels_refuses_other_classes_and_twice_named_candidates(
+        cli, write_config, tmp_path):
+    frame = load_table("credit_data")
+    frame["Status"] = frame["Status"].map({"good": "ok", "bad": "default"})
+    frame.to_csv(tmp_path / "renamed.csv", index=False)
+    res = cli("select", write_config("u", {
+        "target": {"kind": "csv", "path": str(tmp_path / "renamed.csv"), "label": "Status",
+                   "positive": "default"},
+        "select": {"target_labels": False}}))
+    assert res.code == 2 and "the target's classes must be the source's" in res.err
+    res = cli("select", write_config("d", {"select": {"target_labels": False, "candidates": [
+        {"name": "a", "set": {"adapt.method": "coral"}},
+        {"name": "a", "set": {"adapt.method": "mmd"}}]}}))
+    assert res.code == 2 and "name(s) a given twice" in res.err
+
+
+def test_a_damaged_out_of_fold_file_is_refused_by_ensemble(chosen, pretrained, cli,
+                                                           write_config, tmp_path):
+    other = cli("select", _select_cfg(write_config, pretrained, name="sel-b", seed=1))
+    assert other.code == 0, other.err
+    oof = chosen / "oof_predictions.csv"
+    frame = pd.read_csv(oof)
+    for damage in (lambda f: f.assign(label="maybe"), lambda f: f.drop(columns=["p_bad"]),
+                   lambda f: f.assign(p_bad="abc")):
+        damage(frame).to_csv(oof, index=False)
+        res = cli("ensemble", str(chosen), str(tmp_path / other.out.strip()))
+        assert res.code == 2 and "oof_predictions.csv is damaged" in res.err, res.err
+        assert "Traceback" not in res.err
+
+
+def test_an_ensemble_of_runs_with_other_labelled_rows_says_so(cli, write_config, tmp_path):
+    raw = {"backbone": "raw", "backbone_args": {}, "weights": "none",
+           "head": "logistic_regression"}
+    runs = []
+    for i, extra in enumerate(({"sample_seed": None}, {"sample_seed": 5})):
+        res = cli("freeze-finetune", write_config(f"m{i}", {"name": "m", "model": raw,
+                                                            "target": extra}))
+        assert res.code == 0, res.err
+        runs.append(tmp_path / res.out.strip())
+    res = cli("ensemble", *map(str, runs))
+    assert res.code == 0, res.err
+    m = json.loads((tmp_path / res.out.strip() / "metrics.json").read_text())
+    assert m["labelled_rows_seen"] > max(m["labelled_rows_per_member"])
+    assert "the members drew different labelled rows" in res.err

@@ -329,7 +329,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     raw = _read_with_extends(Path(path), chain=())
     for item in overrides or []:
         _apply_override(raw, item)
-    return validate_config(raw, origin=str(path))
+    origin = f"{path} (with --set)" if overrides else str(path)
+    return validate_config(raw, origin=origin)
 
 
 def validate_config(raw: dict[str, Any], origin: str) -> ExperimentConfig:

@@ -54,7 +54,8 @@ def strata_of(y: np.ndarray, task: str) -> np.ndarray:
     return y
 
 
-def make_folds(y: np.ndarray, task: str, k: int, repeats: int, seed: int) -> Folds:
+def make_folds(y: np.ndarray, task: str, k: int, repeats: int, seed: int,
+               classes: list[str] | None = None) -> Folds:
     """Repeated stratified k-fold; k shrinks (with a note) when a class has fewer rows."""
     from sklearn.model_selection import RepeatedStratifiedKFold
 
@@ -63,8 +64,12 @@ def make_folds(y: np.ndarray, task: str, k: int, repeats: int, seed: int) -> Fol
     smallest = int(counts[counts > 0].min())
     notes = []
     if task == "classification" and smallest < 2:
-        raise DataError(f"cross-validation needs at least 2 labelled rows of every class; one "
-                        f"class has {smallest} (raise n_train / n_val)")
+        rare = int(np.flatnonzero(counts == smallest)[0])
+        name = classes[rare] if classes and rare < len(classes) else rare
+        raise DataError(f"cross-validation needs at least 2 labelled rows of every class; "
+                        f"class {name!r} has {smallest} of the {len(y)} labelled target rows "
+                        f"(the training + validation split after n_train / n_val: add labelled "
+                        f"rows of it)")
     if smallest < k:
         if task == "classification":
             notes.append(f"{k}-fold cross-validation lowered to {max(smallest, 2)} folds: a "

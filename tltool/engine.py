@@ -2,8 +2,10 @@
 
 A `Trainer` holds one model's training state (round, optimiser, prefix caches, best weights)
 and advances it one epoch at a time; the driver decides when a round stops. `fit` drives one
-model with early stopping on its own validation rows; `tltool.cv` drives several fold models in
-lockstep, so that one epoch count, chosen on their averaged held-out scores, serves them all.
+model with early stopping on its own validation rows; `tltool.workflows.crossval` drives several
+fold models in lockstep, so that one epoch count, chosen on their averaged held-out scores,
+serves them all. What is computed once (prefix caches, a prior's signal) lives in
+`tltool.cache`; the loss and probabilities in `tltool.task`; the rows in `tltool.tensors`.
 
 Freezing is decided per round by `tltool.freeze.apply_freeze`; the loop itself only sees the
 optimiser's parameter groups.
@@ -13,10 +15,9 @@ from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,10 +25,13 @@ import torch
 from torch import nn
 
 from tltool.adapt import Adaptation
+from tltool.cache import PrefixStore, build_prefix_cache, prior_signal  # noqa: F401 (API)
 from tltool.freeze import FreezePlan, apply_freeze, snapshot_frozen, verify_unchanged
 from tltool.metrics import epoch_scores
 from tltool.models import TransferModel
 from tltool.runtime import Runtime
+from tltool.task import StandardisedMSE, Task, _loss_fn  # noqa: F401 (API)
+from tltool.tensors import Tensors
 
 
 @dataclass
@@ -39,120 +43,6 @@ class Phase:
     epochs: int
     lr: float
     backbone_lr_mult: float
-
-
-@dataclass
-class Tensors:
-    """Inputs and targets of one split. `prepare(x_batch, train)` turns a stored batch into
-    model input (images: uint8 -> resized, normalised, augmented only when train=True).
-
-    `prior`: the prior model's signal per row (when the model has one). `parent` / `index`: these
-    rows are rows `index` of `parent` (cross-validation folds), so caches computed once for the
-    parent serve every fold."""
-
-    x: Any
-    y: torch.Tensor
-    prepare: Callable[[torch.Tensor, bool], torch.Tensor] | None = None
-    augments: bool = False  # prepare(x, train=True) is random: no prefix cache then
-    prior: torch.Tensor | None = None
-    parent: Tensors | None = field(default=None, repr=False)
-    index: torch.Tensor | None = field(default=None, repr=False)
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def batch(self, idx: torch.Tensor | slice, train: bool) -> torch.Tensor:
-        xb = self.x[idx]
-        if hasattr(xb, "materialize"):  # images decoded on demand (tltool.data.images)
-            xb = xb.materialize()
-        return xb if self.prepare is None else self.prepare(xb, train)
-
-    def prior_of(self, idx: torch.Tensor | slice) -> torch.Tensor | None:
-        return None if self.prior is None else self.prior[idx]
-
-    def subset(self, idx: torch.Tensor | np.ndarray) -> Tensors:
-        """Rows `idx` (a view for caches: they remember the top-level parent and its rows)."""
-        idx = torch.as_tensor(np.asarray(idx), dtype=torch.long)
-        root = self.parent if self.parent is not None else self
-        at = idx if self.index is None else self.index[idx]
-        return replace(self, x=self.x[idx], y=self.y[idx],
-                       prior=None if self.prior is None else self.prior[idx],
-                       parent=root, index=at)
-
-
-class StandardisedMSE(nn.Module):
-    """Mean squared error between the model's standardised output and the label standardised
-    with the training mean and standard deviation (computed in float64, so a label of 1e9 + 75
-    keeps its 75)."""
-
-    def __init__(self, mean: float, std: float):
-        super().__init__()
-        self.mean, self.std = float(mean), float(std)
-
-    def rows(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        z = ((y.double() - self.mean) / self.std).to(pred.dtype)
-        return (pred.reshape(-1) - z) ** 2
-
-    def forward(self, pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.rows(pred, y).mean()
-
-
-@dataclass(frozen=True)
-class Task:
-    """Single-label (softmax, cross-entropy), multi-label (a sigmoid per label, BCE) or
-    regression (one output: the standardised label, MSE; `proba` maps it to the label's
-    units)."""
-
-    multilabel: bool = False
-    regression: bool = False
-    mean: float = 0.0  # regression: the label's training mean and standard deviation
-    std: float = 1.0
-
-    @classmethod
-    def of(cls, model: nn.Module, multilabel: bool = False) -> Task:
-        scale = getattr(model, "target_scale", None)
-        if scale is None:
-            return cls(multilabel)
-        return cls(multilabel, True, float(scale[0]), float(scale[1]))
-
-    def loss(self, y: torch.Tensor, n_outputs: int, class_weights: str) -> nn.Module:
-        if self.regression:
-            return StandardisedMSE(self.mean, self.std)
-        if self.multilabel:
-            if class_weights == "balanced":
-                pos = y.sum(dim=0).clamp(min=1)
-                return nn.BCEWithLogitsLoss(pos_weight=((len(y) - pos) / pos).float())
-            return nn.BCEWithLogitsLoss()
-        return _loss_fn(y, n_outputs, class_weights)
-
-    def row_loss(self, loss_fn: nn.Module, logits: torch.Tensor,
-                 y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row losses and each row's share of the unweighted mean's denominator (the class
-        weight of its class under `balanced`, else 1), so that sum(rows) / sum(shares) is the
-        loss `loss_fn` would give."""
-        ones = torch.ones(len(y), device=logits.device)
-        if self.regression:
-            return loss_fn.rows(logits, y), ones
-        if self.multilabel:
-            per = nn.functional.binary_cross_entropy_with_logits(
-                logits, y.float(), pos_weight=loss_fn.pos_weight, reduction="none")
-            return per.mean(dim=1), ones
-        weight = loss_fn.weight
-        per = nn.functional.cross_entropy(logits, y, weight=weight, reduction="none")
-        return per, (ones if weight is None else weight[y])
-
-    def proba(self, logits: torch.Tensor) -> torch.Tensor:
-        """Probabilities; for regression the predicted values themselves (one column)."""
-        if self.regression:  # the value in the label's units, float64
-            return logits.double() * self.std + self.mean
-        return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
-
-    def val_loss(self, logits: torch.Tensor, y: torch.Tensor) -> float:
-        if self.regression:
-            return float(StandardisedMSE(self.mean, self.std)(logits, y))
-        if self.multilabel:
-            return float(nn.functional.binary_cross_entropy_with_logits(logits, y.float()))
-        return float(nn.functional.cross_entropy(logits, y))
 
 
 def seed_everything(seed: int) -> None:
@@ -184,95 +74,7 @@ def predict_logits(model: nn.Module, data: Tensors, batch_size: int = 512, start
     return torch.cat(out)
 
 
-@torch.no_grad()
-def build_prefix_cache(model: TransferModel, data: Tensors, n_blocks: int, batch_size: int,
-                       max_bytes: float, rt: Runtime | None = None,
-                       augmented: bool = False) -> Tensors | None:
-    """Outputs of the first n (frozen, inference-mode) blocks, computed once and kept on the
-    CPU (in bf16 under bf16 autocast); None when the cache would exceed `max_bytes`."""
-    rt = rt or Runtime()
-    model.eval()
-    parts, used = [], 0
-    for i in range(0, len(data.x), batch_size):
-        xb = rt.put(data.batch(slice(i, i + batch_size), train=augmented))
-        with rt.autocast():
-            z = model.backbone.forward_blocks(xb, n_blocks, pool=False).cpu()
-        used += z.numel() * z.element_size()
-        if used / (i + len(z)) * len(data.x) > max_bytes:
-            return None
-        parts.append(z)
-    # Stored in the layout the first uncached block runs in: no conversion per batch.
-    return Tensors(model.backbone.laid_out(torch.cat(parts), n_blocks), data.y,
-                   prior=data.prior)
 
-
-@torch.no_grad()
-def prior_signal(model: TransferModel, data: Tensors, batch_size: int = 512,
-                 rt: Runtime | None = None) -> torch.Tensor | None:
-    """The model's prior signal for every row of `data` (None without a prior), computed once:
-    the prior is a fixed function, and cached prefix outputs no longer hold the raw input."""
-    if model.prior is None:
-        return None
-    rt = rt or Runtime()
-    parts = []
-    for i in range(0, len(data.x), batch_size):
-        xb = rt.put(data.batch(slice(i, i + batch_size), train=False))
-        with rt.autocast():
-            parts.append(model.prior(xb).float().cpu())
-    return torch.cat(parts)
-
-
-class PrefixStore:
-    """Prefix caches keyed by what they depend on: the frozen blocks' weights, how many there
-    are, the runtime, and the rows. Rows of a fold (`Tensors.subset`) are served from the cache
-    of their parent, computed once for every fold and candidate that shares those blocks. The
-    prior's signal per row is kept the same way (keyed by the prior's weights)."""
-
-    def __init__(self) -> None:
-        self._caches: dict[tuple, Any] = {}
-
-    def with_prior(self, model: TransferModel, data: Tensors, rt: Runtime) -> Tensors:
-        """`data` with the model's prior signal per row (unchanged without a prior)."""
-        if model.prior is None:
-            return data
-        root = data.parent if data.parent is not None else data
-        key = ("prior", id(root), _module_digest(model.prior))
-        if key not in self._caches:
-            self._caches[key] = prior_signal(model, root, rt=rt)
-            self._caches[key + ("root",)] = root
-        signal = self._caches[key]
-        if data.parent is None:  # stay a view of `data`, so its caches are shared too
-            return replace(data, prior=signal, parent=data, index=torch.arange(len(data)))
-        return replace(data, prior=signal[data.index])
-
-    def get(self, model: TransferModel, data: Tensors, start: int, batch_size: int,
-            max_bytes: float, rt: Runtime, view: int = 0) -> Tensors | None:
-        root = data.parent if data.parent is not None else data
-        key = (id(root), start, view if data.augments else 0, _prefix_digest(model, start),
-               rt.precision, str(rt.device))
-        if key not in self._caches:
-            self._caches[key] = build_prefix_cache(model, root, start, batch_size, max_bytes,
-                                                   rt, augmented=data.augments)
-            self._caches[key + ("root",)] = root  # keeps id(root) from being reused
-        cached = self._caches[key]
-        if cached is None:
-            return None
-        x = cached.x if data.parent is None else cached.x[data.index]
-        return Tensors(model.backbone.laid_out(x, start), data.y, prior=data.prior)
-
-
-def _prefix_digest(model: TransferModel, start: int) -> str:
-    return "|".join(_module_digest(b) for b in model.backbone.blocks[:start])
-
-
-def _module_digest(module: nn.Module) -> str:
-    """A hash of a module's type and every tensor of its state (weights and buffers)."""
-    h = hashlib.sha1(type(module).__name__.encode())
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _cache_plan(model: TransferModel, train: Tensors, n_frozen: int, train_cfg,
@@ -301,14 +103,6 @@ def predict_proba(model: nn.Module, data: Tensors | torch.Tensor, multilabel: bo
         data = Tensors(data, torch.empty(0))
     logits = predict_logits(model, data, batch_size, rt=rt)
     return Task.of(model, multilabel).proba(logits).double().numpy()
-
-
-def _loss_fn(y: torch.Tensor, n_classes: int, class_weights: str) -> nn.Module:
-    if class_weights == "balanced":
-        counts = torch.bincount(y, minlength=n_classes).double().clamp(min=1)
-        weights = (len(y) / (n_classes * counts)).float()
-        return nn.CrossEntropyLoss(weight=weights)
-    return nn.CrossEntropyLoss()
 
 
 def _optimizer(groups: list[dict[str, Any]], train_cfg) -> torch.optim.Optimizer:

@@ -191,6 +191,10 @@ def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
         notes.append(f"where {cfg.where}: {len(frame)} rows")
     no_label = frame[label].isna() | (frame[label].astype(str).str.strip() == "")
     unlabeled_frame = frame[no_label]
+    if no_label.all():
+        raise DataError(f"{origin}: label column {label!r} is empty in all {len(frame)} "
+                        f"selected rows; give labelled rows (rows with an empty label are used "
+                        f"only as unlabelled rows)")
     if no_label.any():
         notes.append(f"{int(no_label.sum())} rows with no label: not trained on (domain "
                      f"adaptation may use them as unlabelled rows)")
@@ -205,7 +209,8 @@ def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
                         f"{len(frame)} selected rows; a classifier needs at least 2 classes")
     _check_classifiable(frame[label], classes, label, origin)
     positive = cfg.positive
-    if positive is None and cfg.kind == "builtin" and cfg.name in TABLES:
+    if positive is None and cfg.kind == "builtin" and cfg.name in TABLES and \
+            label == TABLES[cfg.name].label:  # the built-in default goes with its own label
         positive = TABLES[cfg.name].positive
     if isinstance(positive, bool):  # YAML reads yes/no/true/on unquoted as booleans
         spelled = [c for c in classes if c.lower() in

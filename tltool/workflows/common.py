@@ -60,7 +60,10 @@ def resolve_checkpoint(ref: str, key: str) -> tuple[dict[str, Any], Path]:
         return load_checkpoint(path), path
     if not path.exists() and path.name != "latest":
         raise RunError(f"{key}: {ref}: no such run folder or checkpoint file")
-    run = resolve_run(path, commands=TRAINING_COMMANDS)
+    try:
+        run = resolve_run(path, commands=TRAINING_COMMANDS)
+    except RunError as exc:
+        raise RunError(f"{key}: {exc}") from None
     return load_checkpoint(run / "checkpoints" / "best.pt"), run
 
 
@@ -125,6 +128,7 @@ def load_trained(ckpt: dict[str, Any]) -> TransferModel:
         raise CheckpointError(f"checkpoint: damaged model spec ({type(exc).__name__}: "
                               f"{str(exc)[:200]})") from None
     load_state(model, ckpt["state_dict"], "checkpoint")
+    _check_head_width(model)
     from tltool.models import CLASSIC_HEADS
 
     if any(s.get("head") in CLASSIC_HEADS for s in (ckpt["spec"],
@@ -136,6 +140,20 @@ def load_trained(ckpt: dict[str, Any]) -> TransferModel:
             if hasattr(module, "raw") and hasattr(module, "append"):
                 check_classic_state(module)
     return model
+
+
+def _check_head_width(model: TransferModel) -> None:
+    """A classic head's input width must be what the backbone (and an input prior) gives."""
+    from tltool.models import prior_width
+
+    width = getattr(model.head, "in_features", None)
+    if width is None or not hasattr(model.head, "raw"):
+        return
+    expected = model.backbone.out_features + (
+        prior_width(model.spec["prior"]) if model.prior_mode == "input" else 0)
+    if width != expected:
+        raise CheckpointError(f"checkpoint: damaged model spec (head_shape.in_features {width} "
+                              f"but the backbone gives {expected} features)")
 
 
 def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:

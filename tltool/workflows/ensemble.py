@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from tltool.config import NAME_PATTERN, DecisionConfig
+from tltool.decision import decision_rule, report
 from tltool.engine import predict_proba
 from tltool.errors import RunError
 from tltool.inputs import load_inputs
@@ -24,10 +25,10 @@ from tltool.metrics import format_any
 from tltool.models.backbones import get_spec
 from tltool.runs import run_status, write_json, write_text
 from tltool.workflows.common import log, new_run, trained_on
-from tltool.workflows.train import decision_rule, report
 
 # Keys of a data section that may differ between members (what seeds sub-sample).
-MAY_DIFFER = {"n_train", "n_val", "augment", "decode_once_max_gb", "on_bad_image"}
+MAY_DIFFER = {"n_train", "n_val", "sample_seed", "augment", "decode_once_max_gb",
+              "on_bad_image"}
 
 
 def _domain(ckpt: dict[str, Any]) -> str:
@@ -92,6 +93,13 @@ def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
         raise RunError(f"--rule threshold needs a binary or multi-label task; {run0} has "
                        f"{len(classes)} classes (use --rule argmax)")
     selected = [(run_status(m[0]) or {}).get("command") == "select" for m in members]
+    for (run, *_), is_select in zip(members, selected, strict=True):
+        if is_select and not (run / "oof_predictions.csv").exists() and \
+                _unsupervised(run):
+            raise RunError(f"{run}: a select run made without target labels "
+                           f"(select.target_labels false) has no out-of-fold predictions on "
+                           f"the target to choose an ensemble's threshold with; ensemble the "
+                           f"pretrain runs instead")
     if any(selected) and not all(selected):
         raise RunError("ensemble: mix of `select` runs and other runs; a select run trained on "
                        "every labelled row (its validation rows included), so its threshold "
@@ -182,23 +190,41 @@ def _out_of_fold(members: list, classes: list[str], multilabel: bool,
         except (OSError, ValueError):
             raise RunError(f"{path}: missing or unreadable (a select run keeps its "
                            f"out-of-fold predictions there)") from None
-    labelled = [set(f["id"]) for f in frames]
-    common = sorted(set.intersection(*labelled))
+    cols = ["prediction"] if regression else [f"p_{c}" for c in classes]
+    try:
+        labelled = [set(f["id"]) for f in frames]
+        common = sorted(set.intersection(*labelled))
+        parts = [f.drop_duplicates("id").set_index("id").loc[common] for f in frames]
+        avg = np.mean([p[cols].to_numpy(np.float64) for p in parts], axis=0)
+        labels = parts[0]["label"]
+        if regression:
+            y = labels.to_numpy(np.float64)
+        elif multilabel:
+            y = np.array([[c in str(v).split("|") for c in classes] for v in labels],
+                         dtype=np.int64)
+        else:
+            index = {c: i for i, c in enumerate(classes)}
+            y = np.array([index[str(v)] for v in labels], dtype=np.int64)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise RunError(f"ensemble: a member's oof_predictions.csv is damaged ({type(exc).__name__}"
+                       f": {str(exc)[:120]}); expected columns id, {', '.join(cols)}, label "
+                       f"with the run's classes") from None
     if not common:
         raise RunError("ensemble: the select runs share no labelled row; their out-of-fold "
                        "predictions cannot choose a common threshold")
-    cols = ["prediction"] if regression else [f"p_{c}" for c in classes]
-    parts = [f.set_index("id").loc[common] for f in frames]
-    avg = np.mean([p[cols].to_numpy(np.float64) for p in parts], axis=0)
-    labels = parts[0]["label"]
-    if regression:
-        y = labels.to_numpy(np.float64)
-    elif multilabel:
-        y = np.array([[c in str(v).split("|") for c in classes] for v in labels], dtype=np.int64)
-    else:
-        index = {c: i for i, c in enumerate(classes)}
-        y = np.array([index[str(v)] for v in labels], dtype=np.int64)
+    if not np.isfinite(avg).all():
+        raise RunError("ensemble: a member's oof_predictions.csv holds non-finite numbers")
     return avg, y, labelled
+
+
+def _unsupervised(run: Path) -> bool:
+    import json
+
+    try:
+        m = json.loads((run / "metrics.json").read_text())
+        return (m.get("select") or {}).get("target_labels") is False
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _headline(multilabel: bool, regression: bool = False) -> tuple[str, ...]:

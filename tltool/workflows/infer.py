@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from tltool import plots
+from tltool.decision import report
 from tltool.engine import Tensors, predict_proba
 from tltool.errors import DataError, RunError
 from tltool.inputs import encode_images, encode_tabular, encoder_from_state, load_inputs
@@ -25,7 +26,6 @@ from tltool.workflows.common import (
     run_config,
     trained_on,
 )
-from tltool.workflows.train import report
 
 
 def _open_run(ref: str | Path):

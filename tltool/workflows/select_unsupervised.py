@@ -18,23 +18,23 @@ import torch
 
 from tltool.config import ExperimentConfig, candidate_raw, dump_config, validate_config
 from tltool.criteria import ensv_scores, estimate
+from tltool.decision import report
 from tltool.engine import Task, predict_logits, predict_proba
 from tltool.errors import ConfigError, DataError
 from tltool.inputs import pool_of
 from tltool.runs import write_json, write_text
 from tltool.runtime import make_runtime
 from tltool.workflows.common import checkpoint_payload, log, new_run, pin_config
-from tltool.workflows.train import (
+from tltool.workflows.routes import (
     InputCache,
     backbone_features,
     build,
     check_built,
     describe_route,
     prepare,
-    report,
     train_route,
-    write_outputs,
 )
+from tltool.workflows.train import write_outputs
 
 METHODS = ("none", "coral", "mmd", "dann")
 
@@ -57,6 +57,15 @@ def select_unsupervised(cfg: ExperimentConfig, argv, cache: InputCache,
     if facts["task"] != "classification":
         raise ConfigError("select.target_labels: false is for single-label classification "
                           "(domain adaptation); this target is " + facts["task"])
+    if not facts["same_classes"]:
+        raise ConfigError("select.target_labels: false trains on the source's labels and "
+                          "predicts them on the target, so the target's classes must be the "
+                          "source's (same values of the label)")
+    names = [name for name, _, _ in _candidates(cfg)]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"select.candidates: name(s) {', '.join(dup)} given twice; each "
+                          f"candidate needs its own name")
     crit = cfg.select.criterion
     configs, problems = [], []
     for i, (name, changes, default) in enumerate(_candidates(cfg)):
@@ -97,7 +106,9 @@ def select_unsupervised(cfg: ExperimentConfig, argv, cache: InputCache,
         for row, (_name, agree) in zip(rows, ensv_scores(probas).items(), strict=True):
             row["ensv"] = agree
         lower = crit != "ensv"  # ensv is an agreement: higher is better
-        rows.sort(key=lambda r: (r[crit] if lower else -r[crit], r["name"]))
+        # ties: the earlier candidate (the default list starts with no adaptation at all)
+        order = {r["name"]: i for i, r in enumerate(rows)}
+        rows.sort(key=lambda r: (r[crit] if lower else -r[crit], order[r["name"]]))
         winner = rows[0]["name"]
         for rank, r in enumerate(rows, start=1):
             r["rank"], r["chosen"] = rank, r["name"] == winner

@@ -1,0 +1,52 @@
+"""Decisions: from probabilities (or predicted values) to answers, with thresholds chosen on
+held-out rows only; and the metrics of a split under a saved decision rule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tltool.metrics import (
+    choose_threshold,
+    classification_report,
+    multilabel_report,
+    regression_report,
+)
+
+
+def report(y: np.ndarray, proba: np.ndarray, classes: list[str],
+           decision: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of one split under a saved decision rule."""
+    if decision.get("rule") == "regression":
+        return regression_report(y, proba[:, 0])
+    if "per_label" in decision:
+        return multilabel_report(y, proba, classes, decision["per_label"])
+    return classification_report(y, proba, classes, decision["threshold"])
+
+def decision_rule(cfg, classes: list[str], multilabel: bool,
+                  proba_val: np.ndarray, y_val: np.ndarray,
+                  regression: bool = False, chosen_on: str = "validation") -> dict[str, Any]:
+    """Thresholds are chosen on held-out rows only (the validation split, or out-of-fold
+    predictions in `tltool select`), never on test.
+
+    Multi-label: one threshold per label (0.5 each under rule argmax). Regression: the
+    predicted value is the answer (no threshold).
+    """
+    if regression:
+        return {"rule": "regression", "threshold": None, "chosen_on": None}
+    rule, optimize = cfg.decision.rule, cfg.decision.optimize
+    if multilabel:
+        if rule == "argmax":
+            return {"rule": "argmax", "threshold": None, "per_label": [0.5] * len(classes),
+                    "chosen_on": None}
+        chosen = [choose_threshold(y_val[:, j].astype(np.int64), proba_val[:, j], optimize)
+                  for j in range(len(classes))]
+        return {"rule": "threshold", "threshold": None, "optimize": optimize,
+                "per_label": [c["threshold"] for c in chosen],
+                "validation_score": [c["validation_score"] for c in chosen],
+                "chosen_on": chosen_on}
+    if rule == "argmax":
+        return {"rule": "argmax", "threshold": None, "chosen_on": None}
+    chosen = choose_threshold(y_val, proba_val[:, 1], optimize)
+    return {"rule": "threshold", "positive": classes[1], **chosen, "chosen_on": chosen_on}
