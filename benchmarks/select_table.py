@@ -109,7 +109,9 @@ def main() -> None:
                 run = Path(result["run"])
                 research = json.loads((run / "research.json").read_text())
                 metrics = json.loads((run / "metrics.json").read_text())
+                board = json.loads((run / "leaderboard.json").read_text())
                 runs.append({"n": n, "seed": seed, "seconds": round(time.time() - tick, 1),
+                             "leaderboard": board["candidates"], "rule": board["rule"],
                              "chosen": research["chosen"],
                              "best_on_test": research["best_on_test"],
                              "select_test": metrics["test"],

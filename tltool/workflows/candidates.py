@@ -289,29 +289,33 @@ def grid_notes(cfg: ExperimentConfig, facts: dict[str, Any]) -> list[str]:
 
 def complexity_of(route: Route) -> int:
     """Rank for the one-standard-error rule: how much a route learns from the target labels.
-    0 the source model(s) as they are (at most an intercept learnt: the class balance); 1 a
-    correction of a prior, or only a head / the biases; 2 a linear model; 3 part of a network;
-    4 a whole network, boosted trees, or a network trained with other rows (pooled,
-    adapted)."""
+
+    0 the source models averaged (nothing learnt but the class balance, an intercept);
+    1 one source model as it is (choosing one among several is a choice the labels make);
+    2 a penalised correction of a prior, or only a head / the biases on frozen features;
+    3 a linear model on the raw inputs; 4 part of a network, or all of it pulled towards the
+    pretrained weights (L2-SP); 5 a whole network, boosted trees, or a network trained with
+    other rows (pooled, adapted)."""
     m, t = route.cfg.model, route.cfg.train
     if route.source_only:
-        return 0
+        return 1
     if route.classic and route.prior is not None and m.prior == "offset" and \
             m.head != "gradient_boosting" and _intercept_only(m):
-        return 0
+        return 0 if len(route.prior) > 1 else 1
     if route.classic:
         if m.head == "gradient_boosting":
-            return 4
-        return 1 if route.prior is not None or route.spec.name not in ("raw", "pixels") else 2
+            return 5
+        return 2 if route.prior is not None or route.spec.name not in ("raw", "pixels") else 3
     if route.adaptation is not None or route.pooled is not None:
-        return 4
+        return 5
     if m.strategy in ("linear_probe", "bias_only") or route.prior is not None:
-        return 1
+        return 2
     if route.weights.path is None and route.weights.name is None:
-        return 4  # target-only network
-    if m.strategy == "freeze" and m.frozen_layers > 0:
-        return 3
-    return 4 if not (t.l2sp.alpha or t.l2sp.beta) else 3
+        return 5  # target-only network
+    if (m.strategy == "freeze" and m.frozen_layers > 0) or t.l2sp.alpha or t.l2sp.beta:
+        return 4
+    return 5
+
 
 def resolve_sources(raw: dict[str, Any], source_runs: dict[str, Path]) -> dict[str, Any]:
     raw = copy.deepcopy(raw)
