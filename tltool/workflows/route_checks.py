@@ -7,7 +7,7 @@ from typing import Any
 
 from tltool.adapt import Adaptation
 from tltool.config import ExperimentConfig
-from tltool.errors import CheckpointError, ConfigError
+from tltool.errors import CheckpointError, ConfigError, DataError
 from tltool.inputs import Inputs, Weights, load_inputs, pool_of
 from tltool.models import CLASSIC_HEADS
 from tltool.models.backbones import BackboneSpec, resolve_args
@@ -209,7 +209,11 @@ def pooled_rows(cfg: ExperimentConfig, command: str, inputs: Inputs, spec: Backb
     other = cfg.source
     if inputs.state.get("kind") == "image":
         other = other.model_copy(update={"image_size": inputs.state["size"]})
-    source = cache.load(other, "source", cfg.seed, spec, weights, like=inputs.state)
+    try:
+        source = cache.load(other, "source", cfg.seed, spec, weights, like=inputs.state)
+    except DataError as exc:
+        raise DataError(f"train.source_weight: the source rows cannot be encoded like the "
+                        f"target's for pooled training: {exc}") from None
     if source.classes != inputs.classes or source.multilabel != inputs.multilabel or \
             source.regression != inputs.regression:
         raise ConfigError(f"train.source_weight: pooled training learns the target's classes "
