@@ -164,3 +164,44 @@ def test_docs_config_reference_is_current():
 
     doc = (Path(__file__).parents[1] / "docs" / "CONFIG.md").read_text()
     assert schema_reference() in doc, "run `make config-doc`"
+
+
+def test_hostile_yaml_is_refused_quickly(tmp_path):
+    """Alias bombs (anywhere in the file), self-referencing aliases, symbolic link loops, long
+    `extends` chains and non-config files named by `extends`: one ConfigError each."""
+    import time
+
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+    cases = {
+        "bomb.yaml": "model:\n  backbone_args:\n" + "".join(
+            "    " + line + "\n" for line in bomb.splitlines()),
+        "self.yaml": "model:\n  backbone_args: &s {x: *s}\n",
+    }
+    for name, text in cases.items():
+        path = _write(tmp_path, name, text)
+        start = time.perf_counter()
+        with pytest.raises(ConfigError) as exc:
+            load_config(path)
+        assert time.perf_counter() - start < 2, name
+        assert str(exc.value).startswith(str(path)), exc.value
+    inline = "{" + bomb.replace("\n", ", ")[:-2] + "}"
+    with pytest.raises(ConfigError, match="expands to more than"):
+        load_config(_write(tmp_path, "ok.yaml", "name: x\n"), ["model.backbone_args=" + inline])
+    loop = tmp_path / "loop.yaml"
+    loop.symlink_to(tmp_path / "loop2.yaml")
+    (tmp_path / "loop2.yaml").symlink_to(loop)
+    with pytest.raises(ConfigError, match="symbolic link loop"):
+        load_config(loop)
+    with pytest.raises(ConfigError, match="symbolic link loop"):
+        load_config(_write(tmp_path, "child.yaml", "extends: loop.yaml\nname: c\n"))
+    for i in range(40):
+        _write(tmp_path, f"c{i}.yaml", f"extends: c{i + 1}.yaml\n")
+    _write(tmp_path, "c40.yaml", "name: end\n")
+    with pytest.raises(ConfigError, match="`extends` chain longer than 32 files"):
+        load_config(tmp_path / "c0.yaml")
+    secret = _write(tmp_path, "secret.yaml", "root: s3cr3t-hash\ndaemon: other-s3cr3t\n")
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, "x.yaml", f"extends: {secret}\nname: x\n"))
+    assert "not a tltool config" in str(exc.value) and "s3cr3t" not in str(exc.value)

@@ -107,3 +107,17 @@ def test_read_csv_takes_semicolons_decimal_commas_latin1_and_text_ids(tmp_path):
     frame = read_csv(tmp_path / "semi.csv", text_columns=["id"])
     assert frame["id"].tolist() == ["00101", "00102"]
     assert frame["income"].tolist() == [1.5, 2.25] and frame["city"][0] == "Köln"
+
+
+def test_a_row_number_column_is_left_out_with_a_note(tmp_path):
+    """R's write.csv adds `rownames`: unique increasing whole numbers, not a feature."""
+    frame = load_table("credit_data").iloc[:300]
+    frame.insert(0, "rownames", np.arange(1, 301))
+    frame.to_csv(tmp_path / "r.csv", index=False)
+    data = load_tabular(_cfg(kind="csv", path=str(tmp_path / "r.csv"), name=None,
+                             label="Status"), seed=0)
+    assert "rownames" not in data.feature_columns
+    assert any("'rownames' left out of the features" in n for n in data.notes)
+    kept = load_tabular(_cfg(kind="csv", path=str(tmp_path / "r.csv"), name=None,
+                             label="Status", features=["rownames", "Age"]), seed=0)
+    assert kept.feature_columns == ["rownames", "Age"]  # asked for: kept

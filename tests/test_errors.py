@@ -7,6 +7,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 from conftest import BASE, merge
 
 from tltool.datasets import load_table
@@ -182,3 +183,50 @@ def test_multiclass_label_rejects_a_threshold_rule(cli, write_config, tmp_path):
     res = cli("pretrain", write_config("c", base=cfg))
     assert res.code == 2
     assert "decision.rule: 'threshold' needs a binary or multi-label target" in res.err
+
+
+def test_non_finite_numbers_are_refused_with_their_row(pretrained, cli, write_config, tmp_path):
+    """inf in a training CSV, inf or 1e308 in rows to predict: one line naming column and row,
+    never empty probabilities; a checkpoint with NaN weights or a zero standard deviation is
+    refused by evaluate and predict."""
+    frame = load_table("credit_data")
+    frame = frame[frame["Job"] == "partime"].reset_index(drop=True)
+    bad = frame.astype({"Income": float})
+    bad.loc[7, "Income"] = float("inf")
+    bad.to_csv(tmp_path / "inf.csv", index=False)
+    res = cli("freeze-finetune", write_config("c", base=dict(BASE, **_csv_target(
+        str(tmp_path / "inf.csv")))))
+    assert res.code == 2 and "column 'Income': row 9 holds inf, not a finite number" in res.err
+    for value, expected in ((float("inf"), "not a finite number"),
+                            (1e308, "too large to compute with")):
+        rows = frame.drop(columns=["Status"]).head(5).astype({"Income": float})
+        rows.loc[2, "Income"] = value
+        rows.to_csv(tmp_path / "new.csv", index=False)
+        res = cli("predict", str(pretrained), str(tmp_path / "new.csv"))
+        assert res.code == 2 and "column 'Income'" in res.err and "row 4" in res.err, res.err
+        assert expected in res.err
+    best = pretrained / "checkpoints" / "best.pt"
+    good = torch.load(best, weights_only=True)
+    broken = dict(good, state_dict=dict(good["state_dict"]))
+    name = next(iter(broken["state_dict"]))
+    broken["state_dict"][name] = torch.full_like(broken["state_dict"][name], float("nan"))
+    torch.save(broken, best)
+    res = cli("evaluate", str(pretrained))
+    assert res.code == 2 and f"tensor {name} holds NaN" in res.err
+    zero = dict(good, preprocessor=dict(good["preprocessor"]))
+    zero["preprocessor"]["numeric"] = [dict(c, std=0.0) for c in zero["preprocessor"]["numeric"]]
+    torch.save(zero, best)
+    res = cli("predict", str(pretrained), str(tmp_path / "new.csv"))
+    assert res.code == 2 and "damaged preprocessing state" in res.err
+    assert "Traceback" not in res.err
+    torch.save(good, best)
+
+
+def test_a_diverging_training_stops_and_is_never_latest(cli, write_config, tmp_path):
+    res = cli("pretrain", write_config("big", {"train": {"lr": 1e30, "epochs": 3}}))
+    assert res.code == 2 and "training diverged: the loss became" in res.err
+    assert "round 1, epoch 1" in res.err or "round 1, epoch" in res.err
+    runs = list((tmp_path / "runs" / "big").iterdir())
+    assert [json.loads((r / "run.json").read_text())["status"] for r in runs] == ["failed"]
+    res = cli("evaluate", str(tmp_path / "runs" / "big" / "latest"))
+    assert res.code == 2 and "no complete" in res.err

@@ -367,7 +367,51 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# A config is a few hundred values; YAML aliases could make it expand to billions (each alias
+# re-uses a node): anything past this many values, or nested deeper, is refused.
+MAX_VALUES = 100_000
+MAX_DEPTH = 64
+MAX_EXTENDS = 32  # files in one `extends` chain
+
+
+def _expanded_size(data: Any, where: Path | str) -> int:
+    """How many values `data` holds once every alias is expanded (memoised: linear in the
+    distinct nodes); a self-referencing alias is an error."""
+    sizes: dict[int, int] = {}
+
+    def walk(node: Any, depth: int, stack: frozenset) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) in stack:
+            raise ConfigError(f"{where}: a YAML alias refers to itself (an endless value)")
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{where}: values nested more than {MAX_DEPTH} levels deep")
+        if id(node) not in sizes:
+            children = node.values() if isinstance(node, dict) else node
+            total = 1
+            for child in children:
+                total += walk(child, depth + 1, stack | {id(node)})
+                if total > MAX_VALUES:
+                    break
+            sizes[id(node)] = total
+        return sizes[id(node)]
+
+    total = walk(data, 0, frozenset())
+    if total > MAX_VALUES:
+        raise ConfigError(f"{where}: the config expands to more than {MAX_VALUES:,} values "
+                          f"(YAML aliases repeating a large value?); a config is far smaller")
+    return total
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        path.resolve(strict=False)
+        path.stat()
+    except RuntimeError:
+        raise ConfigError(f"{path}: a symbolic link loop; give a config file") from None
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP
+            raise ConfigError(f"{path}: a symbolic link loop; give a config file") from None
     if path.is_dir():
         raise ConfigError(f"{path}: is a folder; give a YAML config file (e.g. "
                           f"configs/credit/pretrain.yaml)")
@@ -382,25 +426,44 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (expected UTF-8 YAML)") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: values nested too deeply to be a config") from None
     if data is None:
         raise ConfigError(f"{path}: the config file is empty")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys, got a "
                           f"{type(data).__name__}")
+    _expanded_size(data, path)
     return data
 
 
 def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (RuntimeError, OSError):
+        raise ConfigError(f"{path}: a symbolic link loop; give a config file") from None
     if resolved in chain:
         cycle = " -> ".join(str(p) for p in (*chain, resolved))
         raise ConfigError(f"{path}: `extends` forms a cycle: {cycle}")
+    if len(chain) >= MAX_EXTENDS:
+        raise ConfigError(f"{path}: `extends` chain longer than {MAX_EXTENDS} files "
+                          f"(starting at {chain[0]})")
     data = _read_yaml(path)
+    if chain:
+        # A file reached through `extends` must look like a config before any of its values
+        # can appear in a message (it may be any file the parent names, e.g. a system file).
+        unknown = [k for k in data if k not in ExperimentConfig.model_fields and
+                   k != "extends"]
+        if unknown:
+            raise ConfigError(f"{path}: not a tltool config (named by `extends` in "
+                              f"{chain[-1]}): {len(unknown)} of its top-level keys are not "
+                              f"config sections")
     parent = data.pop("extends", None)
     if parent is None:
         return data
     if not isinstance(parent, str):
-        raise ConfigError(f"{path}: `extends` must be a path to another config, got {parent!r}")
+        raise ConfigError(f"{path}: `extends` must be a path to another config, got "
+                          f"{type(parent).__name__}")
     # A parent path is relative to the file that names it, so configs can move together.
     base = _read_with_extends(path.parent / parent, chain=(*chain, resolved))
     return _deep_merge(base, data)
@@ -428,6 +491,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = text  # not YAML: keep the text as a string
     if value in ("", None) and text.strip() not in ("", "null", "Null", "NULL", "~"):
         value = text.strip()  # | or > (block markers) or # (a comment) alone: meant as text
+    _expanded_size(value, f"--set {key.strip()}")
     set_key(raw, key, value, f"--set {item!r}")
 
 

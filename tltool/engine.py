@@ -26,6 +26,7 @@ from torch import nn
 
 from tltool.adapt import Adaptation
 from tltool.cache import PrefixStore, build_prefix_cache, prior_signal  # noqa: F401 (API)
+from tltool.errors import TrainingDiverged
 from tltool.freeze import FreezePlan, apply_freeze, snapshot_frozen, verify_unchanged
 from tltool.metrics import epoch_scores
 from tltool.models import TransferModel
@@ -264,6 +265,8 @@ class Trainer:
                                        self.loss_fn, self.task, self.cfg.batch_size,
                                        self.generator, self.start, self.rt,
                                        r_epoch / self.total_epochs)
+            if not np.isfinite(loss) or not np.isfinite(align):
+                self._check_finite(torch.tensor(float("nan")), 0)
         else:
             loss, align = self._epoch(tr), None
         self.timing["train_epoch_seconds"].append(round(time.perf_counter() - tick, 4))
@@ -311,10 +314,18 @@ class Trainer:
                 loss_total = loss + l2sp_penalty(model, self.anchor, *self.l2sp)
             else:
                 loss_total = loss
+            self._check_finite(loss_total, i // bs + 1)
             rt.backward_step(loss_total, self.optimizer)
             total += loss.item() * len(idx)
             seen += len(idx)
         return total / max(seen, 1)
+
+    def _check_finite(self, loss: torch.Tensor, step: int) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            raise TrainingDiverged(
+                f"training diverged: the loss became {float(loss.detach())} at round "
+                f"{self.round}, epoch {self.epoch_total}, step {step}; lower train.lr (or the "
+                f"adapt / l2sp weights), or check the inputs for extreme values")
 
     def _pooled_loss(self, data: Tensors, source: Tensors, idx: torch.Tensor, n_t: int,
                      w_src: float, mean_w: float) -> torch.Tensor:

@@ -23,3 +23,7 @@ class RunError(TLError):
 
 class CheckpointError(TLError):
     """A checkpoint does not fit the model it is loaded into."""
+
+
+class TrainingDiverged(TLError):
+    """The loss became NaN or infinite: the run stops (marked failed) instead of saving junk."""

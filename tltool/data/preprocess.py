@@ -65,6 +65,23 @@ def infer_numeric(frame: pd.DataFrame, columns: list[str], forced_categorical: l
     return numeric
 
 
+def _shown(value: Any) -> str:
+    """A cell as a message shows it: numbers plainly (inf, 1e+308), text quoted."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        return str(float(value)) if isinstance(value, (float, np.floating)) else str(int(value))
+    return repr(value)
+
+
+def _check_finite(values: pd.Series, raw: pd.Series, col: str, origin: str) -> None:
+    """inf, -inf (or a number too large for float64) in a numeric column: the row named."""
+    bad = np.isinf(values.to_numpy(dtype=np.float64))
+    if bad.any():
+        first = raw.index[int(np.argmax(bad))]
+        raise DataError(f"{origin}: column {col!r}: {csv_line(first)} holds "
+                        f"{_shown(raw[first])}, not a finite number ({int(bad.sum())} such "
+                        f"rows); fix it or leave the cell empty for a missing value")
+
+
 class TabularPreprocessor:
     """Median imputation + standardisation for numbers, one-hot for categories.
 
@@ -85,6 +102,7 @@ class TabularPreprocessor:
         for col in columns:
             if col in numeric:
                 values = pd.to_numeric(frame[col], errors="coerce").astype("float64")
+                _check_finite(values, frame[col], col, origin)
                 if values.notna().sum() == 0 or values.nunique() <= 1:
                     self.dropped.append(col)
                     continue
@@ -148,7 +166,16 @@ class TabularPreprocessor:
                 raise DataError(f"{origin}: column {c['name']!r} must be numeric but "
                                 f"{csv_line(first)} has {raw[first]!r}")
             filled = values.astype("float64").fillna(c["median"])
-            parts.append(((filled - c["mean"]) / c["std"]).to_numpy()[:, None])
+            _check_finite(filled, raw, c["name"], origin)
+            scaled = ((filled - c["mean"]) / c["std"]).to_numpy()
+            too_big = np.abs(scaled) > np.finfo(np.float32).max / 2
+            if too_big.any():
+                first = raw.index[int(np.argmax(too_big))]
+                raise DataError(f"{origin}: column {c['name']!r}: {csv_line(first)} holds "
+                                f"{_shown(raw[first])}, {abs(scaled[too_big][0]):.3g} standard "
+                                f"deviations from the training mean: too large to compute with "
+                                f"(a typo or a wrong unit?)")
+            parts.append(scaled[:, None])
         for c in self.categorical:
             text = self._as_text(frame[c["name"]]).to_numpy()
             cats = np.asarray(c["categories"], dtype=object)
@@ -172,8 +199,37 @@ class TabularPreprocessor:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> TabularPreprocessor:
+        """The saved preprocessing, checked: it comes from a file (a checkpoint)."""
         pre = cls()
-        pre.numeric = list(state["numeric"])
-        pre.categorical = list(state["categorical"])
-        pre.dropped = list(state["dropped"])
+        try:
+            pre.numeric = [_numeric_entry(c) for c in state["numeric"]]
+            pre.categorical = [_categorical_entry(c) for c in state["categorical"]]
+            pre.dropped = [str(c) for c in state["dropped"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            from tltool.errors import CheckpointError
+
+            raise CheckpointError(f"checkpoint: damaged preprocessing state ({exc})") from None
         return pre
+
+
+def _numeric_entry(c: Any) -> dict[str, Any]:
+    if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+        raise ValueError("a numeric column without a name")
+    out = {"name": c["name"]}
+    for key in ("median", "mean", "std"):
+        value = c[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not np.isfinite(value):
+            raise ValueError(f"column {c['name']!r}: {key} {value!r} is not a finite number")
+        out[key] = float(value)
+    if out["std"] <= 0:
+        raise ValueError(f"column {c['name']!r}: standard deviation {out['std']} is not positive")
+    return out
+
+
+def _categorical_entry(c: Any) -> dict[str, Any]:
+    if not isinstance(c, dict) or not isinstance(c.get("name"), str) or \
+            not isinstance(c.get("categories"), list) or \
+            not all(isinstance(v, str) for v in c["categories"]):
+        raise ValueError("a categorical column needs a name and a list of text categories")
+    return {"name": c["name"], "categories": list(c["categories"])}

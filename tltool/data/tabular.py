@@ -259,6 +259,13 @@ def _finish(frame, unlabeled_frame, cfg: DataConfig, seed: int, origin: str, lab
     regression = cfg.task == "regression"
     reserved = {label, *cfg.drop, *([cfg.id_column] if cfg.id_column else [])}
     features = cfg.features or [c for c in frame.columns if c not in reserved]
+    if not cfg.features:
+        counters = [c for c in features if looks_like_row_number(frame[c])]
+        if counters:
+            features = [c for c in features if c not in counters]
+            notes.append(f"column(s) {', '.join(map(repr, counters))} left out of the features: "
+                         f"whole numbers, unique and increasing row after row, like a row "
+                         f"number (set id_column, or list the column under features to use it)")
     if label in features:
         raise DataError(f"{origin}: the label {label!r} is also listed as a feature")
     # Type check over every selected row, so a typo is reported whatever split it lands in.
@@ -309,6 +316,16 @@ def _check_classifiable(values: pd.Series, classes: list[str], label: str, origi
                         f"learn (a continuous or id-like column?). To predict the number set "
                         f"`task: regression` on this data section; to classify, bin it into "
                         f"classes or pick a column of class labels")
+
+
+def looks_like_row_number(values: pd.Series) -> bool:
+    """A row-number or index column (R's rownames, pandas' "Unnamed: 0"): whole numbers,
+    unique, strictly increasing in file order. As a feature it would only encode where a row
+    sits in the file."""
+    if len(values) < 10 or not pd.api.types.is_numeric_dtype(values) or values.isna().any():
+        return False
+    numbers = values.to_numpy(dtype=np.float64)
+    return bool(np.all(numbers == np.round(numbers)) and np.all(np.diff(numbers) > 0))
 
 
 def sample_seed(cfg: DataConfig) -> int:

@@ -128,6 +128,10 @@ def load_trained(ckpt: dict[str, Any]) -> TransferModel:
         raise CheckpointError(f"checkpoint: damaged model spec ({type(exc).__name__}: "
                               f"{str(exc)[:200]})") from None
     load_state(model, ckpt["state_dict"], "checkpoint")
+    for name, tensor in ckpt["state_dict"].items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"checkpoint: tensor {name} holds NaN or infinite values; "
+                                  f"the model cannot give meaningful answers (retrain it)")
     _check_head_width(model)
     from tltool.models import CLASSIC_HEADS
 
