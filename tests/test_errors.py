@@ -4,6 +4,7 @@ traceback, and no run folder that looks complete."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -230,3 +231,61 @@ def test_a_diverging_training_stops_and_is_never_latest(cli, write_config, tmp_p
     assert [json.loads((r / "run.json").read_text())["status"] for r in runs] == ["failed"]
     res = cli("evaluate", str(tmp_path / "runs" / "big" / "latest"))
     assert res.code == 2 and "no complete" in res.err
+
+
+def test_predict_out_never_destroys(pretrained, cli, tmp_path):
+    """--out refuses devices, FIFOs, folders, links (unless --force to a regular file) and files
+    inside a run folder; '-' writes to standard output."""
+    import os
+
+    new_rows = str(Path(__file__).resolve().parents[1] / "configs/credit/new_applicants.csv")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    real = tmp_path / "real.csv"
+    real.write_text("keep me\n")
+    link = tmp_path / "link.csv"
+    link.symlink_to(real)
+    metrics = pretrained / "metrics.json"
+    before = metrics.read_bytes()
+    for target, message in ((os.devnull, "is a device"), (str(fifo), "is a FIFO"),
+                            (str(tmp_path), "is a folder"), (str(link), "is a symbolic link"),
+                            (str(metrics), "is inside the run folder")):
+        res = cli("predict", str(pretrained), new_rows, "--out", target)
+        assert res.code == 2 and message in res.err, (target, res.err)
+        assert "Traceback" not in res.err
+    assert metrics.read_bytes() == before and real.read_text() == "keep me\n"
+    assert Path(os.devnull).is_char_device() and fifo.is_fifo()
+    res = cli("predict", str(pretrained), new_rows, "--out", str(link), "--force")
+    assert res.code == 0 and link.is_symlink() and real.read_text().startswith("id,")
+    res = cli("predict", str(pretrained), new_rows, "--out", "-")
+    assert res.code == 0 and res.out.startswith("id,p_good,p_bad,prediction")
+    assert "rows predicted" in res.err and str(tmp_path) in res.err
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda p: p["spec"]["backbone_args"].update(hidden=[10**9, 10**9]),
+     "describes a network of"),
+    (lambda p: p["spec"].update(backbone="nonet"), "spec.backbone: not a known backbone"),
+    (lambda p: p["spec"].update(in_features="20"), "spec.in_features: expected a whole number"),
+    (lambda p: p.update(classes=[]), "classes: expected a non-empty list"),
+    (lambda p: p["preprocessor"]["numeric"][0].update(mean="zero"),
+     "damaged preprocessing state"),
+    (lambda p: p["preprocessor"]["numeric"].pop(), "preprocessor: encodes"),
+    (lambda p: p["spec"].update(prior={"mode": "offset", "specs": [{"backbone": "mlp"}] * 99}),
+     "spec.prior.specs: expected 1 to 64 models"),
+])
+def test_a_tampered_checkpoint_is_refused_before_anything_is_allocated(
+        tamper, message, pretrained, cli, tmp_path):
+    import time
+
+    best = pretrained / "checkpoints" / "best.pt"
+    good = best.read_bytes()
+    payload = torch.load(best, weights_only=True)
+    tamper(payload)
+    torch.save(payload, best)
+    start = time.perf_counter()
+    res = cli("evaluate", str(pretrained))
+    assert time.perf_counter() - start < 20
+    assert res.code == 2 and message in res.err, res.err
+    assert "Traceback" not in res.err and res.err.count("\n") == 1
+    best.write_bytes(good)

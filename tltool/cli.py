@@ -228,10 +228,13 @@ def predict(
     input_csv: str = typer.Argument(..., help="Tables: a CSV of new rows with the training "
                                     "columns. Images: a folder of images, one image file, or a "
                                     "CSV of image paths (the run's image_column, else 'path')."),
-    out: str = typer.Option(None, "--out", help="Also write the predictions to this CSV."),
+    out: str = typer.Option(None, "--out", help="Also write the predictions to this CSV "
+                            "(- : standard output, and the run folder goes to standard error)."),
     id_column: str = typer.Option(None, "--id-column", help="Input column that identifies "
                                   "rows (default: the config's id_column, else the row index; "
                                   "images: the path)."),
+    force: bool = typer.Option(False, "--force", help="--out may be a symbolic link to a "
+                               "regular file (written through the link)."),
 ) -> None:
     """Probabilities and decisions for new rows, with the run's preprocessing and threshold.
 
@@ -239,15 +242,21 @@ def predict(
     """
     from tltool.workflows.infer import predict as run_predict
 
-    result = _call(lambda: run_predict(run, input_csv, out, id_column, sys.argv))
+    result = _call(lambda: run_predict(run, input_csv, out, id_column, sys.argv, force))
     s = result["summary"]
     if "predicted" in s:  # regression: the predicted values' summary
         p = s["predicted"]
         what = f"mean {p['mean']:.4g}, min {p['min']:.4g}, max {p['max']:.4g}"
     else:
         what = str(s["predicted_counts"])
-    _finish(result, [f"{s['rows']} rows predicted: {what}"
-                     + (f"; written to {out}" if out else "")])
+    lines = [f"{s['rows']} rows predicted: {what}" + (
+        f"; written to {out}" if out and out != "-" else "")]
+    if out == "-":  # the predictions are standard output; the run folder goes to stderr
+        for line in lines + [result["run"]]:
+            typer.echo(line, err=True)
+        typer.echo(result["csv"], nl=False)
+        return
+    _finish(result, lines)
 
 
 @app.command("config")

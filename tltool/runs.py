@@ -39,6 +39,41 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def check_output_file(path: str | Path, option: str, force: bool = False) -> Path:
+    """A file the user names for tltool to write, outside a new run folder: refused when it is
+    a device, FIFO, socket or folder, a symbolic link (unless `force`, and then only to a
+    regular file), or inside an existing run folder. Returns the path to write (a link's
+    target with `force`)."""
+    import stat
+
+    p = Path(path)
+    if p.is_symlink():
+        if not force:
+            raise RunError(f"{option} {path}: is a symbolic link; refusing to replace it (use "
+                           f"--force to write through it to the regular file it points to)")
+        try:
+            p = p.resolve(strict=False)
+        except (RuntimeError, OSError):
+            raise RunError(f"{option} {path}: a symbolic link loop") from None
+    try:
+        mode = p.stat().st_mode if p.exists() else None
+    except OSError as exc:
+        raise RunError(f"{option} {path}: cannot be inspected ({exc.strerror})") from None
+    if mode is not None and not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a device" if stat.S_ISCHR(mode) or
+                stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket"
+                if stat.S_ISSOCK(mode) else "not a regular file")
+        raise RunError(f"{option} {path}: is {kind}; give the name of a regular file (or - for "
+                       f"standard output)")
+    if not p.parent.is_dir():
+        raise RunError(f"{option} {path}: folder {p.parent} does not exist")
+    for folder in [p.parent.resolve(), *p.parent.resolve().parents]:
+        if (folder / STATUS_FILE).is_file():
+            raise RunError(f"{option} {path}: is inside the run folder {folder}; tltool never "
+                           f"changes a run's files (write elsewhere)")
+    return p
+
+
 def write_text(path: Path, text: str) -> None:
     _atomic_write(Path(path), lambda fh: fh.write(text.encode("utf-8")))
 
@@ -209,4 +244,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     missing = [k for k in CHECKPOINT_KEYS if k not in payload]
     if missing:
         raise RunError(f"{path}: damaged tltool checkpoint (missing {', '.join(missing)})")
+    from tltool.models.checks import check_checkpoint
+
+    check_checkpoint(payload, str(path))  # every field, before any tensor is allocated
     return payload

@@ -17,7 +17,13 @@ from tltool.errors import DataError, RunError
 from tltool.inputs import encode_images, encode_tabular, encoder_from_state, load_inputs
 from tltool.metrics import decide, decide_multilabel, format_any
 from tltool.models.backbones import get_spec
-from tltool.runs import load_checkpoint, resolve_run, write_json, write_text
+from tltool.runs import (
+    check_output_file,
+    load_checkpoint,
+    resolve_run,
+    write_json,
+    write_text,
+)
 from tltool.workflows.common import (
     TRAINING_COMMANDS,
     load_trained,
@@ -232,19 +238,17 @@ def _labelled_csv(path: Path, label: str, classes: list[str], state: dict,
 
 
 def predict(ref: str | Path, input_path: str, out_csv: str | None = None,
-            id_column: str | None = None, argv: list[str] | None = None) -> dict[str, Any]:
+            id_column: str | None = None, argv: list[str] | None = None,
+            force: bool = False) -> dict[str, Any]:
     """Probabilities and decisions for new rows (or images: a folder, or a CSV of paths).
 
     An ensemble run averages its members' probabilities and applies its own decision rule."""
     run, members, decision = _open_members(ref)
     _, cfg, ckpt, _, _ = members[0]
     classes, multilabel = ckpt["classes"], bool(ckpt.get("multilabel"))
-    if out_csv is not None:
-        out_path = Path(out_csv)
-        if out_path.is_dir():
-            raise DataError(f"--out {out_csv}: is a folder; give a file name")
-        if not out_path.parent.is_dir():
-            raise DataError(f"--out {out_csv}: folder {out_path.parent} does not exist")
+    out_path = None
+    if out_csv is not None and out_csv != "-":
+        out_path = check_output_file(out_csv, "--out", force)
         if out_path.exists() and out_path.resolve() == Path(input_path).resolve():
             raise DataError(f"--out {out_csv}: is the input file; write the predictions to "
                             f"another file")
@@ -271,9 +275,10 @@ def predict(ref: str | Path, input_path: str, out_csv: str | None = None,
     with new_run(run.parent.parent, run.parent.name, "predict", argv, cfg.seed) as out:
         write_text(out.file("predictions.csv"), preds.to_csv(index=False))
         write_json(out.file("metrics.json"), summary)
-        if out_csv is not None:
-            write_text(Path(out_csv), preds.to_csv(index=False))
-    return {"run": str(out.path), "summary": summary, "out": out_csv}
+        if out_path is not None:
+            write_text(out_path, preds.to_csv(index=False))
+    return {"run": str(out.path), "summary": summary, "out": out_csv,
+            "csv": preds.to_csv(index=False) if out_csv == "-" else None}
 
 
 def _new_rows(path: Path, state, cfg, ckpt, id_column):
