@@ -289,3 +289,29 @@ def test_a_tampered_checkpoint_is_refused_before_anything_is_allocated(
     assert res.code == 2 and message in res.err, res.err
     assert "Traceback" not in res.err and res.err.count("\n") == 1
     best.write_bytes(good)
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "plot"])
+def test_a_full_disk_stops_the_run_with_the_file_named(where, cli, write_config, tmp_path,
+                                                        monkeypatch):
+    import errno
+
+    import matplotlib.figure
+
+    import tltool.runs as runs
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "checkpoint":
+        monkeypatch.setattr(runs.torch, "save", full)
+        expected = "checkpoints/best.pt"
+    else:
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)
+        expected = "plots/learning_curves.png"
+    res = cli("pretrain", write_config("full"))
+    assert res.code == 1 and "no space left on device while writing" in res.err, res.err
+    assert expected in res.err and "Traceback" not in res.err
+    status = [json.loads(p.read_text())["status"]
+              for p in (tmp_path / "runs" / "full").glob("*/run.json")]
+    assert status == ["failed"]

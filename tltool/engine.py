@@ -407,7 +407,9 @@ def fit(model: TransferModel, train: Tensors, val: Tensors | None, phases: list[
     if watching:
         fields.append("target_val_score")
     watched: dict[int, float] = {}
-    with open(metrics_csv, "w", newline="") as fh:
+    from tltool.runs import writing
+
+    with writing(metrics_csv), open(metrics_csv, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for r, phase in enumerate(phases, start=1):

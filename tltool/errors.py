@@ -27,3 +27,20 @@ class CheckpointError(TLError):
 
 class TrainingDiverged(TLError):
     """The loss became NaN or infinite: the run stops (marked failed) instead of saving junk."""
+
+
+class NoSpace(TLError):
+    """The disk filled up while a file was written: the run stops (marked failed)."""
+
+    exit_code = 1
+
+
+def no_space(exc: BaseException) -> bool:
+    """Whether an exception says the device is full (an OSError, or torch.save's writer)."""
+    import errno
+
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("No space left" in text or
+                                               "failed writing" in text)

@@ -12,6 +12,19 @@ from pathlib import Path
 import pandas as pd
 
 
+def _save(fig, out: Path, dpi: int) -> None:
+    """Write a figure (a full disk: one clear error naming the file)."""
+    from tltool.runs import writing
+
+    plt = _pyplot()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with writing(out):
+            fig.savefig(out, dpi=dpi)
+    finally:
+        plt.close(fig)
+
+
 def _pyplot():
     import matplotlib
 
@@ -46,9 +59,7 @@ def learning_curves(metrics_csv: Path, out: Path, best_epoch: int | None = None)
         if ax.get_legend_handles_labels()[0]:  # nothing to label when no epoch ran
             ax.legend(fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(fig, out, 100)
     return out
 
 
@@ -68,9 +79,7 @@ def confusion_matrix(matrix: list[list[int]], classes: list[str], out: Path,
     ax.set_yticks(range(n), classes, fontsize=8)
     ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    _save(fig, out, 100)
     return out
 
 
@@ -87,9 +96,7 @@ def predicted_vs_true(y, pred, out: Path, title: str) -> Path:
     ax.set_ylabel("predicted")
     ax.set_title(title)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out, 110)
     return out
 
 
@@ -116,7 +123,5 @@ def leaderboard(rows: list[dict], out: Path, metric: str, bar: float | None,
     ax.set_title(title, fontsize=9)
     ax.grid(axis="x", color="0.9")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, out, 110)
     return out

@@ -6,6 +6,7 @@ Only complete runs are picked by `.../latest`, so a crashed run never looks fini
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from tltool import __version__
-from tltool.errors import RunError
+from tltool.errors import NoSpace, RunError, no_space
 
 STATUS_FILE = "run.json"
 _UMASK = os.umask(0)
@@ -27,15 +28,28 @@ os.umask(_UMASK)
 
 
 def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run is shared like any file
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """A full disk while writing `path` becomes one clear error naming it."""
     try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a run is shared like any file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        yield
+    except (OSError, RuntimeError) as exc:
+        if no_space(exc):
+            raise NoSpace(f"no space left on device while writing {path}; free some space "
+                          f"and run again (this run is marked failed)") from None
         raise
 
 

@@ -166,8 +166,8 @@ def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
                                            f"{table}\n")
         from tltool.workflows.infer import predictions_frame
 
-        predictions_frame(test_ids, avg_test, classes, decision, y_test).to_csv(
-            out.file("test_predictions.csv"), index=False)
+        write_text(out.file("test_predictions.csv"), predictions_frame(
+            test_ids, avg_test, classes, decision, y_test).to_csv(index=False))
     if decision.get("chosen_on") == "validation":
         log.info("ensemble of %d runs: threshold chosen on %d validation rows", len(members),
                  int(rows.sum()))

@@ -15,7 +15,7 @@ from tltool.inputs import load_inputs
 from tltool.metrics import choose_threshold, classification_report, regression_report
 from tltool.models import build_model, model_spec
 from tltool.models.backbones import get_spec, resolve_args
-from tltool.runs import write_json
+from tltool.runs import write_json, writing
 from tltool.runtime import Runtime, make_runtime
 from tltool.workflows.common import (
     check_input_fits,
@@ -164,9 +164,10 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
                 feats[(d, s)] = features_of(model, tensors, blocks, rt)
                 timing["seconds"] += time.perf_counter() - start
                 timing["images_or_rows"] += len(tensors.x)
-                np.savez(run.file("features", f"{d}_{s}.npz"), features=feats[(d, s)],
-                         labels=np.asarray(split.y), ids=np.asarray(split.ids).astype(str),
-                         classes=np.asarray(inputs.classes, dtype=str))
+                with writing(run.file("features", f"{d}_{s}.npz")):
+                    np.savez(run.file("features", f"{d}_{s}.npz"), features=feats[(d, s)],
+                             labels=np.asarray(split.y), ids=np.asarray(split.ids).astype(str),
+                             classes=np.asarray(inputs.classes, dtype=str))
         d = cfg.extract.fit_on
         rate = timing["images_or_rows"] / max(timing["seconds"], 1e-9)
         log.info("features: %d per row, %d rows at %.0f rows/s, written to %s",

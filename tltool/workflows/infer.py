@@ -118,11 +118,11 @@ def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
                                     f"{origin} (test)")
         elif not multilabel:
             cm = pd.DataFrame(metrics["confusion_matrix"], index=classes, columns=classes)
-            cm.to_csv(out.file("confusion_matrix.csv"), index_label="true\\predicted")
+            write_text(out.file("confusion_matrix.csv"), cm.to_csv(index_label="true\\predicted"))
             plots.confusion_matrix(metrics["confusion_matrix"], classes,
                                    out.file("plots", "confusion_matrix.png"), f"{origin} (test)")
-        predictions_frame(ids, proba, classes, decision, y).to_csv(
-            out.file("test_predictions.csv"), index=False)
+        write_text(out.file("test_predictions.csv"),
+                   predictions_frame(ids, proba, classes, decision, y).to_csv(index=False))
     return {"run": str(out.path), "metrics": result, "table": table}
 
 
