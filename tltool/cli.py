@@ -172,6 +172,23 @@ def select_(
 
 
 @app.command()
+def resume(
+    run: str = typer.Argument(..., help="An interrupted pretrain / freeze-finetune run folder "
+                              "(failed, stopped, or stale: its process was killed)."),
+) -> None:
+    """Continue an interrupted training from its last finished epoch, into a new run folder
+    that names its parent (run.json resumed_from); the result is the one an uninterrupted run
+    gives (byte for byte on the CPU).
+
+    Example: tltool resume runs/credit-pretrain/20261201-101500-pretrain
+    """
+    from tltool.workflows.resume import resume as run_resume
+
+    result = _call(lambda: run_resume(run, sys.argv))
+    _finish(result, _score_lines(result["metrics"]))
+
+
+@app.command()
 def evaluate(
     run: str = typer.Argument(..., help="A pretrain/freeze-finetune/ensemble run folder, or "
                               "ROOT/NAME/latest for the newest complete one."),

@@ -155,6 +155,13 @@ class EpochResult:
     watch: float | None = None  # adaptation: the target validation rows' score
 
 
+_FORMATS = {None: None, "nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+def _format_name(fmt: torch.memory_format | None) -> str | None:
+    return {torch.contiguous_format: "nchw", torch.channels_last: "nhwc"}.get(fmt)
+
+
 class Trainer:
     """One model's training state across rounds and epochs. The driver calls start_round,
     then run_epoch (and keep_best when the validation score improves) until it decides the
@@ -192,19 +199,27 @@ class Trainer:
         self.total_epochs = max(sum(p.epochs for p in phases), 1)
 
     # -- a round
-    def start_round(self, r: int) -> None:
-        """Freeze per round r (1-based), build its optimiser and prefix caches."""
+    def start_round(self, r: int, layouts: list[str | None] | None = None) -> None:
+        """Freeze per round r (1-based), build its optimiser and prefix caches. `layouts`: the
+        memory layout of each block as a resumed run chose it (no timing then)."""
         model, phase, tcfg = self.model, self.phases[r - 1], self.cfg
         self.round = r
+        self.round_rng = torch.get_rng_state()  # augmented caches and a critic draw from it
         plan, groups = apply_freeze(model, phase.frozen_layers, phase.strategy, phase.lr,
                                     phase.backbone_lr_mult, bn_policy=self.bn_policy,
                                     layer_decay=tcfg.layer_decay)
         self.plans.append(plan)
         self.plan = plan
-        # auto layout/precision: timed on a sample batch now that the round's frozen blocks
-        # are known (a frozen prefix runs once, the rest every step).
-        self.rt.tune(model, self.train.batch(slice(0, 16), train=False), label=f"round {r}",
-                     work=3 * len(self.train.y) * sum(p.epochs for p in self.phases[r - 1:]))
+        if layouts is None:
+            # auto layout/precision: timed on a sample batch now that the round's frozen
+            # blocks are known (a frozen prefix runs once, the rest every step).
+            self.rt.tune(model, self.train.batch(slice(0, 16), train=False),
+                         label=f"round {r}",
+                         work=3 * len(self.train.y) * sum(p.epochs for p in self.phases[r - 1:]))
+        else:
+            for i, name in enumerate(layouts):
+                model.backbone.set_layout(i, _FORMATS[name])
+        self.layouts = [_format_name(f) for f in model.backbone.layouts]
         self.snap = snapshot_frozen(model)
         self.optimizer = _optimizer(groups, tcfg)
         self.lrs = {g["name"]: g["lr"] for g in groups}  # head + one group per block
@@ -348,6 +363,67 @@ class Trainer:
         w = torch.cat([torch.ones(len(t_idx)), torch.full((len(s_idx),), w_src)]).to(rows)
         return (w * rows).sum() / (mean_w * shares.mean() * len(idx))
 
+    # -- resuming
+    def state(self, stale: int, round_done: bool, watched: dict[int, float]) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly where this one is (plain tensors
+        and primitives: a checkpoint loads it with weights_only). The best weights are in
+        best.pt, the current ones in the checkpoint's state_dict."""
+        np_state = np.random.get_state()
+        return {
+            "round": self.round, "round_epoch": self.round_epoch,
+            "epoch_total": self.epoch_total, "stale": stale, "round_done": round_done,
+            "best": {"score": float(self.best["score"]), "epoch": self.best["epoch"],
+                     "round": self.best["round"]},
+            # best.pt may already hold a later epoch's weights when a run is killed between
+            # the two writes: the best weights this state refers to travel with it (unless
+            # they are the current ones, the checkpoint's own state_dict)
+            "best_state": None if self.best["epoch"] == self.epoch_total else {
+                k: v.detach().cpu().clone() for k, v in self.best["state"].items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": None if self.rt.scaler is None else self.rt.scaler.state_dict(),
+            "critic": None if self.adapt is None or self.adapt.critic is None
+            else self.adapt.critic.state_dict(),
+            "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+            "round_rng": self.round_rng,
+            "numpy_rng": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                          "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                          "cached": float(np_state[4])},
+            "layouts": self.layouts, "precision": self.rt.precision,
+            "plans": [p.as_dict() for p in self.plans], "checks": self.checks,
+            "caches": self.caches, "timing": self.timing,
+            "watched": {str(k): v for k, v in watched.items()},
+        }
+
+    def resume_round(self, state: dict[str, Any], current: dict[str, torch.Tensor]) -> None:
+        """Set up the interrupted round as it was: call instead of start_round(r)."""
+        r = state["round"]
+        self.epoch_total = state["epoch_total"] - state["round_epoch"]
+        self.plans = [FreezePlan.from_dict(d) for d in state["plans"][:-1]]
+        self.checks = list(state["checks"])
+        self.caches = list(state["caches"][:-1])
+        self.timing = {k: list(v) for k, v in state["timing"].items()}
+        self.timing["cache_build_seconds"] = self.timing["cache_build_seconds"][:-1]
+        if state["precision"] != self.rt.precision:
+            self.rt.dtype = {"fp32": None, "bf16": torch.bfloat16,
+                             "fp16": torch.float16}[state["precision"]]
+        self.rt.probe_precision = False
+        torch.set_rng_state(state["round_rng"])
+        self.start_round(r, layouts=state["layouts"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state["scaler"] is not None and self.rt.scaler is not None:
+            self.rt.scaler.load_state_dict(state["scaler"])
+        if state["critic"] is not None:
+            self.adapt.critic.load_state_dict(state["critic"])
+        self.round_epoch = state["round_epoch"]
+        self.epoch_total = state["epoch_total"]
+        best = state["best_state"] if state["best_state"] is not None else current
+        self.best = {**state["best"], "state": {k: v.clone() for k, v in best.items()}}
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        n = state["numpy_rng"]
+        np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                             n["has_gauss"], n["cached"]))
+
     def mark_best(self) -> None:
         """Remember the current weights as the best (the driver compared the scores)."""
         self.best = {"score": np.inf, "epoch": self.epoch_total, "round": self.round,
@@ -383,17 +459,22 @@ class Trainer:
 
 
 def fit(model: TransferModel, train: Tensors, val: Tensors | None, phases: list[Phase],
-        train_cfg, classes: list[str], seed: int, save: Callable[[str, int], None],
+        train_cfg, classes: list[str], seed: int, save: Callable[..., None],
         metrics_csv, log: Callable[[str], None], task: Task = Task(),
         bn_policy: str = "eval", rt: Runtime | None = None,
         adapt: Adaptation | None = None, pooled: Pooled | None = None,
-        store: PrefixStore | None = None) -> dict[str, Any]:
+        store: PrefixStore | None = None, resume: dict[str, Any] | None = None
+        ) -> dict[str, Any]:
     """Train through every round; restore and return the best weights' summary.
 
-    `save(name, epoch)` writes a checkpoint ("best.pt"/"last.pt"); `metrics_csv` is the path
-    of the per-epoch CSV. `val` None: no validation rows (a refit on every labelled row): each
-    round runs its full epochs and the final weights are kept. `adapt`: domain adaptation (an
-    alignment loss, see tltool.adapt); `pooled`: labelled source rows trained alongside.
+    `save(name, epoch, state=None)` writes a checkpoint: "best.pt" when the validation score
+    improves, "last.pt" after every epoch with the training `state` a resumed run continues
+    from. `metrics_csv` is the path of the per-epoch CSV (appended and flushed every epoch).
+    `val` None: no validation rows (a refit on every labelled row): each round runs its full
+    epochs and the final weights are kept. `adapt`: domain adaptation (an alignment loss, see
+    tltool.adapt); `pooled`: labelled source rows trained alongside. `resume`: {"state": a
+    last.pt's training state, "best": the best weights so far, "rows": the metrics.csv rows
+    written so far}, to continue an interrupted run exactly.
     """
     tr = Trainer(model, train, val, phases, train_cfg, classes, seed, task, bn_policy, rt,
                  adapt, pooled, store, log)
@@ -406,16 +487,30 @@ def fit(model: TransferModel, train: Tensors, val: Tensors | None, phases: list[
     watching = adapt is not None and adapt.watch is not None
     if watching:
         fields.append("target_val_score")
-    watched: dict[int, float] = {}
+    state = None if resume is None else resume["state"]
+    watched: dict[int, float] = {} if state is None else {
+        int(k): v for k, v in state["watched"].items()}
     from tltool.runs import writing
 
     with writing(metrics_csv), open(metrics_csv, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
+        for row in [] if resume is None else resume["rows"]:
+            writer.writerow(row)
+        fh.flush()
         for r, phase in enumerate(phases, start=1):
-            tr.start_round(r)
-            stale = 0
-            for _ in range(phase.epochs):
+            if state is not None and r < state["round"]:
+                continue  # finished before the interruption
+            if state is not None and r == state["round"]:
+                tr.resume_round(state, resume["weights"])
+                stale, left = state["stale"], (0 if state["round_done"]
+                                               else phase.epochs - state["round_epoch"])
+                state = None
+            else:
+                tr.start_round(r)
+                stale, left = 0, phase.epochs
+            done = left == 0
+            for i in range(left):
                 res = tr.run_epoch()
                 row = {"round": r, "epoch": tr.epoch_total, "train_loss": round(res.train_loss, 6),
                        "lr_head": tr.lrs["head"], "lr_backbone": tr.lr_backbone,
@@ -424,29 +519,29 @@ def fit(model: TransferModel, train: Tensors, val: Tensors | None, phases: list[
                 if res.watch is not None:
                     row["target_val_score"] = round(res.watch, 6)
                     watched[tr.epoch_total] = res.watch
-                if res.logits is None:
-                    writer.writerow(row)
-                    fh.flush()
-                    continue
-                val_loss = task.val_loss(res.logits, val.y)
-                report = epoch_scores(val.y.numpy(), task.proba(res.logits).double().numpy(),
-                                      task.multilabel, task.regression)
-                row |= {"val_loss": round(val_loss, 6),
-                        **{f"val_{k}": None if report.get(k) is None else round(report[k], 6)
-                           for k in ("accuracy", "auroc", "f1", "rmse", "r2")}}
+                done = i == left - 1
+                if res.logits is not None:
+                    val_loss = task.val_loss(res.logits, val.y)
+                    report = epoch_scores(val.y.numpy(), task.proba(res.logits).double().numpy(),
+                                          task.multilabel, task.regression)
+                    row |= {"val_loss": round(val_loss, 6),
+                            **{f"val_{k}": None if report.get(k) is None else round(report[k], 6)
+                               for k in ("accuracy", "auroc", "f1", "rmse", "r2")}}
+                    if tr.keep_best(score_of(report, val_loss, monitor)):
+                        stale = 0
+                        save("best.pt", tr.epoch_total)
+                    else:
+                        stale += 1
+                        if patience is not None and stale >= patience:
+                            log(f"round {r}: early stop at epoch {tr.epoch_total} (no "
+                                f"{monitor} improvement for {patience} epochs)")
+                            done = True
                 writer.writerow(row)
                 fh.flush()
-                if tr.keep_best(score_of(report, val_loss, monitor)):
-                    stale = 0
-                    save("best.pt", tr.epoch_total)
-                else:
-                    stale += 1
-                    if patience is not None and stale >= patience:
-                        log(f"round {r}: early stop at epoch {tr.epoch_total} (no {monitor} "
-                            f"improvement for {patience} epochs)")
-                        break
+                save("last.pt", tr.epoch_total, tr.state(stale, done, watched))
+                if done and i < left - 1:
+                    break
             tr.end_round()
-            save("last.pt", tr.epoch_total)
     if val is None or tr.epoch_total == 0:
         save("best.pt", tr.epoch_total)
     summary = tr.summary(monitor)

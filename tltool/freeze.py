@@ -38,6 +38,11 @@ class FreezePlan:
                 "trainable_params": self.trainable, "total_params": self.total,
                 "blocks": self.rows}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FreezePlan:
+        """A plan as as_dict wrote it (a resumed run's earlier rounds)."""
+        return cls(d["strategy"], d["frozen_layers"], list(d["blocks"]))
+
     def as_text(self) -> str:
         lines = [f"strategy={self.strategy} frozen_layers={self.frozen_layers} "
                  f"trainable={self.trainable:,} of {self.total:,} parameters",

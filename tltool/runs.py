@@ -99,14 +99,15 @@ def write_json(path: Path, data: Any) -> None:
 class RunFolder:
     """A new folder for one command; records status, environment and files."""
 
-    def __init__(self, path: Path, command: str):
+    def __init__(self, path: Path, command: str, note: dict[str, Any] | None = None):
         self.path = path
         self.command = command
+        self.note = dict(note or {})  # kept in run.json through every status (resumed_from)
         self._start = time.time()
 
     @classmethod
     def create(cls, root: str | Path, name: str, command: str, argv: list[str] | None,
-               seed: int | None) -> RunFolder:
+               seed: int | None, note: dict[str, Any] | None = None) -> RunFolder:
         parent = Path(root) / name
         parent.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -120,7 +121,7 @@ class RunFolder:
                 continue
         else:  # pragma: no cover - a thousand runs in one second
             raise RunError(f"{parent}: could not create a new run folder")
-        run = cls(path, command)
+        run = cls(path, command, note)
         run.set_status("running")
         write_text(path / "command.txt", " ".join(argv or sys.argv) + "\n")
         write_json(path / "env.json", environment(seed))
@@ -128,7 +129,8 @@ class RunFolder:
 
     def set_status(self, status: str, **extra: Any) -> None:
         info = {"command": self.command, "status": status, "tltool": __version__,
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self._start))}
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self._start)),
+                **_process_identity(), **self.note}
         if status != "running":
             info["wall_seconds"] = round(time.time() - self._start, 3)
         write_json(self.path / STATUS_FILE, info | extra)
@@ -165,14 +167,58 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _process_identity() -> dict[str, Any]:
+    """Who is writing this run: host, process id and the process's start time (so a reused
+    pid is not mistaken for the writer)."""
+    import socket
+
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "pid_started": _process_start(os.getpid())}
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of a process (Linux: /proc/PID/stat field 22), or None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def _writer_is_gone(status: dict[str, Any]) -> bool:
+    """A "running" run whose process died without marking it (SIGKILL, power loss): on this
+    host, its process id no longer runs, or now belongs to a process started later."""
+    import socket
+
+    pid = status.get("pid")
+    if not isinstance(pid, int) or status.get("host") != socket.gethostname():
+        return False  # another machine (or an old run): cannot tell
+    started = _process_start(pid)
+    if started is None:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+    return status.get("pid_started") is not None and started != status.get("pid_started")
+
+
 def run_status(path: Path) -> dict[str, Any] | None:
+    """run.json, with a "running" run whose process is gone shown as "stale"."""
     try:
         status = json.loads((path / STATUS_FILE).read_text())
     except PermissionError:
         raise RunError(f"{path / STATUS_FILE}: cannot read it (permission denied)") from None
     except (OSError, ValueError):
         return None
-    return status if isinstance(status, dict) else None
+    if not isinstance(status, dict):
+        return None
+    if status.get("status") == "running" and _writer_is_gone(status):
+        status = status | {"status": "stale", "stale_reason": f"its process {status['pid']} "
+                           f"ended without finishing the run (killed?)"}
+    return status
 
 
 def _run_order(path: Path) -> tuple:
@@ -208,8 +254,11 @@ def resolve_run(ref: str | Path, commands: tuple[str, ...] | None = None) -> Pat
     if status is None:
         raise RunError(f"{ref}: not a tltool run folder ({STATUS_FILE} missing or damaged)")
     if status.get("status") != "complete":
-        raise RunError(f"{ref}: the run is {status.get('status')!r}, not complete; "
-                       f"use a finished run")
+        why = f" ({status['stale_reason']})" if status.get("stale_reason") else ""
+        hint = ("; `tltool resume` continues it" if status.get("status") in ("stale", "failed")
+                and status.get("command") in ("pretrain", "freeze-finetune") else "")
+        raise RunError(f"{ref}: the run is {status.get('status')!r}{why}, not complete; use a "
+                       f"finished run{hint}")
     if commands is not None and status.get("command") not in commands:
         raise RunError(f"{ref}: is a run of `{status.get('command')}`; expected a run of: "
                        f"{', '.join(commands)}")

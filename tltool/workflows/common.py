@@ -179,13 +179,18 @@ def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], origin: 
 
 
 def checkpoint_payload(model: TransferModel, input_state: dict[str, Any], classes: list[str],
-                       label: str, multilabel: bool, command: str,
-                       epoch: int) -> dict[str, Any]:
-    """Plain tensors and primitives only, so torch.load(weights_only=True) reads it."""
-    return {"format": CHECKPOINT_FORMAT, "version": 1, "command": command, "epoch": epoch,
-            "spec": model.spec, "classes": list(classes), "label": label,
-            "multilabel": multilabel, "preprocessor": input_state,
-            "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                       label: str, multilabel: bool, command: str, epoch: int,
+                       state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Plain tensors and primitives only, so torch.load(weights_only=True) reads it. `state`:
+    the training state (last.pt) that `tltool resume` continues from."""
+    payload = {"format": CHECKPOINT_FORMAT, "version": 1, "command": command, "epoch": epoch,
+               "spec": model.spec, "classes": list(classes), "label": label,
+               "multilabel": multilabel, "preprocessor": input_state,
+               "state_dict": {k: v.detach().cpu().clone()
+                              for k, v in model.state_dict().items()}}
+    if state is not None:
+        payload["resume"] = state
+    return payload
 
 
 def run_config(run: Path) -> ExperimentConfig:
@@ -219,10 +224,12 @@ def check_output_root(root: str | Path) -> None:
 
 @contextlib.contextmanager
 def new_run(cfg_root: str | Path, name: str, command: str, argv: list[str] | None,
-            seed: int | None, cfg: ExperimentConfig | None = None) -> Iterator[RunFolder]:
-    """Create the run folder; mark it complete on success, failed (with the error) otherwise."""
+            seed: int | None, cfg: ExperimentConfig | None = None,
+            note: dict[str, Any] | None = None) -> Iterator[RunFolder]:
+    """Create the run folder; mark it complete on success, failed (with the error) otherwise.
+    `note`: kept in run.json (e.g. resumed_from)."""
     check_output_root(cfg_root)
-    run = RunFolder.create(cfg_root, name, command, argv, seed)
+    run = RunFolder.create(cfg_root, name, command, argv, seed, note)
     if cfg is not None:
         write_text(run.file("config.yaml"), dump_config(cfg))
     log.info("run folder: %s", run.path)

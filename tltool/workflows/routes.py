@@ -279,7 +279,8 @@ def check_built(route: Route, model: TransferModel) -> None:
 
 def train_route(route: Route, model: TransferModel, train: Tensors, val: Tensors | None,
                 save, metrics_csv, rt: Runtime, store: PrefixStore | None = None,
-                pooled: Tensors | None = None, seed: int | None = None) -> dict[str, Any]:
+                pooled: Tensors | None = None, seed: int | None = None,
+                resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train `model` on `train` (and, pooled, the source rows), validating on `val` (None:
     no validation rows, as in a refit on every labelled row). Returns the training summary."""
     cfg = route.cfg
@@ -303,7 +304,7 @@ def train_route(route: Route, model: TransferModel, train: Tensors, val: Tensors
     pool = Pooled(pooled, cfg.train.source_weight) if pooled is not None else None
     summary = fit(model, train, val, phases, cfg.train, route.classes, seed, save, metrics_csv,
                   log.info, task=task, bn_policy=cfg.model.bn_policy, rt=rt,
-                  adapt=route.adaptation, pooled=pool, store=store)
+                  adapt=route.adaptation, pooled=pool, store=store, resume=resume)
     w = summary.get("target_watch") or {}
     if w.get("warned"):
         log.warning("adapt: the target's labelled validation rows score %.3f at the kept epoch "

@@ -158,10 +158,11 @@ def _pretrain_sources(cfg: ExperimentConfig, sources: dict[str, dict[str, Any]],
         rt = make_runtime(src_cfg.train, route.spec.input == "image")
         with new_run(src_cfg.output.root, name, "pretrain", None, src_cfg.seed,
                      pin_config(src_cfg, route.weights, route.prior_path)) as sub:
-            def save(file: str, epoch: int, sub=sub, model=model, route=route) -> None:
+            def save(file: str, epoch: int, state=None, sub=sub, model=model,
+                     route=route) -> None:
                 sub.save_checkpoint(file, checkpoint_payload(
                     model, route.inputs.state, route.classes, route.label, route.multilabel,
-                    "pretrain", epoch))
+                    "pretrain", epoch, state))
 
             if route.classic:
                 # A fitted head needs no validation rows: it learns from every source row
@@ -268,7 +269,7 @@ def _refit_and_score(run, cfg: ExperimentConfig, route: Route, winner: Scored, o
     inputs = route.inputs
 
     def make_save(model):
-        def save(name: str, epoch: int) -> None:
+        def save(name: str, epoch: int, state=None) -> None:
             run.save_checkpoint(name, checkpoint_payload(model, inputs.state, route.classes,
                                                          route.label, route.multilabel,
                                                          "select", epoch))

@@ -15,7 +15,7 @@ from tltool.models import TransferModel
 from tltool.runs import write_json, write_text
 from tltool.runtime import Runtime, make_runtime
 from tltool.tensors import Tensors
-from tltool.workflows.common import checkpoint_payload, log, new_run, pin_config
+from tltool.workflows.common import checkpoint_payload, load_state, log, new_run, pin_config
 from tltool.workflows.routes import (
     Route,
     build,
@@ -42,27 +42,44 @@ def freeze_finetune(cfg: ExperimentConfig, argv: list[str] | None = None) -> dic
         raise ConfigError("target: freeze-finetune needs a `target` data section")
     return _train(cfg, "freeze-finetune", argv)
 
-def _train(cfg: ExperimentConfig, command: str, argv) -> dict[str, Any]:
+def _train(cfg: ExperimentConfig, command: str, argv,
+           resume_from: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`resume_from`: {"run": the interrupted run folder, "last": its last.pt, "rows": its
+    metrics.csv rows} to continue from (tltool resume)."""
     route = prepare(cfg, command)
     model = build(route, cfg.seed)
     check_built(route, model)
     rt = make_runtime(cfg.train, route.spec.input == "image")
     inputs = route.inputs
+    resume = None
+    if resume_from is not None and not (route.source_only or route.classic):
+        load_state(model, resume_from["last"]["state_dict"], f"{resume_from['run']} last.pt")
+        state = resume_from["last"]["resume"]
+        resume = {"state": state, "rows": resume_from["rows"],
+                  "weights": resume_from["last"]["state_dict"]}
     if route.weights.path is not None:
         log.info("weights: %s", route.weights.path)
+    note = {"resumed_from": str(resume_from["run"])} if resume_from else None
     with new_run(cfg.output.root, cfg.name, command, argv, cfg.seed,
-                 pin_config(cfg, route.weights, route.prior_path)) as run:
-        def save(name: str, epoch: int) -> None:
+                 pin_config(cfg, route.weights, route.prior_path), note) as run:
+        def save(name: str, epoch: int, state: dict[str, Any] | None = None) -> None:
             run.save_checkpoint(name, checkpoint_payload(model, inputs.state, route.classes,
                                                          route.label, route.multilabel,
-                                                         command, epoch))
+                                                         command, epoch, state))
 
+        if resume is not None:  # the best weights so far stay the run's best.pt
+            best = {k: v for k, v in resume_from["last"].items() if k != "resume"}
+            if state["best_state"] is not None:
+                best["state_dict"] = state["best_state"]
+            run.save_checkpoint("best.pt", best | {"epoch": state["best"]["epoch"]})
         write_json(run.file("runtime.json"), rt.describe())
         summary = train_route(route, model, inputs.train, inputs.val, save,
-                              run.file("metrics.csv"), rt, pooled=pooled_tensors(route))
+                              run.file("metrics.csv"), rt, pooled=pooled_tensors(route),
+                              resume=resume)
         write_json(run.file("runtime.json"), rt.describe())  # with what `auto` chose
         metrics = write_outputs(run, route, model, summary, rt, inputs.val, inputs.test)
     return {"run": str(run.path), "metrics": metrics}
+
 
 def write_outputs(run, route: Route, model: TransferModel, summary: dict[str, Any], rt: Runtime,
                   val: Tensors | None, test: Tensors, decision: dict[str, Any] | None = None,
