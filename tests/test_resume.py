@@ -132,3 +132,30 @@ def test_sigkill_at_ten_random_points_then_resume_gives_the_same_result(tmp_path
         for name in ("metrics.json", "metrics.csv"):
             assert (resumed / name).read_bytes() == (reference / name).read_bytes(), \
                 (trial, stop_after, name)
+
+
+def test_an_image_training_with_augmented_cached_views_resumes_exactly(cli, write_config,
+                                                                       tmp_path):
+    """Images: augmentation draws from the random state, the cached prefix holds augmented
+    views (rebuilt at the round's start from the saved state), layouts as first chosen."""
+    changes = {"target": {"kind": "builtin", "name": "digits", "where": {}, "n_train": 120,
+                          "n_val": 40, "image_size": 16, "augment": "light",
+                          "split": {"val": 0.2, "test": 0.2}},
+               "model": {"backbone": "small_cnn", "backbone_args": {"channels": [8, 8],
+                                                                    "hidden": 16},
+                         "weights": "none", "frozen_layers": 1, "strategy": "freeze"},
+               "train": {"epochs": 5, "batch_size": 32, "cache_views": 2},
+               "decision": {"rule": "argmax"}}
+    whole = cli("freeze-finetune", write_config("img", changes))
+    assert whole.code == 0, whole.err
+    reference = tmp_path / whole.out.strip()
+    with pytest.MonkeyPatch.context() as mp:
+        _interrupt_after(mp, 5)
+        res = cli("freeze-finetune", write_config("img-cut", {**changes, "name": "img",
+                                                              "output": {"root": "cut"}}))
+    assert res.code == 130
+    again = cli("resume", str(next((tmp_path / "cut" / "img").iterdir())))
+    assert again.code == 0, again.err
+    resumed = tmp_path / again.out.strip()
+    for name in ("metrics.json", "metrics.csv"):
+        assert (resumed / name).read_bytes() == (reference / name).read_bytes(), name

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,9 +99,15 @@ def read_csv(path: Path, text_columns: list[str] | None = None) -> pd.DataFrame:
         try:
             sep = _separator(path, encoding)
             # ';'-separated files come from locales whose decimal mark is a comma
-            frame = pd.read_csv(path, sep=sep, encoding=encoding, dtype=dtype or None,
-                                decimal="," if sep == ";" else ".")
+            with warnings.catch_warnings():
+                # rows with more fields than the header: pandas would drop them (ParserWarning)
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                frame = pd.read_csv(path, sep=sep, encoding=encoding, dtype=dtype or None,
+                                    decimal="," if sep == ";" else ".", index_col=False)
             break
+        except pd.errors.ParserWarning:
+            raise DataError(f"{path}: some rows have more fields than the header (separator "
+                            f"{sep!r}); every row needs one value per column") from None
         except pd.errors.EmptyDataError:
             raise DataError(f"{path}: the CSV file is empty") from None
         except UnicodeDecodeError:

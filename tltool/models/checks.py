@@ -57,7 +57,7 @@ def _check_spec(spec: Any, where: str, depth: int = 0) -> None:
     if not isinstance(spec, dict):
         raise _fail(where, "expected a mapping")
     name = spec.get("backbone")
-    if name not in BACKBONES:
+    if not isinstance(name, str) or name not in BACKBONES:
         raise _fail(f"{where}.backbone", "not a known backbone")
     if not isinstance(spec.get("backbone_args"), dict):
         raise _fail(f"{where}.backbone_args", "expected a mapping")
@@ -65,7 +65,7 @@ def _check_spec(spec: Any, where: str, depth: int = 0) -> None:
     _int(spec, "n_outputs", where, 1, MAX_OUTPUTS)
     _int(spec, "head_hidden", where, 1, 1_000_000)
     head = spec.get("head")
-    if head not in ("linear", "mlp", "multilabel", *CLASSIC_HEADS):
+    if not isinstance(head, str) or head not in ("linear", "mlp", "multilabel", *CLASSIC_HEADS):
         raise _fail(f"{where}.head", "not a known head")
     dropout = spec.get("dropout")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or \
@@ -82,7 +82,8 @@ def _check_spec(spec: Any, where: str, depth: int = 0) -> None:
             build_classic_head(spec["head_shape"])  # its own checks, named by field
     prior = spec.get("prior")
     if prior is not None:
-        if depth or not isinstance(prior, dict) or prior.get("mode") not in ("offset", "input"):
+        if depth or not isinstance(prior, dict) or not isinstance(prior.get("mode"), str) or \
+                prior["mode"] not in ("offset", "input"):
             raise _fail(f"{where}.prior", "expected a prior (mode offset or input) of plain "
                         "source models")
         specs = prior.get("specs") or ([prior["spec"]] if "spec" in prior else [])
@@ -117,7 +118,8 @@ def _meta():
 
 
 def _check_preprocessor(state: Any, spec: dict[str, Any], where: str) -> None:
-    if not isinstance(state, dict) or state.get("kind") not in ("tabular", "image"):
+    if not isinstance(state, dict) or not isinstance(state.get("kind"), str) or \
+            state["kind"] not in ("tabular", "image"):
         raise _fail(where, "expected the saved input encoding (kind tabular or image)")
     if state["kind"] == "image":
         size = state.get("size")
