@@ -270,3 +270,18 @@ def test_the_vectorised_threshold_sweep_chooses_what_the_loop_chose():
             got = choose_threshold(y, p, optimize)
             assert (got["threshold"], got["validation_score"]) == pytest.approx(
                 loop(y, p, optimize), abs=1e-12), (trial, optimize)
+
+
+def test_a_ci_job_chains_the_commands_with_json(tmp_path):
+    """tests/ci_chain.sh: pretrain -> freeze-finetune -> evaluate -> predict, each step reading
+    the previous one's --json output; a failing step prints JSON too (exit 2)."""
+    import shutil
+    import subprocess
+    import sys
+
+    tl = shutil.which("tltool", path=str(Path(sys.executable).parent))
+    script = Path(__file__).parent / "ci_chain.sh"
+    res = subprocess.run(["bash", str(script), str(tmp_path / "runs"), tl],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "ci chain ok" in res.stdout

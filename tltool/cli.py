@@ -12,6 +12,11 @@ from typing import Any
 
 import typer
 
+EXIT_CODES = ("Exit codes: 0 done; 1 an internal error, or no space left on the disk; 2 bad "
+              "input (config, data, run folder, arguments: one 'error:' line says what); 130 "
+              "stopped by Ctrl-C; 143 stopped by SIGTERM. A run folder a failed command had "
+              "started is marked failed.")
+
 app = typer.Typer(
     name="tltool",
     help="Transfer learning from the command line: pretrain a source model, freeze and "
@@ -21,36 +26,91 @@ app = typer.Typer(
     "  tltool freeze-finetune configs/credit/finetune.yaml\n\n"
     "  tltool evaluate runs/credit-finetune/latest\n\n"
     "  tltool predict runs/credit-finetune/latest configs/credit/new_applicants.csv "
-    "--id-column applicant_id --out preds.csv",
+    "--id-column applicant_id --out preds.csv\n\n" + EXIT_CODES,
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
 
 SET_HELP = "Override a config key, typed as YAML: --set train.lr=0.0005 (repeatable)."
 SET_OPTION = typer.Option(None, "--set", help=SET_HELP, metavar="KEY=VALUE")
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object on standard output "
+                           "(run folder, status, headline metrics, warnings; on failure the "
+                           "error and exit code) instead of the run folder's path.")
 log = logging.getLogger("tltool")
 
 
-def _call(fn: Callable[[], Any]) -> Any:
-    """Run a workflow; a user error becomes one line on stderr and exit code 2."""
+def _version(value: bool) -> None:
+    if value:
+        from tltool import __version__
+
+        typer.echo(f"tltool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Transfer learning from the command line."""
+
+
+class Session:
+    """One command's output mode and the warnings it logged (for --json)."""
+
+    def __init__(self, command: str, as_json: bool):
+        self.command, self.as_json = command, as_json
+        self.warnings: list[str] = []
+        self._handler = _Collect(self.warnings)
+        log.addHandler(self._handler)
+
+    def close(self) -> None:
+        log.removeHandler(self._handler)
+
+    def emit(self, payload: dict[str, Any]) -> None:
+        import json
+
+        self.close()
+        typer.echo(json.dumps({"command": self.command, **payload,
+                               "warnings": self.warnings}, default=str))
+
+
+class _Collect(logging.Handler):
+    def __init__(self, sink: list[str]):
+        super().__init__(level=logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(record.getMessage())
+
+
+def _call(fn: Callable[[], Any], session: Session | None = None) -> Any:
+    """Run a workflow; a user error becomes one line on stderr and exit code 2 (with --json,
+    also a JSON object on stdout)."""
     from tltool.errors import TLError
+
+    def fail(code: int, message: str) -> typer.Exit:
+        typer.echo(message, err=True)
+        if session is not None and session.as_json:
+            session.emit({"status": "error", "exit_code": code, "error": message})
+        return typer.Exit(code=code)
 
     try:
         return fn()
     except KeyboardInterrupt as exc:
         terminated = type(exc).__name__ == "Terminated"
-        typer.echo(f"tltool: stopped by {'SIGTERM' if terminated else 'Ctrl-C'}; a run folder "
-                   f"it had started is marked failed", err=True)
-        raise typer.Exit(code=143 if terminated else 130) from None
+        raise fail(143 if terminated else 130,
+                   f"tltool: stopped by {'SIGTERM' if terminated else 'Ctrl-C'}; a run folder "
+                   f"it had started is marked failed") from None
     except TLError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=exc.exit_code) from None
+        raise fail(exc.exit_code, f"error: {exc}") from None
     except OSError as exc:
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
-        raise typer.Exit(code=2) from None
+        raise fail(2, f"error: {where}{exc.strerror or exc}") from None
+
+
+def _raise(exc: Exception) -> Any:
+    raise exc
 
 
 def _load(config: str, overrides: list[str] | None):
@@ -59,10 +119,36 @@ def _load(config: str, overrides: list[str] | None):
     return load_config(config, overrides or [])
 
 
-def _finish(result: dict[str, Any], lines: list[str]) -> None:
+def _finish(result: dict[str, Any], lines: list[str], session: Session | None = None) -> None:
     for line in lines:
         typer.echo(line, err=True)
+    if session is not None and session.as_json:
+        session.emit({"status": "complete", "run": result["run"],
+                      "metrics": _headline(result)})
+        return
+    if session is not None:
+        session.close()
     typer.echo(result["run"])
+
+
+def _headline(result: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a CI job checks: each split's headline metrics (and select's choice)."""
+    metrics = result.get("metrics") or {}
+    keep = ("n", "accuracy", "f1", "auroc", "average_precision", "brier", "map", "macro_f1",
+            "exact_match", "rmse", "mae", "r2")
+    out: dict[str, Any] = {}
+    for split in ("val", "test"):
+        if isinstance(metrics.get(split), dict):
+            out[split] = {k: metrics[split][k] for k in keep if k in metrics[split]}
+    if "heads" in metrics:
+        out["heads"] = {h: {k: r["test"].get(k) for k in keep if k in r["test"]}
+                        for h, r in metrics["heads"].items()}
+    if "select" in metrics:
+        out["select"] = {k: metrics["select"].get(k) for k in ("winner", "cv")}
+    if "summary" in result:
+        out["predict"] = {k: result["summary"].get(k) for k in
+                          ("rows", "predicted_counts", "predicted")}
+    return out
 
 
 def _score_lines(metrics: dict[str, Any]) -> list[str]:
@@ -89,16 +175,18 @@ def pretrain(
     config: str = typer.Argument(
         ..., metavar="CONFIG", help="YAML experiment config with a `source` section."),
     set_: list[str] = SET_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Train a source model (backbone + head) on the source data.
 
     Example: tltool pretrain configs/credit/pretrain.yaml --set train.epochs=50
     """
-    cfg = _call(lambda: _load(config, set_))  # a config error answers before torch loads
+    session = Session("pretrain", as_json)
+    cfg = _call(lambda: _load(config, set_), session)  # config errors answer before torch loads
     from tltool.workflows.train import pretrain as run
 
-    result = _call(lambda: run(cfg, sys.argv))
-    _finish(result, _score_lines(result["metrics"]))
+    result = _call(lambda: run(cfg, sys.argv), session)
+    _finish(result, _score_lines(result["metrics"]), session)
 
 
 @app.command("freeze-finetune")
@@ -107,16 +195,18 @@ def freeze_finetune(
         ..., metavar="CONFIG", help="YAML config with a `target` section and "
                                  "model.weights naming the source run."),
     set_: list[str] = SET_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Transfer a source model: freeze its first N blocks, fine-tune the rest on the target.
 
     Example: tltool freeze-finetune configs/credit/finetune.yaml --set model.frozen_layers=1
     """
-    cfg = _call(lambda: _load(config, set_))  # a config error answers before torch loads
+    session = Session("freeze-finetune", as_json)
+    cfg = _call(lambda: _load(config, set_), session)  # config errors answer before torch loads
     from tltool.workflows.train import freeze_finetune as run
 
-    result = _call(lambda: run(cfg, sys.argv))
-    _finish(result, _score_lines(result["metrics"]))
+    result = _call(lambda: run(cfg, sys.argv), session)
+    _finish(result, _score_lines(result["metrics"]), session)
 
 
 @app.command()
@@ -124,18 +214,20 @@ def extract(
     config: str = typer.Argument(
         ..., metavar="CONFIG", help="YAML config; model.weights names the trained run."),
     set_: list[str] = SET_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Write frozen-backbone features to disk and fit sklearn heads on them.
 
     Example: tltool extract configs/credit/extract.yaml
     """
-    cfg = _call(lambda: _load(config, set_))  # a config error answers before torch loads
+    session = Session("extract", as_json)
+    cfg = _call(lambda: _load(config, set_), session)  # config errors answer before torch loads
     from tltool.workflows.extract import extract as run
 
-    result = _call(lambda: run(cfg, sys.argv))
+    result = _call(lambda: run(cfg, sys.argv), session)
     lines = [f"{kind:<20} " + " ".join(_score_lines(r)[-1:])
              for kind, r in result["metrics"]["heads"].items()]
-    _finish(result, lines)
+    _finish(result, lines, session)
 
 
 @app.command("select")
@@ -145,6 +237,7 @@ def select_(
                                  "section or model.weights for transfer routes); "
                                  "select.candidates lists routes (default: a grid)."),
     set_: list[str] = SET_OPTION,
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Choose how to build the target model: score candidate routes (transfer, pooled, prior,
     fine-tunes, reference models) by repeated k-fold cross-validation on the target's labelled
@@ -154,10 +247,11 @@ def select_(
 
     Example: tltool select configs/credit/select.yaml --set target.n_train=50
     """
-    cfg = _call(lambda: _load(config, set_))  # a config error answers before torch loads
+    session = Session("select", as_json)
+    cfg = _call(lambda: _load(config, set_), session)  # config errors answer before torch loads
     from tltool.workflows.select import select as run
 
-    result = _call(lambda: run(cfg, sys.argv))
+    result = _call(lambda: run(cfg, sys.argv), session)
     unsupervised = bool(result.get("unsupervised"))
     lines = [f"{'':2}{'rank':>4}  {'candidate':<22} "
              f"{(row['metric'] if unsupervised else 'cv ' + row['metric']):>14}  "
@@ -168,13 +262,14 @@ def select_(
         mark = "->" if row["chosen"] else ("  " if not row["within_one_se"] else " ~")
         lines.append(f"{mark}{row['rank']:>4}  {row['name']:<22} {mean:>14}  {se:>7}  "
                      f"{row['complexity']}")
-    _finish(result, lines + _score_lines(result["metrics"]))
+    _finish(result, lines + _score_lines(result["metrics"]), session)
 
 
 @app.command()
 def resume(
     run: str = typer.Argument(..., help="An interrupted pretrain / freeze-finetune run folder "
                               "(failed, stopped, or stale: its process was killed)."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Continue an interrupted training from its last finished epoch, into a new run folder
     that names its parent (run.json resumed_from); the result is the one an uninterrupted run
@@ -184,8 +279,9 @@ def resume(
     """
     from tltool.workflows.resume import resume as run_resume
 
-    result = _call(lambda: run_resume(run, sys.argv))
-    _finish(result, _score_lines(result["metrics"]))
+    session = Session("resume", as_json)
+    result = _call(lambda: run_resume(run, sys.argv), session)
+    _finish(result, _score_lines(result["metrics"]), session)
 
 
 @app.command()
@@ -193,20 +289,22 @@ def evaluate(
     run: str = typer.Argument(..., help="A pretrain/freeze-finetune/ensemble run folder, or "
                               "ROOT/NAME/latest for the newest complete one."),
     on: str = typer.Option(None, "--on", help="Data section to test on: source or target "
-                           "(default: what the run trained on)."),
+                           "(default: what the run trained on).", metavar="[source|target]"),
     csv: str = typer.Option(None, "--csv", help="Evaluate on all rows of this labelled CSV."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Test-split metrics (accuracy, F1, AUROC, AP, Brier, confusion matrix) of a run.
 
     Example: tltool evaluate runs/credit-finetune/latest
     """
+    from tltool.errors import TLError
     from tltool.workflows.infer import evaluate as run_eval
 
+    session = Session("evaluate", as_json)
     if on not in (None, "source", "target"):
-        typer.echo(f"error: --on: got {on!r}; allowed: source, target", err=True)
-        raise typer.Exit(2)
-    result = _call(lambda: run_eval(run, on, csv, sys.argv))
-    _finish(result, [result["table"]])
+        _call(lambda: _raise(TLError(f"--on: got {on!r}; allowed: source, target")), session)
+    result = _call(lambda: run_eval(run, on, csv, sys.argv), session)
+    _finish(result, [result["table"]], session)
 
 
 @app.command()
@@ -218,25 +316,28 @@ def ensemble(
                              "(default: the first member's name + '-ensemble')."),
     rule: str = typer.Option("auto", "--rule", help="threshold (chosen on validation "
                              "rows; binary or multi-label), argmax, or auto (threshold where "
-                             "it applies, else argmax)."),
+                             "it applies, else argmax).", metavar="[auto|threshold|argmax]"),
     optimize: str = typer.Option(None, "--optimize", help="What the threshold maximises: "
                                  "accuracy, f1 or youden (default: the members' "
-                                 "decision.optimize)."),
+                                 "decision.optimize).", metavar="[accuracy|f1|youden]"),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Average the members' probabilities, choose the decision threshold on their validation
     rows (the design document's 'avg' rule) and score the test split once.
 
     Example: tltool ensemble runs/credit-finetune/2026*-freeze-finetune --name credit-avg
     """
+    from tltool.errors import TLError
     from tltool.workflows.ensemble import ensemble as run_ensemble
 
+    session = Session("ensemble", as_json)
     for key, value, allowed in (("--rule", rule, ("auto", "threshold", "argmax")),
                                 ("--optimize", optimize, ("accuracy", "f1", "youden"))):
         if value is not None and value not in allowed:
-            typer.echo(f"error: {key}: got {value!r}; allowed: {', '.join(allowed)}", err=True)
-            raise typer.Exit(2)
-    result = _call(lambda: run_ensemble(runs, name, rule, optimize, sys.argv))
-    _finish(result, [result["table"]])
+            message = f"{key}: got {value!r}; allowed: {', '.join(allowed)}"
+            _call(lambda m=message: _raise(TLError(m)), session)
+    result = _call(lambda: run_ensemble(runs, name, rule, optimize, sys.argv), session)
+    _finish(result, [result["table"]], session)
 
 
 @app.command()
@@ -252,6 +353,7 @@ def predict(
                                   "images: the path)."),
     force: bool = typer.Option(False, "--force", help="--out may be a symbolic link to a "
                                "regular file (written through the link)."),
+    as_json: bool = JSON_OPTION,
 ) -> None:
     """Probabilities and decisions for new rows, with the run's preprocessing and threshold.
 
@@ -259,7 +361,9 @@ def predict(
     """
     from tltool.workflows.infer import predict as run_predict
 
-    result = _call(lambda: run_predict(run, input_csv, out, id_column, sys.argv, force))
+    session = Session("predict", as_json)
+    result = _call(lambda: run_predict(run, input_csv, out, id_column, sys.argv, force),
+                   session)
     s = result["summary"]
     if "predicted" in s:  # regression: the predicted values' summary
         p = s["predicted"]
@@ -271,9 +375,10 @@ def predict(
     if out == "-":  # the predictions are standard output; the run folder goes to stderr
         for line in lines + [result["run"]]:
             typer.echo(line, err=True)
+        session.close()
         typer.echo(result["csv"], nl=False)
         return
-    _finish(result, lines)
+    _finish(result, lines, session)
 
 
 @app.command("config")
