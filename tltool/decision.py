@@ -24,6 +24,7 @@ def report(y: np.ndarray, proba: np.ndarray, classes: list[str],
         return multilabel_report(y, proba, classes, decision["per_label"])
     return classification_report(y, proba, classes, decision["threshold"])
 
+
 def decision_rule(cfg, classes: list[str], multilabel: bool,
                   proba_val: np.ndarray, y_val: np.ndarray,
                   regression: bool = False, chosen_on: str = "validation") -> dict[str, Any]:

@@ -75,9 +75,6 @@ def predict_logits(model: nn.Module, data: Tensors, batch_size: int = 512, start
     return torch.cat(out)
 
 
-
-
-
 def _cache_plan(model: TransferModel, train: Tensors, n_frozen: int, train_cfg,
                 bn_policy: str) -> tuple[int, str]:
     """How many leading blocks to serve from a cache this round, and why."""

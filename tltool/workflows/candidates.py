@@ -20,8 +20,8 @@ SOURCE_REF = "source:"
 # with few rows it should stay close to the prior (C = 0.1: ten times scikit-learn's default
 # penalty on the coefficients, alpha 10 for ridge; the intercept, which absorbs a shift of
 # the class balance between the populations, stays free).
-
 _CORRECTION = {"classification": {"C": 0.1}, "regression": {"alpha": 10.0}}
+
 
 @dataclass
 class Candidate:
@@ -29,6 +29,7 @@ class Candidate:
     raw: dict[str, Any]  # the full config as a raw dict (source:NAME refs unresolved)
     complexity: int | None
     default: bool  # from the default grid: dropped with a note when it does not apply
+
 
 def facts(cfg: ExperimentConfig, cache: InputCache) -> dict[str, Any]:
     """What the default grid depends on: data kind and task, whether source and target share
@@ -73,6 +74,7 @@ def source_plan(cfg: ExperimentConfig, facts: dict[str, Any]) -> dict[str, dict[
         if not facts["image"]:
             out["gb"] = {**classic, "model.head": "gradient_boosting"}
     return out
+
 
 def default_grid(cfg: ExperimentConfig, facts: dict[str, Any],
                  sources: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -177,17 +179,20 @@ def default_grid(cfg: ExperimentConfig, facts: dict[str, Any],
                                              "adapt.method": method}))
     return grid
 
+
 def _intercept_only(m) -> bool:
     """A linear correction so penalised that only its (free) intercept moves."""
     args = m.head_args or {}
     return float(args.get("C", 1.0)) <= 1e-4 if m.head == "logistic_regression" else \
         float(args.get("alpha", 0) if args.get("alpha") != "auto" else 0) >= 1e4
 
+
 def _target_weights(facts: dict[str, Any], spec) -> str:
     """Target-only network: no source run; a named pretrained set (e.g. imagenet) stays, as
     it is not the source data."""
     ref = facts["net_weights"]
     return ref if ref and ref in spec.weights else "none"
+
 
 def _blocks_of(cfg: ExperimentConfig, spec) -> list[str]:
     """The blocks of the config's network (of the source run's, when model.weights names

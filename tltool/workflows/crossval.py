@@ -44,6 +44,7 @@ class Labelled:
     def of(self, route: Route) -> Tensors:
         return self.by_inputs[id(route.inputs)]
 
+
 def labelled_rows(routes: list[tuple[Candidate, Route]]) -> Labelled:
     """Every route reads the same target rows (maybe encoded differently): one row order."""
     by_inputs: dict[int, Tensors] = {}
@@ -63,6 +64,7 @@ def labelled_rows(routes: list[tuple[Candidate, Route]]) -> Labelled:
                               f"training, not the target data's rows (split, n_train, n_val)")
         by_inputs[id(inputs)] = concat_tensors([inputs.train, inputs.val])
     return Labelled(y, ids, by_inputs, {id(r.inputs): r for _, r in routes})
+
 
 def cross_validate(route: Route, cand: Candidate, rows: Tensors, folds: Folds,
                    store: PrefixStore | None, metric: str,
@@ -85,8 +87,10 @@ def cross_validate(route: Route, cand: Candidate, rows: Tensors, folds: Folds,
     sign = -1 if metric in LOWER_IS_BETTER else 1
     return Scored(cand.name, complexity, scores, sign, epochs), oof
 
+
 def _outputs(route: Route) -> int:
     return 1 if route.regression else len(route.classes)
+
 
 def _cv_fixed(route: Route, rows: Tensors, folds: Folds,
               store: PrefixStore | None) -> np.ndarray:
@@ -96,6 +100,7 @@ def _cv_fixed(route: Route, rows: Tensors, folds: Folds,
     rt = make_runtime(route.cfg.train, route.spec.input == "image")
     proba = predict_proba(model, rows, route.multilabel, rt=rt)
     return np.repeat(proba[None], folds.repeats, axis=0)
+
 
 def _cv_classic(route: Route, rows: Tensors, folds: Folds, shared: PrefixStore | None,
                 pooled: Tensors | None) -> np.ndarray:
@@ -115,6 +120,7 @@ def _cv_classic(route: Route, rows: Tensors, folds: Folds, shared: PrefixStore |
             logits.float()).double().numpy()
     return oof
 
+
 def fold_adaptation(route: Route, train: Tensors, rest: Tensors | None):
     """A fold's own domain adaptation: the rows aligned are the fold's training rows (labels
     unused) and the unlabelled pool, never its held-out rows."""
@@ -125,6 +131,7 @@ def fold_adaptation(route: Route, train: Tensors, rest: Tensors | None):
         return None
     target = train if rest is None else concat_tensors([train, rest])
     return Adaptation(a.method, a.weight, target, a.source, a.source_weight)
+
 
 def _cv_network(route: Route, rows: Tensors, folds: Folds, shared: PrefixStore | None,
                 pooled: Tensors | None) -> tuple[np.ndarray, list[int]]:
@@ -185,6 +192,7 @@ def _cv_network(route: Route, rows: Tensors, folds: Folds, shared: PrefixStore |
             t.end_round()
     return oof, epochs
 
+
 def _refit_config(route: Route, epochs: list[int] | None) -> Route:
     """The route with the epoch counts the cross-validation chose (no early stopping: the
     refit has no validation rows)."""
@@ -198,6 +206,7 @@ def _refit_config(route: Route, epochs: list[int] | None) -> Route:
     else:
         train = cfg.train.model_copy(update={"epochs": epochs[0]})
     return replace(route, cfg=cfg.model_copy(update={"train": train}))
+
 
 def refit(route: Route, scored: Scored, rows: Tensors, store: PrefixStore, make_save=None,
           metrics_csv="/dev/null") -> tuple[Any, dict[str, Any], Any, Route]:
@@ -214,6 +223,7 @@ def refit(route: Route, scored: Scored, rows: Tensors, store: PrefixStore, make_
     summary = train_route(route, model, rows, None, save, metrics_csv, rt, store,
                           pooled_tensors(route))
     return model, summary, rt, route
+
 
 def oof_decision(route: Route, oof: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """The refit model's decision rule, chosen on the out-of-fold predictions of every repeat

@@ -47,6 +47,7 @@ def check_combinations(cfg: ExperimentConfig, command: str) -> None:
                           "weights, but model.weights is none (set l2sp.alpha 0 or name the "
                           "source run)")
 
+
 def warn_ignored(cfg: ExperimentConfig, weights: Weights) -> None:
     """Settings that have no effect on this route: said, not silently dropped."""
     m = cfg.model
@@ -103,6 +104,7 @@ def check_keep_head(cfg: ExperimentConfig, weights: Weights) -> None:
         raise ConfigError("model.keep_head: a kept classic head is used as it is; pooled "
                           "training would need a new fit (use model.head instead)")
 
+
 def check_task(cfg: ExperimentConfig, section: str, label: str, inputs: Inputs) -> None:
     m = cfg.model
     classes, multilabel, regression = inputs.classes, inputs.multilabel, inputs.regression
@@ -126,6 +128,7 @@ def check_task(cfg: ExperimentConfig, section: str, label: str, inputs: Inputs) 
             raise ConfigError(f"model.head: 'logistic_regression' predicts classes; {section} "
                               f"has task regression (use ridge or gradient_boosting)")
 
+
 def check_regression(cfg: ExperimentConfig, section: str, label: str) -> None:
     """What a regression run cannot use (the options that only mean something for classes)."""
     if cfg.model.head == "multilabel":
@@ -143,6 +146,7 @@ def check_regression(cfg: ExperimentConfig, section: str, label: str) -> None:
         raise ConfigError("train.class_weights: 'balanced' weighs classes; a regression run "
                           "has none (set it to none)")
 
+
 def check_kept_classes(ckpt: dict[str, Any], inputs: Inputs) -> None:
     src_reg = bool(ckpt["spec"].get("target_scale"))
     same = (src_reg == inputs.regression and bool(ckpt.get("multilabel")) == inputs.multilabel
@@ -152,6 +156,7 @@ def check_kept_classes(ckpt: dict[str, Any], inputs: Inputs) -> None:
         mine = "a number" if inputs.regression else f"classes {', '.join(inputs.classes)}"
         raise ConfigError(f"model.keep_head: the source head predicts {what}, the target "
                           f"{mine}; a kept head needs the same ones (use a new head)")
+
 
 def prior_checkpoints(cfg: ExperimentConfig) -> tuple[list[dict[str, Any]], list[Any]]:
     refs = cfg.model.prior_weights or cfg.model.weights
@@ -182,6 +187,7 @@ def prior_checkpoints(cfg: ExperimentConfig) -> tuple[list[dict[str, Any]], list
         paths.append(path)
     return ckpts, paths
 
+
 def check_prior(cfg: ExperimentConfig, priors: list[dict[str, Any]], inputs: Inputs) -> None:
     prior = priors[0]
     p_reg = bool(prior["spec"].get("target_scale"))
@@ -198,6 +204,7 @@ def check_prior(cfg: ExperimentConfig, priors: list[dict[str, Any]], inputs: Inp
     if cfg.model.head == "gradient_boosting":
         raise ConfigError("model.prior: 'offset' cannot start gradient boosting from the "
                           "prior's answer here; use prior: input for gradient_boosting")
+
 
 def pooled_rows(cfg: ExperimentConfig, command: str, inputs: Inputs, spec: BackboneSpec,
                 weights: Weights, cache) -> Inputs | None:
@@ -221,6 +228,7 @@ def pooled_rows(cfg: ExperimentConfig, command: str, inputs: Inputs, spec: Backb
                           f"({', '.join(source.classes)}) differ from the target's "
                           f"({', '.join(inputs.classes)})")
     return source
+
 
 def adaptation(cfg: ExperimentConfig, command: str, inputs, spec,
                 weights) -> tuple[Adaptation | None, dict[str, Any] | None]:
@@ -275,6 +283,7 @@ def adaptation(cfg: ExperimentConfig, command: str, inputs, spec,
              a.method, a.weight, n_source, len(rows.y))
     return Adaptation(a.method, a.weight, rows, source_rows, a.source_weight,
                       watch=watch), info
+
 
 def inherit_args(cfg: ExperimentConfig, ckpt: dict[str, Any], ckpt_path) -> dict[str, Any]:
     src = ckpt["spec"]

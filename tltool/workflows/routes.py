@@ -65,6 +65,7 @@ def phases_of(cfg: ExperimentConfig, command: str, n_blocks: int,
         check_frozen_layers(p.frozen_layers, p.strategy, n_blocks, block_names, where)
     return phases
 
+
 @dataclass
 class Route:
     """A config's way to the target model, loaded and checked (no run folder yet)."""
@@ -112,6 +113,7 @@ class Route:
         t = self.cfg.train
         return sum(r.epochs for r in t.rounds) if t.rounds else t.epochs
 
+
 class InputCache:
     """Loaded data sections by what they depend on, so routes that read the same data with the
     same encoding share one load (tltool select prepares many routes on one data set).
@@ -157,6 +159,7 @@ class InputCache:
             data = load_tabular(data_cfg, seed)
             self._loaded[key] = pd.concat([data.train.frame, data.val.frame, data.test.frame])
         return self._loaded[key]
+
 
 def prepare(cfg: ExperimentConfig, command: str, cache: InputCache | None = None) -> Route:
     """Load and check what a route needs: weights, prior, data (and the other domain's rows
@@ -219,12 +222,14 @@ def prepare(cfg: ExperimentConfig, command: str, cache: InputCache | None = None
     return Route(cfg, command, section, spec, weights, args, inputs, label, prior, pooled,
                  adapted, adapt_info, prior_path)
 
+
 def pooled_tensors(route: Route) -> Tensors | None:
     """Every labelled source row (train, val and test of the source section) as one set."""
     if route.pooled is None:
         return None
     parts = [route.pooled.train, route.pooled.val, route.pooled.test]
     return concat_tensors(parts)
+
 
 def concat_tensors(parts: list[Tensors]) -> Tensors:
     """Rows of several splits of one data set as one Tensors."""
@@ -236,6 +241,7 @@ def concat_tensors(parts: list[Tensors]) -> Tensors:
     else:
         x = torch.cat([p.x for p in parts])
     return Tensors(x, torch.cat([p.y for p in parts]), first.prepare, first.augments)
+
 
 def build(route: Route, seed: int) -> TransferModel:
     """The route's network: weights loaded, the prior attached, the head new (or kept)."""
@@ -270,12 +276,14 @@ def build(route: Route, seed: int) -> TransferModel:
             load_state(sub, ckpt["state_dict"], "model.prior_weights")
     return model
 
+
 def check_built(route: Route, model: TransferModel) -> None:
     """What needs the built network: the round plans against its blocks, one image through it."""
     if not (route.source_only or route.classic):
         phases_of(route.cfg, route.command, len(model.backbone.blocks),
                   model.backbone.block_names)
     check_input_fits(model, route.inputs, route.section)
+
 
 def train_route(route: Route, model: TransferModel, train: Tensors, val: Tensors | None,
                 save, metrics_csv, rt: Runtime, store: PrefixStore | None = None,
@@ -314,11 +322,13 @@ def train_route(route: Route, model: TransferModel, train: Tensors, val: Tensors
                     w["kept"], w["kept_epoch"], w["best"], w["best_epoch"], w["first_epoch"])
     return summary
 
+
 def _nothing_trained(model: TransferModel) -> dict[str, Any]:
     return {"best_epoch": 0, "best_round": 0, "epochs_run": 0, "monitor": None,
             "plans": [], "cache": [], "timing": {},
             "plan_text": "source model used as it is (keep_head, nothing trained)",
             "freeze_check": {"frozen_tensors": 0, "unchanged": True}}
+
 
 @torch.no_grad()
 def backbone_features(model: TransferModel, data: Tensors, rt: Runtime,
@@ -338,6 +348,7 @@ def backbone_features(model: TransferModel, data: Tensors, rt: Runtime,
                           f"{max_gb} GB")
     return model.backbone.forward_from(z.x, n).float().cpu() if n else \
         model.backbone._pool(z.x).float().cpu()
+
 
 def fit_classic(route: Route, model: TransferModel, train: Tensors, pooled: Tensors | None,
                 seed: int, rt: Runtime, store: PrefixStore | None) -> dict[str, Any]:
@@ -387,6 +398,7 @@ def fit_classic(route: Route, model: TransferModel, train: Tensors, pooled: Tens
                           f"{x.shape[1]} features (the frozen backbone's"
                           f"{', with the prior' if model.prior is not None else ''})"),
             "freeze_check": {"frozen_tensors": 0, "unchanged": True}}
+
 
 def describe_route(route: Route) -> dict[str, Any]:
     """What this route does, in the config's words (metrics.json `route`)."""

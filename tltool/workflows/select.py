@@ -137,6 +137,7 @@ def _check_metric(metric: str, facts: dict[str, Any]) -> None:
         raise ConfigError(f"select.metric: {metric!r} does not apply to a {task} target; "
                           f"allowed: auto, {', '.join(allowed[task])}")
 
+
 def _pretrain_sources(cfg: ExperimentConfig, sources: dict[str, dict[str, Any]], run,
                       cache: InputCache, timing: dict[str, Any]) -> dict[str, Path]:
     """Pretrain each named source model on the source section, as a run inside this one."""
@@ -185,6 +186,7 @@ def _pretrain_sources(cfg: ExperimentConfig, sources: dict[str, dict[str, Any]],
         log.info("select: source model %s pretrained (%s)", name, sub.path)
     return made
 
+
 def _prepare_all(candidates: list[Candidate], source_runs: dict[str, Path],
                  cache: InputCache | None) -> tuple[list[tuple[Candidate, Route]], list[str]]:
     """Each candidate's route; a default candidate that does not apply is left out (noted), a
@@ -229,6 +231,7 @@ def _leaderboard(results: list[Scored], winner: Scored, how: dict[str, Any], met
             "fold_scores": [None if math.isnan(s) else round(s, 6) for s in r.scores]})
     return rows
 
+
 def _write_leaderboard(run, board: list[dict], metric: str, how: dict[str, Any],
                        cfg: ExperimentConfig, folds: Folds) -> None:
     sel = cfg.select
@@ -250,6 +253,7 @@ def _write_leaderboard(run, board: list[dict], metric: str, how: dict[str, Any],
                       f"{cfg.name}: {len(board)} routes, {folds.repeats}x{folds.k}-fold "
                       f"cross-validation on the labelled target rows")
 
+
 def _route_words(route: dict[str, Any]) -> str:
     parts = [route["backbone"], route["head"]]
     if route["source_only"]:
@@ -262,6 +266,7 @@ def _route_words(route: dict[str, Any]) -> str:
     if route.get("adapt"):
         parts.append(f"adapt {route['adapt']}")
     return " / ".join(str(p) for p in parts)
+
 
 def _refit_and_score(run, cfg: ExperimentConfig, route: Route, winner: Scored, oof: np.ndarray,
                      rows: Labelled, folds: Folds, store: PrefixStore, board: list[dict],
@@ -291,6 +296,7 @@ def _refit_and_score(run, cfg: ExperimentConfig, route: Route, winner: Scored, o
     return write_outputs(run, refit_route, model, summary, rt, None, inputs.test, decision,
                          extra)
 
+
 def _write_oof(run, rows: Labelled, route: Route, oof: np.ndarray) -> None:
     """Out-of-fold predictions (mean over repeats) of the chosen route: what `ensemble` uses
     as validation predictions of a select run."""
@@ -308,6 +314,7 @@ def _write_oof(run, rows: Labelled, route: Route, oof: np.ndarray) -> None:
                          if route.multilabel else np.asarray(route.classes)[rows.y])
     write_text(run.file("oof_predictions.csv"), pd.DataFrame(cols).to_csv(index=False))
 
+
 def _headline(m: dict[str, Any]) -> str:
     if "rmse" in m:
         return f"rmse {m['rmse']:.4g}, r2 {m['r2']}"
@@ -315,6 +322,7 @@ def _headline(m: dict[str, Any]) -> str:
         return f"mAP {m['map']:.4f}"
     auroc = "n/a" if m.get("auroc") is None else f"{m['auroc']:.4f}"
     return f"accuracy {m['accuracy']:.4f}, auroc {auroc}"
+
 
 def _research(run, routes: list[tuple[Candidate, Route]], results: list[Scored],
               winner: Scored, rows: Labelled, store: PrefixStore, oofs: dict[str, np.ndarray],

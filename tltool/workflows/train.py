@@ -36,11 +36,13 @@ def pretrain(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, 
         raise ConfigError("source: pretrain needs a `source` data section")
     return _train(cfg, "pretrain", argv)
 
+
 def freeze_finetune(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, Any]:
     """Transfer: source backbone + new head, freeze per the config, train on the target."""
     if cfg.target is None:
         raise ConfigError("target: freeze-finetune needs a `target` data section")
     return _train(cfg, "freeze-finetune", argv)
+
 
 def _train(cfg: ExperimentConfig, command: str, argv,
            resume_from: dict[str, Any] | None = None) -> dict[str, Any]:
