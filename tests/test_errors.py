@@ -304,7 +304,7 @@ def test_a_full_disk_stops_the_run_with_the_file_named(where, cli, write_config,
         raise OSError(errno.ENOSPC, "No space left on device")
 
     if where == "checkpoint":
-        monkeypatch.setattr(runs.torch, "save", full)
+        monkeypatch.setattr(torch, "save", full)
         expected = "checkpoints/best.pt"
     else:
         monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full)

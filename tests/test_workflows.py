@@ -285,3 +285,22 @@ def test_a_ci_job_chains_the_commands_with_json(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "ci chain ok" in res.stdout
+
+
+def test_runs_lists_and_diffs_run_folders(pretrained, cli, write_config, tmp_path):
+    res = cli("freeze-finetune", write_config("ft", {"model": {
+        "weights": str(pretrained), "backbone_args": {}, "frozen_layers": 1}}))
+    assert res.code == 0, res.err
+    table = cli("runs", str(tmp_path / "runs"))
+    assert table.code == 0
+    lines = table.out.strip().splitlines()
+    assert lines[0].split()[:4] == ["name", "run", "command", "status"] and len(lines) == 3
+    assert "freeze-finetune" in table.out and "complete" in table.out and "auroc" in table.out
+    rows = json.loads(cli("runs", str(tmp_path / "runs"), "--json", "--command",
+                          "pretrain").out)
+    assert [r["command"] for r in rows] == ["pretrain"] and rows[0]["data"] == "credit_data"
+    diff = cli("runs", "diff", str(pretrained), str(tmp_path / res.out.strip()), "--json")
+    d = json.loads(diff.out)
+    assert d["config"]["model.frozen_layers"] == [0, 1] and "test.auroc" in d["metrics"]
+    bad = cli("runs", "diff", str(pretrained))
+    assert bad.code == 2 and "two run folders" in bad.err

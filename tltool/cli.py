@@ -381,6 +381,65 @@ def predict(
     _finish(result, lines, session)
 
 
+@app.command("runs")
+def runs_(
+    args: list[str] = typer.Argument(None, metavar="[ROOT] | diff RUN RUN",
+                                     help="The output root to list (default: runs), or `diff` "
+                                     "and two run folders to compare."),
+    name: str = typer.Option(None, "--name", help="Only runs of this experiment name."),
+    command: str = typer.Option(None, "--command", help="Only runs of this command."),
+    status: str = typer.Option(None, "--status", help="Only runs with this status.",
+                               metavar="[complete|failed|running|stale]"),
+    as_json: bool = JSON_OPTION,
+    as_csv: bool = typer.Option(False, "--csv", help="Print the table as CSV."),
+) -> None:
+    """A table of runs (name, command, status, started, data, backbone, frozen blocks,
+    strategy, headline test and validation metric), or what differs between two runs (config
+    keys and metric changes).
+
+    Example: tltool runs runs --command select; tltool runs diff RUN_A RUN_B
+    """
+    import json
+
+    from tltool.workflows.listing import diff_runs, format_diff, format_table, list_runs
+
+    args = list(args or [])
+    session = Session("runs", False)
+    if args and args[0] == "diff":
+        if len(args) != 3:
+            _call(lambda: _raise(_usage("runs diff needs two run folders: tltool runs diff "
+                                        "RUN_A RUN_B")), session)
+        d = _call(lambda: diff_runs(args[1], args[2]), session)
+        session.close()
+        typer.echo(json.dumps(d, indent=1) if as_json else format_diff(d))
+        return
+    if len(args) > 1:
+        _call(lambda: _raise(_usage(f"runs takes one output root, got {len(args)}")), session)
+    rows = _call(lambda: list_runs(args[0] if args else "runs", name, command, status),
+                 session)
+    session.close()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+    elif as_csv:
+        import csv
+        import io
+
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["name"],
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        typer.echo(buf.getvalue(), nl=False)
+    else:
+        typer.echo(format_table(rows) if rows else "no runs")
+
+
+def _usage(message: str) -> Exception:
+    from tltool.errors import TLError
+
+    return TLError(message)
+
+
 @app.command("config")
 def show_config(
     config: str = typer.Argument(None, help="YAML config to resolve."),

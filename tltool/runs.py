@@ -17,8 +17,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from tltool import __version__
 from tltool.errors import NoSpace, RunError, no_space
 
@@ -140,6 +138,8 @@ class RunFolder:
 
     def save_checkpoint(self, name: str, payload: dict[str, Any]) -> Path:
         """Atomic torch.save of plain tensors and primitives (weights_only-loadable)."""
+        import torch
+
         path = self.file("checkpoints", name)
         _atomic_write(path, lambda fh: torch.save(payload, fh))
         return path
@@ -148,6 +148,7 @@ class RunFolder:
 def environment(seed: int | None) -> dict[str, Any]:
     import numpy
     import sklearn
+    import torch
 
     return {
         "tltool": __version__, "python": platform.python_version(),
@@ -270,6 +271,8 @@ def load_weights_file(path: Path) -> dict[str, Any]:
     arbitrary objects."""
     if not path.is_file():
         raise RunError(f"{path}: checkpoint not found")
+    import torch
+
     allowed = ("allowed: a tltool checkpoint (a run's checkpoints/best.pt) or a PyTorch state "
                "dict of tensors saved with torch.save(model.state_dict(), path)")
     try:
