@@ -94,16 +94,20 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=None)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--raw", type=Path, default=None, help="also write every run's numbers "
-                    "(JSON) here")
+                    "(JSON) here, after each run; runs already in the file are not run again")
     args = ap.parse_args()
     case = CASES[args.case]
     sizes = args.sizes or case["sizes"]
     logging.getLogger("tltool").setLevel(logging.WARNING)
-    start = time.time()
-    runs = []
+    # --raw doubles as a resume file: runs already in it are kept, the rest are run and
+    # appended one by one, so an interrupted table loses at most one run.
+    runs = json.loads(args.raw.read_text()) if args.raw and args.raw.exists() else []
+    done = {(r["n"], r["seed"]) for r in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             for seed in args.seeds:
+                if (n, seed) in done:
+                    continue
                 cfg = load_config(ROOT / case["config"], overrides(n, seed, tmp))
                 tick = time.time()
                 result = select(cfg)
@@ -120,9 +124,12 @@ def main() -> None:
                 print(f"n={n} seed={seed}: chose {research['chosen']} "
                       f"(best on test: {research['best_on_test']}), "
                       f"{time.time() - tick:.0f} s", flush=True)
-    if args.raw:
-        args.raw.write_text(json.dumps(runs, indent=1))
-    table = render(args.case, case, runs, sizes, args.seeds, time.time() - start)
+                if args.raw:
+                    part = args.raw.with_suffix(".part")
+                    part.write_text(json.dumps(runs, indent=1))
+                    part.replace(args.raw)
+    runs = [r for r in runs if r["n"] in sizes and r["seed"] in args.seeds]
+    table = render(args.case, case, runs, sizes, args.seeds, sum(r["seconds"] for r in runs))
     print(table)
     if args.out:
         args.out.write_text(table)
