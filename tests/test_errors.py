@@ -298,7 +298,6 @@ def test_a_full_disk_stops_the_run_with_the_file_named(where, cli, write_config,
 
     import matplotlib.figure
 
-    import tltool.runs as runs
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

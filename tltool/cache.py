@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tltool import progress
 from tltool.models import TransferModel
 from tltool.runtime import Runtime
 from tltool.tensors import Tensors
@@ -24,14 +25,17 @@ def build_prefix_cache(model: TransferModel, data: Tensors, n_blocks: int, batch
     rt = rt or Runtime()
     model.eval()
     parts, used = [], 0
-    for i in range(0, len(data.x), batch_size):
-        xb = rt.put(data.batch(slice(i, i + batch_size), train=augmented))
-        with rt.autocast():
-            z = model.backbone.forward_blocks(xb, n_blocks, pool=False).cpu()
-        used += z.numel() * z.element_size()
-        if used / (i + len(z)) * len(data.x) > max_bytes:
-            return None
-        parts.append(z)
+    with progress.current().steps(f"prefix cache: {n_blocks} frozen block(s)",
+                                  total=len(data.x)) as advance:
+        for i in range(0, len(data.x), batch_size):
+            xb = rt.put(data.batch(slice(i, i + batch_size), train=augmented))
+            with rt.autocast():
+                z = model.backbone.forward_blocks(xb, n_blocks, pool=False).cpu()
+            used += z.numel() * z.element_size()
+            if used / (i + len(z)) * len(data.x) > max_bytes:
+                return None
+            parts.append(z)
+            advance(len(z))
     # Stored in the layout the first uncached block runs in: no conversion per batch.
     return Tensors(model.backbone.laid_out(torch.cat(parts), n_blocks), data.y,
                    prior=data.prior)

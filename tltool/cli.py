@@ -38,6 +38,8 @@ SET_OPTION = typer.Option(None, "--set", help=SET_HELP, metavar="KEY=VALUE")
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object on standard output "
                            "(run folder, status, headline metrics, warnings; on failure the "
                            "error and exit code) instead of the run folder's path.")
+QUIET_OPTION = typer.Option(False, "--quiet", "-q", help="No progress display and no "
+                            "information lines on stderr; warnings and errors still show.")
 log = logging.getLogger("tltool")
 
 
@@ -58,14 +60,28 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 class Session:
     """One command's output mode and the warnings it logged (for --json)."""
 
-    def __init__(self, command: str, as_json: bool):
+    def __init__(self, command: str, as_json: bool, quiet: bool = False):
+        from tltool import progress
+
         self.command, self.as_json = command, as_json
         self.warnings: list[str] = []
         self._handler = _Collect(self.warnings)
         log.addHandler(self._handler)
+        self._level = log.level
+        if quiet:
+            log.setLevel(logging.WARNING)
+        # Progress goes to stderr: a Rich display on a terminal, plain lines otherwise.
+        self._progress = progress.use(progress.for_stream(sys.stderr, quiet))
+        self._progress.__enter__()
+        self._open = True
 
     def close(self) -> None:
+        if not self._open:
+            return
+        self._open = False
         log.removeHandler(self._handler)
+        log.setLevel(self._level)
+        self._progress.__exit__(None, None, None)
 
     def emit(self, payload: dict[str, Any]) -> None:
         import json
@@ -90,6 +106,8 @@ def _call(fn: Callable[[], Any], session: Session | None = None) -> Any:
     from tltool.errors import TLError
 
     def fail(code: int, message: str) -> typer.Exit:
+        if session is not None:
+            session.close()  # takes any progress display down before the error line
         typer.echo(message, err=True)
         if session is not None and session.as_json:
             session.emit({"status": "error", "exit_code": code, "error": message})
@@ -176,12 +194,13 @@ def pretrain(
         ..., metavar="CONFIG", help="YAML experiment config with a `source` section."),
     set_: list[str] = SET_OPTION,
     as_json: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Train a source model (backbone + head) on the source data.
 
     Example: tltool pretrain configs/credit/pretrain.yaml --set train.epochs=50
     """
-    session = Session("pretrain", as_json)
+    session = Session("pretrain", as_json, quiet)
     cfg = _call(lambda: _load(config, set_), session)  # config errors answer before torch loads
     from tltool.workflows.train import pretrain as run
 
@@ -196,12 +215,13 @@ def freeze_finetune(
                                  "model.weights naming the source run."),
     set_: list[str] = SET_OPTION,
     as_json: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Transfer a source model: freeze its first N blocks, fine-tune the rest on the target.
 
     Example: tltool freeze-finetune configs/credit/finetune.yaml --set model.frozen_layers=1
     """
-    session = Session("freeze-finetune", as_json)
+    session = Session("freeze-finetune", as_json, quiet)
     cfg = _call(lambda: _load(config, set_), session)  # config errors answer before torch loads
     from tltool.workflows.train import freeze_finetune as run
 
@@ -215,12 +235,13 @@ def extract(
         ..., metavar="CONFIG", help="YAML config; model.weights names the trained run."),
     set_: list[str] = SET_OPTION,
     as_json: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Write frozen-backbone features to disk and fit sklearn heads on them.
 
     Example: tltool extract configs/credit/extract.yaml
     """
-    session = Session("extract", as_json)
+    session = Session("extract", as_json, quiet)
     cfg = _call(lambda: _load(config, set_), session)  # config errors answer before torch loads
     from tltool.workflows.extract import extract as run
 
@@ -238,6 +259,7 @@ def select_(
                                  "select.candidates lists routes (default: a grid)."),
     set_: list[str] = SET_OPTION,
     as_json: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Choose how to build the target model: score candidate routes (transfer, pooled, prior,
     fine-tunes, reference models) by repeated k-fold cross-validation on the target's labelled
@@ -247,7 +269,7 @@ def select_(
 
     Example: tltool select configs/credit/select.yaml --set target.n_train=50
     """
-    session = Session("select", as_json)
+    session = Session("select", as_json, quiet)
     cfg = _call(lambda: _load(config, set_), session)  # config errors answer before torch loads
     from tltool.workflows.select import select as run
 
@@ -270,6 +292,7 @@ def resume(
     run: str = typer.Argument(..., help="An interrupted pretrain / freeze-finetune run folder "
                               "(failed, stopped, or stale: its process was killed)."),
     as_json: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Continue an interrupted training from its last finished epoch, into a new run folder
     that names its parent (run.json resumed_from); the result is the one an uninterrupted run
@@ -279,7 +302,7 @@ def resume(
     """
     from tltool.workflows.resume import resume as run_resume
 
-    session = Session("resume", as_json)
+    session = Session("resume", as_json, quiet)
     result = _call(lambda: run_resume(run, sys.argv), session)
     _finish(result, _score_lines(result["metrics"]), session)
 
@@ -292,6 +315,7 @@ def evaluate(
                            "(default: what the run trained on).", metavar="[source|target]"),
     csv: str = typer.Option(None, "--csv", help="Evaluate on all rows of this labelled CSV."),
     as_json: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Test-split metrics (accuracy, F1, AUROC, AP, Brier, confusion matrix) of a run.
 
@@ -300,7 +324,7 @@ def evaluate(
     from tltool.errors import TLError
     from tltool.workflows.infer import evaluate as run_eval
 
-    session = Session("evaluate", as_json)
+    session = Session("evaluate", as_json, quiet)
     if on not in (None, "source", "target"):
         _call(lambda: _raise(TLError(f"--on: got {on!r}; allowed: source, target")), session)
     result = _call(lambda: run_eval(run, on, csv, sys.argv), session)
@@ -321,6 +345,7 @@ def ensemble(
                                  "accuracy, f1 or youden (default: the members' "
                                  "decision.optimize).", metavar="[accuracy|f1|youden]"),
     as_json: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Average the members' probabilities, choose the decision threshold on their validation
     rows (the design document's 'avg' rule) and score the test split once.
@@ -330,7 +355,7 @@ def ensemble(
     from tltool.errors import TLError
     from tltool.workflows.ensemble import ensemble as run_ensemble
 
-    session = Session("ensemble", as_json)
+    session = Session("ensemble", as_json, quiet)
     for key, value, allowed in (("--rule", rule, ("auto", "threshold", "argmax")),
                                 ("--optimize", optimize, ("accuracy", "f1", "youden"))):
         if value is not None and value not in allowed:
@@ -354,6 +379,7 @@ def predict(
     force: bool = typer.Option(False, "--force", help="--out may be a symbolic link to a "
                                "regular file (written through the link)."),
     as_json: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
 ) -> None:
     """Probabilities and decisions for new rows, with the run's preprocessing and threshold.
 
@@ -361,7 +387,7 @@ def predict(
     """
     from tltool.workflows.infer import predict as run_predict
 
-    session = Session("predict", as_json)
+    session = Session("predict", as_json, quiet)
     result = _call(lambda: run_predict(run, input_csv, out, id_column, sys.argv, force),
                    session)
     s = result["summary"]
@@ -391,6 +417,7 @@ def runs_(
     status: str = typer.Option(None, "--status", help="Only runs with this status.",
                                metavar="[complete|failed|running|stale]"),
     as_json: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
     as_csv: bool = typer.Option(False, "--csv", help="Print the table as CSV."),
 ) -> None:
     """A table of runs (name, command, status, started, data, backbone, frozen blocks,
@@ -404,7 +431,7 @@ def runs_(
     from tltool.workflows.listing import diff_runs, format_diff, format_table, list_runs
 
     args = list(args or [])
-    session = Session("runs", False)
+    session = Session("runs", False, quiet)
     if args and args[0] == "diff":
         if len(args) != 3:
             _call(lambda: _raise(_usage("runs diff needs two run folders: tltool runs diff "

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tltool import progress
 from tltool.adapt import Adaptation
 from tltool.cache import PrefixStore, build_prefix_cache, prior_signal  # noqa: F401 (API)
 from tltool.errors import TrainingDiverged
@@ -59,19 +60,22 @@ def _forward(model: TransferModel, xb: torch.Tensor, start: int,
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, data: Tensors, batch_size: int = 512, start: int = 0,
-                   rt: Runtime | None = None) -> torch.Tensor:
+                   rt: Runtime | None = None, what: str = "predict") -> torch.Tensor:
     """Logits (float32, on the CPU) in inference mode; `start` > 0 means data.x holds cached
-    prefix outputs (and data.prior the prior's signal, when the model has a prior)."""
+    prefix outputs (and data.prior the prior's signal, when the model has a prior). `what`
+    names the step in progress reports (shown only when it is long)."""
     rt = rt or Runtime()
     model.eval()
     out = []
-    for i in range(0, len(data.x), batch_size):
-        rows = slice(i, i + batch_size)
-        xb = rt.put(data.batch(rows, train=False))
-        prior = data.prior_of(rows)
-        with rt.autocast():
-            logits = _forward(model, xb, start, None if prior is None else rt.put(prior))
-        out.append(logits.float().cpu())
+    with progress.current().steps(what, total=len(data.x)) as advance:
+        for i in range(0, len(data.x), batch_size):
+            rows = slice(i, i + batch_size)
+            xb = rt.put(data.batch(rows, train=False))
+            prior = data.prior_of(rows)
+            with rt.autocast():
+                logits = _forward(model, xb, start, None if prior is None else rt.put(prior))
+            out.append(logits.float().cpu())
+            advance(len(logits))
     return torch.cat(out)
 
 
@@ -94,12 +98,13 @@ def _cache_plan(model: TransferModel, train: Tensors, n_frozen: int, train_cfg,
 
 
 def predict_proba(model: nn.Module, data: Tensors | torch.Tensor, multilabel: bool = False,
-                  batch_size: int = 512, rt: Runtime | None = None) -> np.ndarray:
+                  batch_size: int = 512, rt: Runtime | None = None,
+                  what: str = "predict") -> np.ndarray:
     """Class probabilities (softmax) or per-label probabilities (sigmoid), float64; a
     regression model's predicted values (one column)."""
     if isinstance(data, torch.Tensor):
         data = Tensors(data, torch.empty(0))
-    logits = predict_logits(model, data, batch_size, rt=rt)
+    logits = predict_logits(model, data, batch_size, rt=rt, what=what)
     return Task.of(model, multilabel).proba(logits).double().numpy()
 
 
@@ -283,7 +288,8 @@ class Trainer:
             loss, align = self._epoch(tr), None
         self.timing["train_epoch_seconds"].append(round(time.perf_counter() - tick, 4))
         logits = (None if self.va is None else
-                  predict_logits(self.model, self.va, self.eval_batch, self.start, self.rt))
+                  predict_logits(self.model, self.va, self.eval_batch, self.start, self.rt,
+                                 what="validation"))
         return EpochResult(loss, align, logits, self._watch())
 
     def _watch(self) -> float | None:
@@ -484,6 +490,7 @@ def fit(model: TransferModel, train: Tensors, val: Tensors | None, phases: list[
     watching = adapt is not None and adapt.watch is not None
     if watching:
         fields.append("target_val_score")
+    planned = sum(p.epochs for p in phases)
     state = None if resume is None else resume["state"]
     watched: dict[int, float] = {} if state is None else {
         int(k): v for k, v in state["watched"].items()}
@@ -508,6 +515,7 @@ def fit(model: TransferModel, train: Tensors, val: Tensors | None, phases: list[
                 stale, left = 0, phase.epochs
             done = left == 0
             for i in range(left):
+                tick = time.perf_counter()
                 res = tr.run_epoch()
                 row = {"round": r, "epoch": tr.epoch_total, "train_loss": round(res.train_loss, 6),
                        "lr_head": tr.lrs["head"], "lr_backbone": tr.lr_backbone,
@@ -536,9 +544,13 @@ def fit(model: TransferModel, train: Tensors, val: Tensors | None, phases: list[
                 writer.writerow(row)
                 fh.flush()
                 save("last.pt", tr.epoch_total, tr.state(stale, done, watched))
+                progress.current().epoch(progress.Epoch(
+                    round=r, rounds=len(phases), epoch=tr.epoch_total, planned=planned,
+                    seconds=time.perf_counter() - tick, metrics=row))
                 if done and i < left - 1:
                     break
             tr.end_round()
+    progress.current().training_done()
     if val is None or tr.epoch_total == 0:
         save("best.pt", tr.epoch_total)
     summary = tr.summary(monitor)

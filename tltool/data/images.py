@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from tltool import progress
 from tltool.config import DataConfig
 from tltool.data.tabular import Split, _partition, _subsample, left_out, sample_seed
 from tltool.datasets.images import IMAGE_SETS, get_image_set, load_image_set
@@ -361,8 +362,11 @@ def _decode_all(files: list[Path], size: int, on_bad_image: str, shown: list[str
             return exc
 
     arrays: list = []
-    with ThreadPoolExecutor(max_workers=_workers()) as pool:
-        arrays = list(pool.map(one, files, chunksize=16))
+    with ThreadPoolExecutor(max_workers=_workers()) as pool, \
+            progress.current().steps("decoding images", total=len(files)) as advance:
+        for a in pool.map(one, files, chunksize=16):
+            arrays.append(a)
+            advance(1)
     bad = [(i, str(a)) for i, a in enumerate(arrays) if isinstance(a, _BadImage)]
     if bad and on_bad_image == "error":
         i, reason = bad[0]

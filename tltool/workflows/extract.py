@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tltool import progress
 from tltool.config import ExperimentConfig
 from tltool.engine import Tensors
 from tltool.errors import ConfigError, DataError
@@ -90,14 +91,16 @@ def _heads(cfg: ExperimentConfig, regression: bool, section: str) -> list[str]:
 
 @torch.no_grad()
 def features_of(model, data: Tensors, blocks: int | None, rt: Runtime,
-                batch_size: int = 256) -> np.ndarray:
+                batch_size: int = 256, what: str = "extract") -> np.ndarray:
     """Pooled backbone features (float32) of every row, batch by batch."""
     model.eval()
     parts = []
-    for i in range(0, len(data.x), batch_size):
-        xb = rt.put(data.batch(slice(i, i + batch_size), train=False))
-        with rt.autocast():
-            parts.append(model.backbone.forward_blocks(xb, blocks).float().cpu())
+    with progress.current().steps(what, total=len(data.x)) as advance:
+        for i in range(0, len(data.x), batch_size):
+            xb = rt.put(data.batch(slice(i, i + batch_size), train=False))
+            with rt.autocast():
+                parts.append(model.backbone.forward_blocks(xb, blocks).float().cpu())
+            advance(len(parts[-1]))
     return torch.cat(parts).numpy()
 
 
@@ -161,7 +164,8 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
             for s in ("train", "val", "test"):
                 split, tensors = getattr(inputs.data, s), getattr(inputs, s)
                 start = time.perf_counter()
-                feats[(d, s)] = features_of(model, tensors, blocks, rt)
+                feats[(d, s)] = features_of(model, tensors, blocks, rt,
+                                            what=f"extract: {d} {s}")
                 timing["seconds"] += time.perf_counter() - start
                 timing["images_or_rows"] += len(tensors.x)
                 with writing(run.file("features", f"{d}_{s}.npz")):

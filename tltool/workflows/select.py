@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from tltool import plots
+from tltool import plots, progress
 from tltool.cache import PrefixStore
 from tltool.config import ExperimentConfig, candidate_raw, dump_config, validate_config
 from tltool.cv import LOWER_IS_BETTER, Folds, Scored, choose, default_metric, make_folds
@@ -101,16 +101,20 @@ def select(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, An
             log.info("select: %s", note)
         store = PrefixStore() if sel.share_work else None
         results, oofs = [], {}
-        for cand, route in routes:
-            start = time.perf_counter()
-            scored, oof = cross_validate(route, cand, rows.of(route), folds, store, metric,
-                                         sel.seed)
-            timing["candidates"][cand.name] = round(time.perf_counter() - start, 3)
-            results.append(scored)
-            oofs[cand.name] = oof
-            log.info("select: %-22s cv %s %.4f ± %.4f (complexity %d, %.1f s)", cand.name,
-                     metric, scored.mean, scored.se if not math.isnan(scored.se) else 0.0,
-                     scored.complexity, timing["candidates"][cand.name])
+        with progress.current().steps("select: cross-validating candidates",
+                                      total=len(routes)) as advance:
+            for cand, route in routes:
+                start = time.perf_counter()
+                with progress.use(progress.Reporter()):  # a line per candidate, not per fold
+                    scored, oof = cross_validate(route, cand, rows.of(route), folds, store,
+                                                 metric, sel.seed)
+                advance(1)
+                timing["candidates"][cand.name] = round(time.perf_counter() - start, 3)
+                results.append(scored)
+                oofs[cand.name] = oof
+                log.info("select: %-22s cv %s %.4f ± %.4f (complexity %d, %.1f s)", cand.name,
+                         metric, scored.mean, scored.se if not math.isnan(scored.se) else 0.0,
+                         scored.complexity, timing["candidates"][cand.name])
         winner, how = choose(results, sel.rule)
         by_name = {c.name: (c, r) for c, r in routes}
         board = _leaderboard(results, winner, how, metric, folds, by_name)
@@ -122,7 +126,8 @@ def select(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, An
                                    store, board, notes, how)
         timing["refit_seconds"] = round(time.perf_counter() - start, 3)
         if sel.research:
-            _research(run, routes, results, winner, rows, store, oofs, metric)
+            with progress.use(progress.Reporter()):
+                _research(run, routes, results, winner, rows, store, oofs, metric)
         write_json(run.file("timing.json"), timing)
     log.info("select: chose %s (cv %s %.4f); test: %s", winner.name, metric, winner.mean,
              _headline(metrics["test"]))
