@@ -230,6 +230,11 @@ class DecisionConfig(_Strict):
         "several runs first)")
     optimize: Literal["accuracy", "f1", "youden"] = Field(
         "accuracy", description="what the validation threshold maximises")
+    calibrate: Literal["none", "temperature"] = Field(
+        "none", description="temperature: divide the logits by one number (per label for "
+        "multi-label) fitted on the validation rows (select: out-of-fold rows) by log loss, "
+        "before the threshold is chosen; saved in thresholds.json and applied by evaluate, "
+        "predict and ensemble. Changes no argmax and no AUROC; classification only")
 
 
 class ExtractConfig(_Strict):

@@ -3,10 +3,12 @@ held-out rows only; and the metrics of a split under a saved decision rule."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 
+from tltool import calibration
 from tltool.metrics import (
     choose_threshold,
     classification_report,
@@ -14,12 +16,15 @@ from tltool.metrics import (
     regression_report,
 )
 
+log = logging.getLogger("tltool")
+
 
 def report(y: np.ndarray, proba: np.ndarray, classes: list[str],
            decision: dict[str, Any]) -> dict[str, Any]:
-    """The metrics of one split under a saved decision rule."""
+    """The metrics of one split under a saved decision rule (and its calibration)."""
     if decision.get("rule") == "regression":
         return regression_report(y, proba[:, 0])
+    proba = calibration.apply(proba, decision)
     if "per_label" in decision:
         return multilabel_report(y, proba, classes, decision["per_label"])
     return classification_report(y, proba, classes, decision["threshold"])
@@ -35,19 +40,29 @@ def decision_rule(cfg, classes: list[str], multilabel: bool,
     predicted value is the answer (no threshold).
     """
     if regression:
+        if getattr(cfg.decision, "calibrate", "none") != "none":
+            log.warning("decision.calibrate: %s applies to classification only; a regression "
+                        "model's predicted values are left as they are",
+                        cfg.decision.calibrate)
         return {"rule": "regression", "threshold": None, "chosen_on": None}
     rule, optimize = cfg.decision.rule, cfg.decision.optimize
+    cal = {}
+    if getattr(cfg.decision, "calibrate", "none") == "temperature":
+        cal = {"calibration": calibration.calibrate_rule(proba_val, y_val, multilabel,
+                                                         chosen_on)}
+        proba_val = calibration.scale(proba_val, cal["calibration"]["temperature"], multilabel)
     if multilabel:
         if rule == "argmax":
             return {"rule": "argmax", "threshold": None, "per_label": [0.5] * len(classes),
-                    "chosen_on": None}
+                    "chosen_on": None, **cal}
         chosen = [choose_threshold(y_val[:, j].astype(np.int64), proba_val[:, j], optimize)
                   for j in range(len(classes))]
         return {"rule": "threshold", "threshold": None, "optimize": optimize,
                 "per_label": [c["threshold"] for c in chosen],
                 "validation_score": [c["validation_score"] for c in chosen],
-                "chosen_on": chosen_on}
+                "chosen_on": chosen_on, **cal}
     if rule == "argmax":
-        return {"rule": "argmax", "threshold": None, "chosen_on": None}
+        return {"rule": "argmax", "threshold": None, "chosen_on": None, **cal}
     chosen = choose_threshold(y_val, proba_val[:, 1], optimize)
-    return {"rule": "threshold", "positive": classes[1], **chosen, "chosen_on": chosen_on}
+    return {"rule": "threshold", "positive": classes[1], **chosen, "chosen_on": chosen_on,
+            **cal}

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
+from tltool.calibration import ece
+
 
 def decide(proba: np.ndarray, threshold: float | None) -> np.ndarray:
     """Class indices: argmax, or for a binary task P(positive) >= threshold."""
@@ -74,6 +76,7 @@ def classification_report(y: np.ndarray, proba: np.ndarray, classes: list[str],
         "average_precision": None,
         "brier": None,
         "log_loss": float(-np.log(np.clip(proba[np.arange(len(y)), y], 1e-12, 1)).mean()),
+        "ece": ece(y, proba) if len(y) else None,
         "threshold": threshold,
         "confusion_matrix": skm.confusion_matrix(y, pred, labels=range(len(classes))).tolist(),
         "macro_f1": float(skm.f1_score(y, pred, average="macro", zero_division=0,
@@ -104,8 +107,8 @@ def _per_class(y: np.ndarray, pred: np.ndarray, classes: list[str]) -> dict[str,
 def format_report(report: dict[str, Any], classes: list[str]) -> str:
     """A readable table of one report (what `evaluate` prints and saves as report.txt)."""
     keys = ["n", "accuracy", "balanced_accuracy", "precision", "recall", "f1", "macro_f1",
-            "auroc", "average_precision", "brier", "log_loss", "threshold"]
-    lines = [f"{k:<18} {_fmt(report[k])}" for k in keys]
+            "auroc", "average_precision", "brier", "log_loss", "ece", "threshold"]
+    lines = [f"{k:<18} {_fmt(report.get(k))}" for k in keys]
     if len(classes) > 2:
         lines.append(f"{'class':<12} {'precision':>10} {'recall':>8} {'f1':>8} {'support':>8}")
         for c, r in report["per_class"].items():
@@ -164,6 +167,7 @@ def multilabel_report(y: np.ndarray, proba: np.ndarray, labels: list[str],
         "f1": float(skm.f1_score(y, pred, average="macro", zero_division=0)),
         "map": float(np.mean(aps)) if aps else None,
         "auroc": float(np.mean(aucs)) if aucs else None,
+        "ece": ece(y, proba, multilabel=True) if len(y) else None,
         "per_label": per_label,
     }
 

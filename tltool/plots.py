@@ -125,3 +125,100 @@ def leaderboard(rows: list[dict], out: Path, metric: str, bar: float | None,
     fig.tight_layout()
     _save(fig, out, 110)
     return out
+
+
+# Curves per class / label are drawn for at most this many; a note says how many were left out.
+MAX_CURVES = 12
+
+
+def _curve_sets(y, proba, classes: list[str], multilabel: bool):
+    """(name, 0/1 truth, score) for each curve: the positive class of a binary task, each
+    class one-vs-rest, or each label; classes without both outcomes are left out."""
+    import numpy as np
+
+    y = np.asarray(y)
+    if multilabel:
+        sets = [(c, y[:, j].astype(int), proba[:, j]) for j, c in enumerate(classes)]
+    elif len(classes) == 2:
+        sets = [(classes[1], (y == 1).astype(int), proba[:, 1])]
+    else:
+        sets = [(c, (y == j).astype(int), proba[:, j]) for j, c in enumerate(classes)]
+    return [s for s in sets if 0 < s[1].sum() < len(s[1])]
+
+
+def roc_pr(y, proba, classes: list[str], multilabel: bool, out_roc: Path, out_pr: Path,
+           title: str) -> list[Path]:
+    """ROC and precision-recall curves (per class one-vs-rest, or per label), with each
+    curve's AUROC / average precision in the legend."""
+    from sklearn import metrics as skm
+
+    plt = _pyplot()
+    sets = _curve_sets(y, proba, classes, multilabel)
+    shown, left = sets[:MAX_CURVES], len(sets) - MAX_CURVES
+    written = []
+    for kind, out in (("roc", out_roc), ("pr", out_pr)):
+        fig, ax = plt.subplots(figsize=(4.8, 4.4))
+        for name, truth, score in shown:
+            if kind == "roc":
+                fpr, tpr, _ = skm.roc_curve(truth, score)
+                ax.plot(fpr, tpr, lw=1.2,
+                        label=f"{name} (AUROC {skm.roc_auc_score(truth, score):.3f})")
+            else:
+                prec, rec, _ = skm.precision_recall_curve(truth, score)
+                ax.step(rec, prec, where="post", lw=1.2, label=f"{name} (AP "
+                        f"{skm.average_precision_score(truth, score):.3f})")
+        if kind == "roc":
+            ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--")
+            ax.set(xlabel="false positive rate", ylabel="true positive rate")
+        else:
+            ax.set(xlabel="recall", ylabel="precision", ylim=(0, 1.02))
+        note = f" ({left} more not drawn)" if left > 0 else ""
+        ax.set_title(f"{title}{note}", fontsize=9)
+        if shown:
+            ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "lower left")
+        fig.tight_layout()
+        _save(fig, out, 110)
+        written.append(out)
+    return written
+
+
+def reliability(y, proba, out: Path, title: str, multilabel: bool = False,
+                calibrated=None) -> Path:
+    """Reliability diagram: accuracy (multi-label: how often the label is present) against
+    the mean predicted confidence per bin, before and (when given) after calibration."""
+    from tltool.calibration import ece
+    from tltool.calibration import reliability as bins_of
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfectly calibrated")
+    for label, p, style in (("as trained", proba, "o-"), ("temperature-scaled", calibrated,
+                                                           "s-")):
+        if p is None:
+            continue
+        b = bins_of(y, p, multilabel=multilabel)
+        pts = [(c, a) for c, a, n in zip(b["confidence"], b["accuracy"], b["count"],
+                                         strict=True) if n]
+        ax.plot([c for c, _ in pts], [a for _, a in pts], style, ms=4, lw=1.2,
+                label=f"{label} (ECE {ece(y, p, multilabel=multilabel):.3f})")
+    ax.set(xlabel="predicted probability" if multilabel else "confidence (top probability)",
+           ylabel="observed frequency" if multilabel else "accuracy", xlim=(0, 1),
+           ylim=(0, 1.02))
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    _save(fig, out, 110)
+    return out
+
+
+def decision_plots(y, proba, classes: list[str], decision: dict, folder: Path,
+                   title: str) -> None:
+    """ROC, PR and reliability PNGs of a classification split into `folder` (the reliability
+    diagram before and after the run's calibration, when it has one)."""
+    from tltool.calibration import apply
+
+    multilabel = "per_label" in decision
+    calibrated = apply(proba, decision) if decision.get("calibration") else None
+    roc_pr(y, proba if calibrated is None else calibrated, classes, multilabel,
+           folder / "roc.png", folder / "pr.png", title)
+    reliability(y, proba, folder / "reliability.png", title, multilabel, calibrated)

@@ -133,8 +133,8 @@ def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
         held_from = "out-of-fold"
     avg_test = np.mean(p_test, axis=0)
     decision = decision_rule(cfg0.model_copy(update={"decision": DecisionConfig(
-        rule=rule, optimize=optimize)}), classes, multilabel, avg_val, y_held, regression,
-        chosen_on=held_from)
+        rule=rule, optimize=optimize, calibrate=cfg0.decision.calibrate)}), classes,
+        multilabel, avg_val, y_held, regression, chosen_on=held_from)
     decision["averaged"] = len(members)
     metrics = {
         "command": "ensemble", "members": [str(m[0]) for m in members],

@@ -147,6 +147,10 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
         log.warning("adapt.method %r is not used by extract (its features come from fixed "
                     "weights); adapt with pretrain or freeze-finetune, then extract from that "
                     "run", cfg.adapt.method)
+    if cfg.decision.calibrate != "none":
+        log.warning("decision.calibrate is not applied to extract's heads (they are reported, "
+                    "not saved); to calibrate a head on frozen features, freeze-finetune with "
+                    "strategy linear_probe")
     for d, inputs in loaded.items():
         check_input_fits(model, inputs, d)
     rt = make_runtime(cfg.train, spec.input == "image")

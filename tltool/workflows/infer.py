@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tltool import plots
+from tltool import calibration, plots
 from tltool.decision import report
 from tltool.engine import Tensors, predict_proba
 from tltool.errors import DataError, RunError
@@ -62,6 +62,10 @@ def read_decision(run: Path) -> dict[str, Any]:
     if not ok:
         raise RunError(f"{path}: damaged (expected the saved decision rule: a threshold "
                        f"number or null, or per-label thresholds)")
+    labels = len(decision["per_label"]) if "per_label" in decision else None
+    if not calibration.valid(decision.get("calibration"), labels):
+        raise RunError(f"{path}: damaged calibration (expected method temperature with a "
+                       f"positive finite temperature{', one per label' if labels else ''})")
     return decision
 
 
@@ -116,11 +120,16 @@ def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
         if regression:
             plots.predicted_vs_true(y, proba[:, 0], out.file("plots", "predicted_vs_true.png"),
                                     f"{origin} (test)")
-        elif not multilabel:
-            cm = pd.DataFrame(metrics["confusion_matrix"], index=classes, columns=classes)
-            write_text(out.file("confusion_matrix.csv"), cm.to_csv(index_label="true\\predicted"))
-            plots.confusion_matrix(metrics["confusion_matrix"], classes,
-                                   out.file("plots", "confusion_matrix.png"), f"{origin} (test)")
+        else:
+            if not multilabel:
+                cm = pd.DataFrame(metrics["confusion_matrix"], index=classes, columns=classes)
+                write_text(out.file("confusion_matrix.csv"),
+                           cm.to_csv(index_label="true\\predicted"))
+                plots.confusion_matrix(metrics["confusion_matrix"], classes,
+                                       out.file("plots", "confusion_matrix.png"),
+                                       f"{origin} (test)")
+            plots.decision_plots(y, proba, classes, decision, out.file("plots"),
+                                 f"{origin} (test)")
         write_text(out.file("test_predictions.csv"),
                    predictions_frame(ids, proba, classes, decision, y).to_csv(index=False))
     return {"run": str(out.path), "metrics": result, "table": table}
@@ -382,6 +391,7 @@ def predictions_frame(ids, proba: np.ndarray, classes: list[str], decision: dict
     """One row per input: id, a probability per class/label, the decision (and the truth);
     regression: id, the predicted value (and the truth and the error)."""
     cols: dict[str, Any] = {"id": ids}
+    proba = calibration.apply(proba, decision)
     if decision.get("rule") == "regression":
         cols["prediction"] = np.round(proba[:, 0], 6)
         if y is not None:

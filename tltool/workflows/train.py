@@ -127,7 +127,12 @@ def write_outputs(run, route: Route, model: TransferModel, summary: dict[str, An
         plots.predicted_vs_true(test.y.numpy(), proba_test[:, 0],
                                 run.file("plots", "predicted_vs_true_test.png"),
                                 f"{route.label} (test split)")
-    elif not multilabel:
-        plots.confusion_matrix(metrics["test"]["confusion_matrix"], classes,
-                               run.file("plots", "confusion_matrix_test.png"), "test split")
+    else:
+        if not multilabel:
+            plots.confusion_matrix(metrics["test"]["confusion_matrix"], classes,
+                                   run.file("plots", "confusion_matrix_test.png"), "test split")
+        for split, rows, p in (("val", val, proba_val), ("test", test, proba_test)):
+            if rows is not None and len(rows.y):
+                plots.decision_plots(rows.y.numpy(), p, classes, decision,
+                                     run.file("plots", split), f"{route.label} ({split} split)")
     return metrics
