@@ -312,6 +312,9 @@ class SelectConfig(_Strict):
 
 class OutputConfig(_Strict):
     root: str = Field("runs", description="run folders go to ROOT/NAME/TIMESTAMP-COMMAND")
+    tensorboard: bool = Field(True, description="TensorBoard event files in RUN/tensorboard "
+                              "(per-epoch scalars, hyper-parameters with the final metrics, PR "
+                              "curves): tensorboard --logdir runs/")
 
 
 class ExperimentConfig(_Strict):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tltool import plots
+from tltool import calibration, plots
 from tltool.config import ExperimentConfig
 from tltool.decision import decision_rule, report
 from tltool.engine import predict_proba
@@ -15,6 +15,7 @@ from tltool.models import TransferModel
 from tltool.runs import write_json, write_text
 from tltool.runtime import Runtime, make_runtime
 from tltool.tensors import Tensors
+from tltool.tracking import tracking
 from tltool.workflows.common import checkpoint_payload, load_state, log, new_run, pin_config
 from tltool.workflows.routes import (
     Route,
@@ -75,17 +76,20 @@ def _train(cfg: ExperimentConfig, command: str, argv,
                 best["state_dict"] = state["best_state"]
             run.save_checkpoint("best.pt", best | {"epoch": state["best"]["epoch"]})
         write_json(run.file("runtime.json"), rt.describe())
-        summary = train_route(route, model, inputs.train, inputs.val, save,
-                              run.file("metrics.csv"), rt, pooled=pooled_tensors(route),
-                              resume=resume)
-        write_json(run.file("runtime.json"), rt.describe())  # with what `auto` chose
-        metrics = write_outputs(run, route, model, summary, rt, inputs.val, inputs.test)
+        with tracking(run.file("tensorboard"), cfg.output.tensorboard,
+                      None if resume is None else resume["rows"]) as tracker:
+            summary = train_route(route, model, inputs.train, inputs.val, save,
+                                  run.file("metrics.csv"), rt, pooled=pooled_tensors(route),
+                                  resume=resume)
+            write_json(run.file("runtime.json"), rt.describe())  # with what `auto` chose
+            metrics = write_outputs(run, route, model, summary, rt, inputs.val, inputs.test,
+                                    tracker=tracker)
     return {"run": str(run.path), "metrics": metrics}
 
 
 def write_outputs(run, route: Route, model: TransferModel, summary: dict[str, Any], rt: Runtime,
                   val: Tensors | None, test: Tensors, decision: dict[str, Any] | None = None,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                  extra: dict[str, Any] | None = None, tracker=None) -> dict[str, Any]:
     """Freeze plan, timing, thresholds (chosen on `val` unless `decision` is given), metrics
     and plots of a trained route; returns metrics.json's content."""
     cfg, inputs, m = route.cfg, route.inputs, route.cfg.model
@@ -120,6 +124,12 @@ def write_outputs(run, route: Route, model: TransferModel, summary: dict[str, An
         **(extra or {}),
     }
     write_json(run.file("metrics.json"), metrics)
+    if tracker is not None:
+        curves = {} if regression else {
+            split: (rows.y.numpy(), calibration.apply(p, decision))
+            for split, rows, p in (("val", val, proba_val), ("test", test, proba_test))
+            if rows is not None and len(rows.y)}
+        tracker.final(cfg.model_dump(mode="json"), metrics, classes, multilabel, curves)
     if (run.file("metrics.csv")).exists() and summary["epochs_run"]:
         plots.learning_curves(run.file("metrics.csv"), run.file("plots", "learning_curves.png"),
                               summary["best_epoch"])
