@@ -512,6 +512,41 @@ def datasets() -> None:
 
 
 @app.command()
+def export(
+    run: str = typer.Argument(..., metavar="RUN", help="A pretrain / freeze-finetune / select "
+                              "run folder, or NAME_FOLDER/latest."),
+    fmt: str = typer.Option(..., "--format", metavar="onnx|torchscript",
+                            help="onnx (checked with onnxruntime) or torchscript."),
+    out: str = typer.Option(None, "--out", help="Folder to write (default RUN/export-FORMAT)."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier export folder."),
+    as_json: bool = JSON_OPTION,
+    quiet: bool = QUIET_OPTION,
+) -> None:
+    """Export a trained model for serving: raw input tensor in (images: uint8 pixels, the
+    normalisation inside; tables: the encoded matrix, preprocessing.json beside it),
+    probabilities out (calibration inside); checked against tltool predict on 100 test rows.
+
+    Example: tltool export runs/credit-finetune/latest --format onnx
+    """
+    session = Session("export", as_json, quiet)
+    if fmt not in ("onnx", "torchscript"):
+        from tltool.errors import TLError
+
+        _call(lambda: _raise(TLError(f"--format: got {fmt!r}; allowed: onnx, torchscript")),
+              session)
+    from tltool.workflows.export import export as run_export
+    from tltool.workflows.export import shown
+
+    report = _call(lambda: run_export(run, fmt, out, force), session)
+    if as_json:
+        session.emit({"status": "complete", "run": run, "export": report})
+        return
+    session.close()
+    typer.echo(shown(report), err=True)
+    typer.echo(report["folder"])
+
+
+@app.command()
 def backbones(
     inputs: int = typer.Option(20, min=1, help="Input width used to count tabular parameters."),
     name: str = typer.Option(None, "--name", help="Show only this backbone."),

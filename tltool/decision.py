@@ -66,3 +66,34 @@ def decision_rule(cfg, classes: list[str], multilabel: bool,
     chosen = choose_threshold(y_val, proba_val[:, 1], optimize)
     return {"rule": "threshold", "positive": classes[1], **chosen, "chosen_on": chosen_on,
             **cal}
+
+
+def predictions_frame(ids, proba: np.ndarray, classes: list[str], decision: dict[str, Any],
+                      y: np.ndarray | None = None):
+    """One row per input: id, a probability per class/label, the decision (and the truth);
+    regression: id, the predicted value (and the truth and the error)."""
+    import pandas as pd
+
+    from tltool.metrics import decide, decide_multilabel
+
+    cols: dict[str, Any] = {"id": ids}
+    proba = calibration.apply(proba, decision)
+    if decision.get("rule") == "regression":
+        cols["prediction"] = np.round(proba[:, 0], 6)
+        if y is not None:
+            cols["label"] = y
+            cols["error"] = np.round(proba[:, 0] - y, 6)
+        return pd.DataFrame(cols)
+    for i, c in enumerate(classes):
+        cols[f"p_{c}"] = np.round(proba[:, i], 6)
+    names = np.asarray(classes, dtype=object)
+    if "per_label" in decision:
+        on = decide_multilabel(proba, decision["per_label"])
+        cols["prediction"] = ["|".join(names[row.astype(bool)]) for row in on]
+        if y is not None:
+            cols["label"] = ["|".join(names[row.astype(bool)]) for row in y.astype(np.int64)]
+    else:
+        cols["prediction"] = names[decide(proba, decision["threshold"])]
+        if y is not None:
+            cols["label"] = names[y]
+    return pd.DataFrame(cols)

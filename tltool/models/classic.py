@@ -541,9 +541,49 @@ class TreeHead(_ClassicHead):
             buf[t, :m] = torch.from_numpy(nodes[field].astype(_NUMPY_DTYPES[buf.dtype]))
         self.tree_output[t] = output
 
+    # Set by `static_traversal()` for export: a fixed number of steps, no data-dependent
+    # shapes or loops, so tracing (TorchScript, ONNX) records a graph valid for any input.
+    fixed_depth: int | None = None
+
+    def static_traversal(self) -> int:
+        """Switch to the fixed-step traversal (every cell steps `depth` times, leaves stay
+        put); returns the depth: the longest root-to-leaf path of any tree."""
+        left, right = self.left.numpy(), self.right.numpy()
+        is_leaf = self.is_leaf.numpy()
+        depth = 0
+        for t in range(left.shape[0]):
+            level, frontier = 0, [0]
+            while True:
+                inner = [n for n in frontier if not is_leaf[t, n]]
+                if not inner:
+                    break
+                level += 1
+                frontier = [c for n in inner for c in (left[t, n], right[t, n])]
+            depth = max(depth, level)
+        self.fixed_depth = depth
+        return depth
+
+    def _leaf_values_fixed(self, x: torch.Tensor) -> torch.Tensor:
+        n_trees, n_nodes = self.left.shape
+        first = torch.arange(n_trees, device=x.device) * n_nodes
+        left, right = (self.left + first[:, None]).view(-1), (self.right + first[:, None]).view(-1)
+        is_leaf, feature = self.is_leaf.view(-1), self.feature.view(-1)
+        threshold, missing_left = self.threshold.view(-1), self.missing_left.view(-1)
+        node = first.unsqueeze(0).expand(x.shape[0], -1)  # (rows, trees)
+        for _ in range(int(self.fixed_depth or 0)):
+            data = torch.gather(x, 1, feature[node])
+            nan = torch.isnan(data)  # logical ops, not a boolean `where` (onnxruntime has none)
+            go_left = (nan & missing_left[node]) | (~nan & (data <= threshold[node]))
+            step = torch.where(go_left, left[node], right[node])
+            node = torch.where(is_leaf[node], node, step)
+        return self.value.view(-1)[node]
+
     def raw(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (regression: predictions) in float64, traversing all trees at once."""
         x = self._inputs(x)
+        if self.fixed_depth is not None:
+            out = self.baseline.expand(x.shape[0], -1).clone()
+            return out.index_add(1, self.tree_output, self._leaf_values_fixed(x))
         step = max(1, _TRAVERSAL_CELLS // self.left.shape[0])
         parts = [self._leaf_sum(x[i:i + step]) for i in range(0, x.shape[0], step)]
         return torch.cat(parts) if parts else self.baseline.new_zeros(0, self.n_outputs)

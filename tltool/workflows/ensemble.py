@@ -69,7 +69,7 @@ def _check_members(members: list) -> None:
 
 def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
              optimize: str | None = None, argv: list[str] | None = None) -> dict[str, Any]:
-    from tltool.workflows.infer import _open_run, _state_only
+    from tltool.workflows.opening import open_run, state_only
 
     if len(refs) < 2:
         raise RunError("ensemble: give at least two trained runs to average")
@@ -77,7 +77,7 @@ def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
         raise RunError(f"--name: got {name!r}; allowed: letters, digits, '.', '_' and '-', "
                        f"starting with a letter or digit (it names a folder under the members' "
                        f"output root)")
-    members = [_open_run(r) for r in refs]
+    members = [open_run(r) for r in refs]
     _check_members(members)
     run0, cfg0, ckpt0 = members[0][:3]
     classes, multilabel = ckpt0["classes"], bool(ckpt0.get("multilabel"))
@@ -109,7 +109,7 @@ def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
     p_val, p_test = [], []
     y_val = y_test = full_val_ids = test_ids = None
     for run, cfg, ckpt, model, _ in members:
-        spec, state = get_spec(ckpt["spec"]["backbone"]), _state_only(ckpt)
+        spec, state = get_spec(ckpt["spec"]["backbone"]), state_only(ckpt)
         own = load_inputs(_section(cfg, ckpt, full=False), _domain(ckpt), cfg.seed, spec, state)
         full = load_inputs(_section(cfg, ckpt, full=True), _domain(ckpt), cfg.seed, spec, state)
         if full_val_ids is None:
@@ -164,7 +164,7 @@ def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
         write_json(out.file("metrics.json"), metrics)
         write_text(out.file("report.txt"), f"average of {len(members)} runs, test split\n"
                                            f"{table}\n")
-        from tltool.workflows.infer import predictions_frame
+        from tltool.decision import predictions_frame
 
         write_text(out.file("test_predictions.csv"), predictions_frame(
             test_ids, avg_test, classes, decision, y_test).to_csv(index=False))
@@ -231,15 +231,5 @@ def _headline(multilabel: bool, regression: bool = False) -> tuple[str, ...]:
     if regression:
         return ("rmse", "mae", "r2")
     return ("map", "micro_f1", "exact_match") if multilabel else ("accuracy", "auroc", "f1")
-
-
-def member_runs(run: Path) -> list[str]:
-    """The member run folders of an ensemble run."""
-    import json
-
-    try:
-        return list(json.loads((run / "ensemble.json").read_text())["members"])
-    except (OSError, ValueError, KeyError):
-        raise RunError(f"{run}: ensemble.json missing or unreadable") from None
 
 

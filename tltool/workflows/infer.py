@@ -10,76 +10,24 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tltool import calibration, plots
-from tltool.decision import report
+from tltool import plots
+from tltool.decision import predictions_frame, report
 from tltool.engine import Tensors, predict_proba
 from tltool.errors import DataError, RunError
 from tltool.inputs import encode_images, encode_tabular, encoder_from_state, load_inputs
-from tltool.metrics import decide, decide_multilabel, format_any
+from tltool.metrics import format_any
 from tltool.models.backbones import get_spec
 from tltool.runs import (
     check_output_file,
-    load_checkpoint,
-    resolve_run,
     write_json,
     write_text,
 )
 from tltool.workflows.common import (
-    TRAINING_COMMANDS,
-    load_trained,
     log,
     new_run,
-    run_config,
     trained_on,
 )
-
-
-def _open_run(ref: str | Path):
-    run = resolve_run(ref, commands=TRAINING_COMMANDS)
-    cfg = run_config(run)
-    ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
-    model = load_trained(ckpt)
-    return run, cfg, ckpt, model, read_decision(run)
-
-
-def read_decision(run: Path) -> dict[str, Any]:
-    """The run's saved decision rule (thresholds.json), checked before it is applied."""
-    path = run / "thresholds.json"
-    try:
-        decision = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise RunError(f"{path}: missing or unreadable") from None
-
-    def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-    ok = isinstance(decision, dict) and (
-        decision.get("rule") == "regression"
-        or ("per_label" in decision and isinstance(decision["per_label"], list)
-            and all(number(v) for v in decision["per_label"]))
-        or ("threshold" in decision and (decision["threshold"] is None
-                                         or number(decision["threshold"]))))
-    if not ok:
-        raise RunError(f"{path}: damaged (expected the saved decision rule: a threshold "
-                       f"number or null, or per-label thresholds)")
-    labels = len(decision["per_label"]) if "per_label" in decision else None
-    if not calibration.valid(decision.get("calibration"), labels):
-        raise RunError(f"{path}: damaged calibration (expected method temperature with a "
-                       f"positive finite temperature{', one per label' if labels else ''})")
-    return decision
-
-
-def _open_members(ref: str | Path):
-    """A trained run, or an ensemble run's members, and the decision rule to apply."""
-    from tltool.runs import run_status
-    from tltool.workflows.ensemble import member_runs
-
-    run = resolve_run(ref, commands=(*TRAINING_COMMANDS, "ensemble"))
-    if (run_status(run) or {}).get("command") != "ensemble":
-        member = _open_run(run)
-        return run, [member], member[4]
-    members = [_open_run(m) for m in member_runs(run)]
-    return run, members, read_decision(run)
+from tltool.workflows.opening import open_members, state_only
 
 
 def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
@@ -87,7 +35,7 @@ def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
     """Metrics on the test split of the run's data (or of `on`, or a labelled CSV).
 
     An ensemble run averages its members' probabilities and applies its own decision rule."""
-    run, members, decision = _open_members(ref)
+    run, members, decision = open_members(ref)
     _, cfg, ckpt, _, _ = members[0]
     classes, multilabel = ckpt["classes"], bool(ckpt.get("multilabel"))
     vals: list = []
@@ -183,7 +131,7 @@ def _evaluation_data(run: Path, cfg, ckpt: dict[str, Any], on: str | None, csv: 
     if state.get("kind") == "image":
         data_cfg = data_cfg.model_copy(update={"image_size": state["size"]})
     inputs = load_inputs(data_cfg, domain, cfg.seed, get_spec(ckpt["spec"]["backbone"]),
-                         _state_only(ckpt))
+                         state_only(ckpt))
     if inputs.classes != classes:
         raise DataError(f"{inputs.data.origin}: classes {inputs.classes} differ from the "
                         f"model's {classes}; evaluate on data with the same label values")
@@ -207,13 +155,6 @@ def _warn_if_changed(run: Path, inputs) -> None:
                     "so these metrics are not a clean test", inputs.data.origin, run.name,
                     now["test"]["rows"], then["test"]["rows"],
                     "the same" if now["test"] == then["test"] else "other")
-
-
-def _state_only(ckpt: dict[str, Any]):
-    """A Weights-like record that carries only the run's input state (no new weights)."""
-    from tltool.inputs import Weights
-
-    return Weights("run", ckpt={"preprocessor": ckpt["preprocessor"]})
 
 
 def _labelled_csv(path: Path, label: str, classes: list[str], state: dict,
@@ -252,7 +193,7 @@ def predict(ref: str | Path, input_path: str, out_csv: str | None = None,
     """Probabilities and decisions for new rows (or images: a folder, or a CSV of paths).
 
     An ensemble run averages its members' probabilities and applies its own decision rule."""
-    run, members, decision = _open_members(ref)
+    run, members, decision = open_members(ref)
     _, cfg, ckpt, _, _ = members[0]
     classes, multilabel = ckpt["classes"], bool(ckpt.get("multilabel"))
     out_path = None
@@ -386,28 +327,3 @@ def _image_paths(path: Path, id_column: str | None, data_cfg) -> tuple[list[str]
     return files, ids
 
 
-def predictions_frame(ids, proba: np.ndarray, classes: list[str], decision: dict[str, Any],
-                      y: np.ndarray | None = None) -> pd.DataFrame:
-    """One row per input: id, a probability per class/label, the decision (and the truth);
-    regression: id, the predicted value (and the truth and the error)."""
-    cols: dict[str, Any] = {"id": ids}
-    proba = calibration.apply(proba, decision)
-    if decision.get("rule") == "regression":
-        cols["prediction"] = np.round(proba[:, 0], 6)
-        if y is not None:
-            cols["label"] = y
-            cols["error"] = np.round(proba[:, 0] - y, 6)
-        return pd.DataFrame(cols)
-    for i, c in enumerate(classes):
-        cols[f"p_{c}"] = np.round(proba[:, i], 6)
-    names = np.asarray(classes, dtype=object)
-    if "per_label" in decision:
-        on = decide_multilabel(proba, decision["per_label"])
-        cols["prediction"] = ["|".join(names[row.astype(bool)]) for row in on]
-        if y is not None:
-            cols["label"] = ["|".join(names[row.astype(bool)]) for row in y.astype(np.int64)]
-    else:
-        cols["prediction"] = names[decide(proba, decision["threshold"])]
-        if y is not None:
-            cols["label"] = names[y]
-    return pd.DataFrame(cols)

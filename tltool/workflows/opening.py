@@ -1,0 +1,74 @@
+"""Opening run folders: the one place workflows (evaluate, predict, ensemble, export) read a
+trained run's config, checkpoint, model and decision rule, each checked before use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tltool import calibration
+from tltool.errors import RunError
+from tltool.runs import load_checkpoint, resolve_run, run_status
+from tltool.workflows.common import TRAINING_COMMANDS, load_trained, run_config
+
+
+def open_run(ref: str | Path):
+    """A trained run: (folder, config, checkpoint, model, decision rule), each checked."""
+    run = resolve_run(ref, commands=TRAINING_COMMANDS)
+    cfg = run_config(run)
+    ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
+    model = load_trained(ckpt)
+    return run, cfg, ckpt, model, read_decision(run)
+
+
+def read_decision(run: Path) -> dict[str, Any]:
+    """The run's saved decision rule (thresholds.json), checked before it is applied."""
+    path = run / "thresholds.json"
+    try:
+        decision = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise RunError(f"{path}: missing or unreadable") from None
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    ok = isinstance(decision, dict) and (
+        decision.get("rule") == "regression"
+        or ("per_label" in decision and isinstance(decision["per_label"], list)
+            and all(number(v) for v in decision["per_label"]))
+        or ("threshold" in decision and (decision["threshold"] is None
+                                         or number(decision["threshold"]))))
+    if not ok:
+        raise RunError(f"{path}: damaged (expected the saved decision rule: a threshold "
+                       f"number or null, or per-label thresholds)")
+    labels = len(decision["per_label"]) if "per_label" in decision else None
+    if not calibration.valid(decision.get("calibration"), labels):
+        raise RunError(f"{path}: damaged calibration (expected method temperature with a "
+                       f"positive finite temperature{', one per label' if labels else ''})")
+    return decision
+
+
+def open_members(ref: str | Path):
+    """A trained run, or an ensemble run's members, and the decision rule to apply."""
+    run = resolve_run(ref, commands=(*TRAINING_COMMANDS, "ensemble"))
+    if (run_status(run) or {}).get("command") != "ensemble":
+        member = open_run(run)
+        return run, [member], member[4]
+    members = [open_run(m) for m in member_runs(run)]
+    return run, members, read_decision(run)
+
+
+def state_only(ckpt: dict[str, Any]):
+    """A Weights-like record that carries only the run's input state (no new weights)."""
+    from tltool.inputs import Weights
+
+    return Weights("run", ckpt={"preprocessor": ckpt["preprocessor"]})
+
+
+def member_runs(run: Path) -> list[str]:
+    """The member run folders of an ensemble run."""
+    try:
+        return list(json.loads((run / "ensemble.json").read_text())["members"])
+    except (OSError, ValueError, KeyError):
+        raise RunError(f"{run}: ensemble.json missing or unreadable") from None
