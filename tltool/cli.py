@@ -473,20 +473,67 @@ def show_config(
     set_: list[str] = SET_OPTION,
     reference: bool = typer.Option(False, "--reference", help="Print every key with its "
                                    "default and meaning (Markdown)."),
+    schema: bool = typer.Option(False, "--schema", help="Print the config's JSON Schema (for "
+                                "editors: completion and checking of keys)."),
 ) -> None:
     """Print the fully resolved config (extends + --set + defaults) without running anything.
 
     Example: tltool config configs/credit/finetune.yaml --set model.frozen_layers=2
     """
-    from tltool.config import dump_config, schema_reference
+    from tltool.config import dump_config, json_schema, schema_reference
 
     if reference:
         typer.echo(schema_reference())
         return
+    if schema:
+        import json
+
+        typer.echo(json.dumps(json_schema(), indent=1))
+        return
     if config is None:
-        typer.echo("error: give a CONFIG file, or --reference", err=True)
+        typer.echo("error: give a CONFIG file, or --reference / --schema", err=True)
         raise typer.Exit(2)
     typer.echo(dump_config(_call(lambda: _load(config, set_))), nl=False)
+
+
+TEMPLATES = ("credit", "images", "multilabel", "adapt")
+
+
+@app.command()
+def init(
+    template: str = typer.Argument(..., metavar="credit|images|multilabel|adapt",
+                                   help="Which starter config."),
+    out: str = typer.Option(None, "--out", help="File to write (default TEMPLATE.yaml; - for "
+                            "standard output). An existing file is never replaced."),
+) -> None:
+    """Write a commented starter config that runs as written on a built-in data set.
+
+    Example: tltool init credit && tltool pretrain credit.yaml
+    """
+    from importlib.resources import files
+
+    if template not in TEMPLATES:
+        typer.echo(f"error: unknown template {template!r}; allowed: {', '.join(TEMPLATES)}",
+                   err=True)
+        raise typer.Exit(2)
+    text = files("tltool").joinpath("templates", f"{template}.yaml").read_text()
+    if out == "-":
+        typer.echo(text, nl=False)
+        return
+    from pathlib import Path
+
+    path = Path(out or f"{template}.yaml")
+    try:
+        with open(path, "x") as fh:  # exclusive: never replaces a file
+            fh.write(text)
+    except FileExistsError:
+        typer.echo(f"error: {path}: exists; choose another --out (nothing was replaced)",
+                   err=True)
+        raise typer.Exit(2) from None
+    except OSError as exc:
+        typer.echo(f"error: {path}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(str(path))
 
 
 @app.command()

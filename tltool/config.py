@@ -360,6 +360,18 @@ def validate_config(raw: dict[str, Any], origin: str) -> ExperimentConfig:
         raise ConfigError(head + "\n" + "\n".join(f"  - {p}" for p in problems)) from None
 
 
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of a config file: the pydantic models' schema plus the loader's own key
+    `extends` (a parent config, or a list of them)."""
+    schema = ExperimentConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "tltool experiment config"
+    schema.setdefault("properties", {})["extends"] = {
+        "description": "parent config(s), relative to this file, merged first",
+        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+    return schema
+
+
 def dump_config(cfg: ExperimentConfig) -> str:
     """The fully resolved config as YAML (every default spelled out)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
