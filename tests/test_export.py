@@ -49,8 +49,9 @@ def test_table_model_export_matches_predict(fmt, cli, write_config, pretrained, 
     assert report["output"]["columns"] == ["good", "bad"]
     assert "temperature-calibrated" in report["output"]["what"]
     # What a server does: encode rows with preprocessing.json's state, run the file alone.
-    from tltool.data.preprocess import TabularPreprocessor
     import pandas as pd
+
+    from tltool.data.preprocess import TabularPreprocessor
 
     pre = TabularPreprocessor.from_state(_json(folder / "preprocessing.json"))
     rows = pd.read_csv(ROOT / "configs/credit/new_applicants.csv")
