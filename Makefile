@@ -11,7 +11,7 @@ TL := $(BIN)/tltool
 DEMO_ROOT ?= runs
 
 .PHONY: install demo test test-slow lint bench transfer-table german-table amount-table digits-table \
-	lite0-table adapt-table select-sharing clean config-doc
+	lite0-table adapt-table select-sharing clean config-doc catalog
 
 # Downloads from a package registry can break off mid-file: each pip step is tried three times.
 CONSTRAINTS ?= constraints.txt
@@ -71,6 +71,11 @@ clean:
 	rm -rf $(VENV) runs .pytest_cache
 
 # Regenerate the key table of docs/CONFIG.md from the schema (a test checks it is current).
+# Regenerate tltool/catalog.json (the static backbone list `tltool backbones` prints; a test
+# checks it is current).
+catalog: install
+	$(BIN)/python -m tltool.catalog
+
 config-doc: install
 	{ sed '/^## Every key/q' docs/CONFIG.md; echo; $(TL) config --reference; } > docs/CONFIG.md.tmp
 	mv docs/CONFIG.md.tmp docs/CONFIG.md

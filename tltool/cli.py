@@ -603,26 +603,29 @@ def backbones(
 
     Example: tltool backbones --name resnet18
     """
-    from tltool.models.backbones import BACKBONES, build_backbone, get_spec
+    from tltool import catalog
 
-    if name is not None and name not in BACKBONES:
+    known = catalog.load()  # static data: no torch import, answers in well under a second
+    if name is not None and name not in known:
         import difflib
 
-        close = difflib.get_close_matches(name, list(BACKBONES), n=1)
+        close = difflib.get_close_matches(name, list(known), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         typer.echo(f"error: --name: unknown backbone {name!r}; {hint}available: "
-                   f"{', '.join(BACKBONES)}", err=True)
+                   f"{', '.join(known)}", err=True)
         raise typer.Exit(2)
-    specs = [get_spec(name)] if name else list(BACKBONES.values())
-    for spec in specs:
-        net = build_backbone(spec.name, {}, inputs if spec.input == "tabular" else 3)
-        total = sum(p.numel() for p in net.parameters())
-        extra = (f"{inputs} inputs" if spec.input == "tabular" else
-                 f"{spec.default_size} px; weights: {', '.join(spec.weights) or 'none'}")
-        typer.echo(f"{spec.name} ({spec.input}; {extra}; {total:,} parameters, "
-                   f"{net.out_features} features): {spec.description}")
-        for i, (block, module) in enumerate(zip(net.block_names, net.blocks, strict=True)):
-            n = sum(p.numel() for p in module.parameters())
+    for key, spec in known.items():
+        if name is not None and key != name:
+            continue
+        tabular = spec["input"] == "tabular"
+        blocks = [(b["name"], catalog.params(b, inputs)) for b in spec["blocks"]]
+        total = sum(n for _, n in blocks)
+        feats = catalog.params(spec["out_features"], inputs)
+        extra = (f"{inputs} inputs" if tabular else
+                 f"{spec['default_size']} px; weights: {', '.join(spec['weights']) or 'none'}")
+        typer.echo(f"{key} ({spec['input']}; {extra}; {total:,} parameters, "
+                   f"{feats} features): {spec['description']}")
+        for i, (block, n) in enumerate(blocks):
             typer.echo(f"  {i + 1:>2}. {block:<12} {n:>12,} parameters")
 
 
