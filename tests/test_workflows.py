@@ -14,7 +14,7 @@ from tltool.datasets import load_table
 from tltool.metrics import choose_threshold
 
 METRIC_KEYS = ["n", "accuracy", "balanced_accuracy", "precision", "recall", "f1", "auroc",
-               "average_precision", "brier", "log_loss", "threshold", "confusion_matrix",
+               "average_precision", "brier", "log_loss", "ece", "threshold", "confusion_matrix",
                "macro_f1", "per_class"]
 
 

@@ -606,6 +606,9 @@ def backbones(
     from tltool import catalog
 
     known = catalog.load()  # static data: no torch import, answers in well under a second
+    if name is not None and name.startswith("timm:"):
+        _timm_backbone(name)
+        return
     if name is not None and name not in known:
         import difflib
 
@@ -627,6 +630,30 @@ def backbones(
                    f"{feats} features): {spec['description']}")
         for i, (block, n) in enumerate(blocks):
             typer.echo(f"  {i + 1:>2}. {block:<12} {n:>12,} parameters")
+    if name is None:
+        typer.echo("timm:NAME (image; any model of the timm package, pip install timm): blocks "
+                   "at its feature stages, its pretrained input size and normalisation; "
+                   "weights: timm or a state-dict file. tltool backbones --name timm:NAME "
+                   "shows its blocks")
+
+
+def _timm_backbone(name: str) -> None:
+    """`tltool backbones --name timm:NAME`: builds the model to list its blocks."""
+    from tltool.errors import ConfigError
+    from tltool.models.backbones import build_backbone, get_spec
+
+    try:
+        spec = get_spec(name)
+        net = build_backbone(name, {}, 3)
+    except ConfigError as exc:
+        typer.echo(f"error: --name: {exc}", err=True)
+        raise typer.Exit(2) from None
+    total = sum(p.numel() for p in net.parameters())
+    typer.echo(f"{name} (image; {spec.default_size} px; weights: timm; {total:,} parameters, "
+               f"{net.out_features} features): {spec.description}")
+    for i, (block, module) in enumerate(zip(net.block_names, net.blocks, strict=True)):
+        n = sum(p.numel() for p in module.parameters())
+        typer.echo(f"  {i + 1:>2}. {block:<12} {n:>12,} parameters")
 
 
 class Terminated(KeyboardInterrupt):

@@ -146,40 +146,33 @@ def _curve_sets(y, proba, classes: list[str], multilabel: bool):
     return [s for s in sets if 0 < s[1].sum() < len(s[1])]
 
 
-def roc_pr(y, proba, classes: list[str], multilabel: bool, out_roc: Path, out_pr: Path,
-           title: str) -> list[Path]:
-    """ROC and precision-recall curves (per class one-vs-rest, or per label), with each
-    curve's AUROC / average precision in the legend."""
+def roc_pr(y, proba, classes: list[str], multilabel: bool, out: Path, title: str) -> Path:
+    """ROC and precision-recall curves side by side (per class one-vs-rest, or per label),
+    with each curve's AUROC / average precision in the legend."""
     from sklearn import metrics as skm
 
     plt = _pyplot()
     sets = _curve_sets(y, proba, classes, multilabel)
     shown, left = sets[:MAX_CURVES], len(sets) - MAX_CURVES
-    written = []
-    for kind, out in (("roc", out_roc), ("pr", out_pr)):
-        fig, ax = plt.subplots(figsize=(4.8, 4.4))
-        for name, truth, score in shown:
-            if kind == "roc":
-                fpr, tpr, _ = skm.roc_curve(truth, score)
-                ax.plot(fpr, tpr, lw=1.2,
-                        label=f"{name} (AUROC {skm.roc_auc_score(truth, score):.3f})")
-            else:
-                prec, rec, _ = skm.precision_recall_curve(truth, score)
-                ax.step(rec, prec, where="post", lw=1.2, label=f"{name} (AP "
-                        f"{skm.average_precision_score(truth, score):.3f})")
-        if kind == "roc":
-            ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--")
-            ax.set(xlabel="false positive rate", ylabel="true positive rate")
-        else:
-            ax.set(xlabel="recall", ylabel="precision", ylim=(0, 1.02))
-        note = f" ({left} more not drawn)" if left > 0 else ""
-        ax.set_title(f"{title}{note}", fontsize=9)
-        if shown:
-            ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "lower left")
-        fig.tight_layout()
-        _save(fig, out, 110)
-        written.append(out)
-    return written
+    fig, (roc, pr) = plt.subplots(1, 2, figsize=(9.0, 4.2))
+    for name, truth, score in shown:
+        fpr, tpr, _ = skm.roc_curve(truth, score)
+        roc.plot(fpr, tpr, lw=1.2, label=f"{name} ({skm.roc_auc_score(truth, score):.3f})")
+        prec, rec, _ = skm.precision_recall_curve(truth, score)
+        pr.step(rec, prec, where="post", lw=1.2,
+                label=f"{name} ({skm.average_precision_score(truth, score):.3f})")
+    roc.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--")
+    roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC (AUROC)")
+    pr.set(xlabel="recall", ylabel="precision", ylim=(0, 1.02),
+           title="precision-recall (average precision)")
+    if shown:
+        roc.legend(fontsize=7, loc="lower right")
+        pr.legend(fontsize=7, loc="lower left")
+    note = f" ({left} more not drawn)" if left > 0 else ""
+    fig.suptitle(f"{title}{note}", fontsize=9)
+    fig.tight_layout()
+    _save(fig, out, 100)
+    return out
 
 
 def reliability(y, proba, out: Path, title: str, multilabel: bool = False,
@@ -213,12 +206,12 @@ def reliability(y, proba, out: Path, title: str, multilabel: bool = False,
 
 def decision_plots(y, proba, classes: list[str], decision: dict, folder: Path,
                    title: str) -> None:
-    """ROC, PR and reliability PNGs of a classification split into `folder` (the reliability
-    diagram before and after the run's calibration, when it has one)."""
+    """roc_pr.png and reliability.png of a classification split into `folder` (the
+    reliability diagram before and after the run's calibration, when it has one)."""
     from tltool.calibration import apply
 
     multilabel = "per_label" in decision
     calibrated = apply(proba, decision) if decision.get("calibration") else None
     roc_pr(y, proba if calibrated is None else calibrated, classes, multilabel,
-           folder / "roc.png", folder / "pr.png", title)
+           folder / "roc_pr.png", title)
     reliability(y, proba, folder / "reliability.png", title, multilabel, calibrated)

@@ -173,11 +173,15 @@ BACKBONES.update(IMAGE_BACKBONES)
 
 
 def get_spec(name: str) -> BackboneSpec:
+    if isinstance(name, str) and name.startswith("timm:"):
+        from tltool.models.timm_backbones import timm_spec
+
+        return timm_spec(name)
     if name not in BACKBONES:
         close = difflib.get_close_matches(name, list(BACKBONES), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"model.backbone: unknown backbone {name!r}; {hint}"
-                          f"available: {', '.join(BACKBONES)}")
+                          f"available: {', '.join(BACKBONES)}, or timm:NAME (any timm model)")
     return BACKBONES[name]
 
 

@@ -57,7 +57,15 @@ def _check_spec(spec: Any, where: str, depth: int = 0) -> None:
     if not isinstance(spec, dict):
         raise _fail(where, "expected a mapping")
     name = spec.get("backbone")
-    if not isinstance(name, str) or name not in BACKBONES:
+    if isinstance(name, str) and name.startswith("timm:"):
+        from tltool.errors import ConfigError
+        from tltool.models.backbones import get_spec
+
+        try:
+            get_spec(name)  # timm installed, and the name in its registry
+        except ConfigError as exc:
+            raise _fail(f"{where}.backbone", str(exc)) from None
+    elif not isinstance(name, str) or name not in BACKBONES:
         raise _fail(f"{where}.backbone", "not a known backbone")
     if not isinstance(spec.get("backbone_args"), dict):
         raise _fail(f"{where}.backbone_args", "expected a mapping")

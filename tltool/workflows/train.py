@@ -141,8 +141,7 @@ def write_outputs(run, route: Route, model: TransferModel, summary: dict[str, An
         if not multilabel:
             plots.confusion_matrix(metrics["test"]["confusion_matrix"], classes,
                                    run.file("plots", "confusion_matrix_test.png"), "test split")
-        for split, rows, p in (("val", val, proba_val), ("test", test, proba_test)):
-            if rows is not None and len(rows.y):
-                plots.decision_plots(rows.y.numpy(), p, classes, decision,
-                                     run.file("plots", split), f"{route.label} ({split} split)")
+        if len(test.y):  # the validation split's: `tltool evaluate` (its val section)
+            plots.decision_plots(test.y.numpy(), proba_test, classes, decision,
+                                 run.file("plots"), f"{route.label} (test split)")
     return metrics
