@@ -24,6 +24,12 @@ ev=$($tl evaluate "$ft_run" --json 2>/dev/null)
 pred=$($tl predict "$ft_run" "$here/configs/credit/new_applicants.csv" --json 2>/dev/null)
 [ "$(echo "$pred" | field '["metrics"]["predict"]["rows"]')" -gt 0 ]
 
+ex=$($tl export "$ft_run" --format torchscript --out "$root/served" --json 2>/dev/null)
+[ "$(echo "$ex" | field '["export"]["parity"]["passed"]')" = True ]
+
+listed=$($tl runs "$root" --json 2>/dev/null)
+[ "$(echo "$listed" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')" -ge 2 ]
+
 # a failing step: exit code 2 and a JSON object saying why
 set +e
 bad=$($tl evaluate "$root/no/such/run" --json 2>/dev/null)

@@ -304,3 +304,13 @@ def test_runs_lists_and_diffs_run_folders(pretrained, cli, write_config, tmp_pat
     assert d["config"]["model.frozen_layers"] == [0, 1] and "test.auroc" in d["metrics"]
     bad = cli("runs", "diff", str(pretrained))
     assert bad.code == 2 and "two run folders" in bad.err
+    # a run from an older tltool lacks a newer key: it ran with the default, no difference
+    import yaml
+
+    cfg_file = pretrained / "config.yaml"
+    old = yaml.safe_load(cfg_file.read_text())
+    del old["decision"]["calibrate"]
+    cfg_file.write_text(yaml.safe_dump(old))
+    d = json.loads(cli("runs", "diff", str(pretrained), str(tmp_path / res.out.strip()),
+                       "--json").out)
+    assert "decision.calibrate" not in d["config"]

@@ -102,8 +102,13 @@ def diff_runs(a: str | Path, b: str | Path) -> dict[str, Any]:
     cfgs = [_flat(_read(f / "config.yaml", yaml.safe_load) or {}) for f in folders]
     mets = [_flat({k: v for k, v in (_read(f / "metrics.json", json.loads) or {}).items()
                    if k in ("val", "test")}) for f in folders]
-    config = {k: [cfgs[0].get(k), cfgs[1].get(k)] for k in sorted(set(cfgs[0]) | set(cfgs[1]))
-              if cfgs[0].get(k) != cfgs[1].get(k)}
+    # A key only one run has comes from a newer tltool; the older run ran with its default.
+    defaults = _defaults()
+    config = {}
+    for k in sorted(set(cfgs[0]) | set(cfgs[1])):
+        pair = [c.get(k, defaults.get(k, ABSENT)) for c in cfgs]
+        if pair[0] != pair[1]:
+            config[k] = pair
     metrics = {}
     for k in sorted(set(mets[0]) & set(mets[1])):
         x, y = mets[0][k], mets[1][k]
@@ -111,6 +116,18 @@ def diff_runs(a: str | Path, b: str | Path) -> dict[str, Any]:
                 not isinstance(x, bool) and x != y and "confusion" not in k:
             metrics[k] = {"a": x, "b": y, "change": y - x}
     return {"a": str(folders[0]), "b": str(folders[1]), "config": config, "metrics": metrics}
+
+
+ABSENT = "(absent)"
+
+
+def _defaults() -> dict[str, Any]:
+    from tltool.config import ExperimentConfig
+
+    try:
+        return _flat(ExperimentConfig().model_dump(mode="json"))
+    except Exception:  # noqa: BLE001 - defaults are a convenience here
+        return {}
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
