@@ -6,6 +6,7 @@ Heavy modules (torch, pandas, sklearn) are imported inside the commands, so `--h
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -61,9 +62,13 @@ class Session:
     """One command's output mode and the warnings it logged (for --json)."""
 
     def __init__(self, command: str, as_json: bool, quiet: bool = False):
-        from tltool import progress
+        from tltool import distributed, progress
 
         self.command, self.as_json = command, as_json
+        self.joined = False
+        # under torchrun, ranks other than 0 train silently; rank 0 reports and prints
+        self.silent = distributed.launched() and os.environ.get("RANK", "0") != "0"
+        quiet = quiet or self.silent
         self.warnings: list[str] = []
         self._handler = _Collect(self.warnings)
         log.addHandler(self._handler)
@@ -114,6 +119,12 @@ def _call(fn: Callable[[], Any], session: Session | None = None) -> Any:
         return typer.Exit(code=code)
 
     try:
+        if session is not None and not session.joined:
+            from tltool import distributed
+
+            session.joined = True
+            if distributed.launched():  # under torchrun: join the process group first
+                distributed.init(session.command)
         return fn()
     except KeyboardInterrupt as exc:
         terminated = type(exc).__name__ == "Terminated"
@@ -138,6 +149,12 @@ def _load(config: str, overrides: list[str] | None):
 
 
 def _finish(result: dict[str, Any], lines: list[str], session: Session | None = None) -> None:
+    from tltool import distributed
+
+    distributed.finish()  # every rank done (torchrun), before rank 0 answers
+    if session is not None and session.silent:
+        session.close()
+        return
     for line in lines:
         typer.echo(line, err=True)
     if session is not None and session.as_json:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tltool import progress
+from tltool import distributed, progress
 from tltool.adapt import Adaptation
 from tltool.cache import PrefixStore, build_prefix_cache, prior_signal  # noqa: F401 (API)
 from tltool.errors import TrainingDiverged
@@ -45,6 +45,18 @@ class Phase:
     epochs: int
     lr: float
     backbone_lr_mult: float
+
+
+class _Step(nn.Module):
+    """The trainable part of a step (the blocks after the cached prefix, the head) as one
+    module, so that DistributedDataParallel registers exactly what trains."""
+
+    def __init__(self, model: TransferModel, start: int):
+        super().__init__()
+        self.model, self.start = model, start
+
+    def forward(self, xb: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+        return _forward(self.model, xb, self.start, prior)
 
 
 def seed_everything(seed: int) -> None:
@@ -268,7 +280,8 @@ class Trainer:
         self.start, self.why = start, why
         self.caches.append({"round": r, "cached_blocks": start, "reason": why})
         self.timing["cache_build_seconds"].append(round(time.perf_counter() - built, 4))
-        self.forward = self.rt.wrap(lambda xb, prior, s=start: _forward(self.model, xb, s, prior))
+        step = distributed.wrap(_Step(self.model, start), self.rt.device)  # DDP under torchrun
+        self.forward = self.rt.wrap(lambda xb, prior: step(xb, prior))
 
     def run_epoch(self) -> EpochResult:
         """One pass over the training rows; returns the validation logits."""
@@ -320,7 +333,9 @@ class Trainer:
             if len(idx) == 1 and n > 1:
                 continue  # a single row breaks BatchNorm and adds only noise
             self.optimizer.zero_grad(set_to_none=True)
-            if source is None:
+            if distributed.active():
+                loss = self._shared_loss(data, idx)
+            elif source is None:
                 xb, prior = data.batch(idx, train=True), data.prior_of(idx)
                 yb = data.y[idx]
                 with rt.autocast():
@@ -332,11 +347,34 @@ class Trainer:
                 loss_total = loss + l2sp_penalty(model, self.anchor, *self.l2sp)
             else:
                 loss_total = loss
-            self._check_finite(loss_total, i // bs + 1)
+            if distributed.active():  # every rank checks the same (global) number
+                shown = torch.tensor(self._global_loss)
+                self._check_finite(shown + (loss_total - loss).detach().cpu(), i // bs + 1)
+            else:
+                shown = loss
+                self._check_finite(loss_total, i // bs + 1)
             rt.backward_step(loss_total, self.optimizer)
-            total += loss.item() * len(idx)
+            total += shown.item() * len(idx)
             seen += len(idx)
         return total / max(seen, 1)
+
+    def _shared_loss(self, data: Tensors, idx: torch.Tensor) -> torch.Tensor:
+        """Under torchrun: this rank's rows' share of the global batch's mean loss, times the
+        number of ranks (DDP averages the ranks' gradients: the sum is the global batch's
+        gradient). The value returned for logging and the finite check is the global mean."""
+        rt = self.rt
+        mine = distributed.share(idx)
+        xb, prior = data.batch(mine, train=True), data.prior_of(mine)
+        with rt.autocast():
+            logits = self.forward(rt.put(xb), None if prior is None else rt.put(prior))
+        rows, _ = self.task.row_loss(self.loss_fn, logits.float(), rt.put(data.y[mine]))
+        weight = getattr(self.loss_fn, "weight", None)
+        y_all = data.y[idx]
+        denom = float(len(idx)) if weight is None or self.task.multilabel or \
+            self.task.regression else float(weight.cpu()[y_all].sum())
+        local = rows.sum() / denom
+        self._global_loss = distributed.total(float(local.detach()))
+        return local * distributed.world()
 
     def _check_finite(self, loss: torch.Tensor, step: int) -> None:
         if not torch.isfinite(loss.detach()).all():
@@ -479,6 +517,7 @@ def fit(model: TransferModel, train: Tensors, val: Tensors | None, phases: list[
     last.pt's training state, "best": the best weights so far, "rows": the metrics.csv rows
     written so far}, to continue an interrupted run exactly.
     """
+    distributed.check_route(pooled is not None, adapt is not None)
     tr = Trainer(model, train, val, phases, train_cfg, classes, seed, task, bn_policy, rt,
                  adapt, pooled, store, log)
     monitor = train_cfg.early_stopping.monitor

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tltool import calibration, plots
+from tltool import calibration, distributed, plots
 from tltool.config import ExperimentConfig
 from tltool.decision import decision_rule, report
 from tltool.engine import predict_proba
@@ -63,7 +63,24 @@ def _train(cfg: ExperimentConfig, command: str, argv,
     if route.weights.path is not None:
         log.info("weights: %s", route.weights.path)
     note = {"resumed_from": str(resume_from["run"])} if resume_from else None
-    with new_run(cfg.output.root, cfg.name, command, argv, cfg.seed,
+    root = cfg.output.root
+    if not distributed.is_main():  # under torchrun only rank 0 writes the run folder
+        import tempfile
+
+        root = tempfile.mkdtemp(prefix=f"tltool-rank{distributed.rank()}-")
+    try:
+        return _train_into(root, cfg, command, argv, route, model, rt, inputs, resume,
+                           resume_from, note)
+    finally:
+        if root != cfg.output.root:
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _train_into(root, cfg, command, argv, route, model, rt, inputs, resume, resume_from,
+                note) -> dict[str, Any]:
+    with new_run(root, cfg.name, command, argv, cfg.seed,
                  pin_config(cfg, route.weights, route.prior_path), note) as run:
         def save(name: str, epoch: int, state: dict[str, Any] | None = None) -> None:
             run.save_checkpoint(name, checkpoint_payload(model, inputs.state, route.classes,
@@ -72,6 +89,7 @@ def _train(cfg: ExperimentConfig, command: str, argv,
 
         if resume is not None:  # the best weights so far stay the run's best.pt
             best = {k: v for k, v in resume_from["last"].items() if k != "resume"}
+            state = resume["state"]
             if state["best_state"] is not None:
                 best["state_dict"] = state["best_state"]
             run.save_checkpoint("best.pt", best | {"epoch": state["best"]["epoch"]})

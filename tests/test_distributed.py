@@ -1,0 +1,61 @@
+"""torchrun: 2 gloo processes train what 1 process trains (same global batch), only rank 0
+writes a run folder, and commands that are not data-parallel are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+CFG = {"name": "ddp", "seed": 0,
+       "source": {"kind": "builtin", "name": "credit_data", "where": {"Job": "fixed"},
+                  "split": {"val": 0.2, "test": 0.2}},
+       "model": {"backbone": "mlp", "backbone_args": {"hidden": [16, 8]}},
+       # 2244 training rows, batch 50: the last global batch (44 rows) splits 22 / 22, and
+       # balanced class weights make each rank's share of the mean uneven
+       "train": {"epochs": 3, "batch_size": 50, "lr": 0.003, "class_weights": "balanced",
+                 "early_stopping": {"patience": None}},
+       "decision": {"rule": "threshold"}}
+
+
+def _torchrun(args: list[str], cwd: Path, n: int = 2) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # a standalone rendezvous on a free port: tests may run beside other torchrun jobs
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", str(n), "-m", "tltool", *args], cwd=cwd,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or
+                    not torch.distributed.is_gloo_available(), reason="no gloo backend")
+def test_two_processes_train_what_one_process_trains(cli, tmp_path):
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(CFG))
+    one = cli("pretrain", "cfg.yaml", "--set", f"output.root={tmp_path / 'one'}", "-q")
+    assert one.code == 0, one.err
+    two = _torchrun(["pretrain", "cfg.yaml", "--set", f"output.root={tmp_path / 'two'}"],
+                    tmp_path)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    runs = list((tmp_path / "two" / "ddp").iterdir())
+    assert len(runs) == 1  # one run folder: rank 0's
+    assert two.stdout.strip().splitlines() == [str(runs[0])]  # rank 0 alone prints
+    a = torch.load(runs[0] / "checkpoints" / "best.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / one.out.strip() / "checkpoints" / "best.pt",
+                   weights_only=True)["state_dict"]
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-5
+    ma = json.loads((runs[0] / "metrics.json").read_text())
+    mb = json.loads((tmp_path / one.out.strip() / "metrics.json").read_text())
+    assert ma["best_epoch"] == mb["best_epoch"]
+    assert ma["decision"]["threshold"] == pytest.approx(mb["decision"]["threshold"], abs=1e-5)
+    assert json.loads((runs[0] / "run.json").read_text())["status"] == "complete"
+
+
+def test_commands_that_are_not_data_parallel_are_refused(tmp_path):
+    res = _torchrun(["select", "nothing.yaml"], tmp_path)
+    assert res.returncode != 0
+    assert "select does not run data-parallel under torchrun yet" in res.stdout + res.stderr
