@@ -60,6 +60,11 @@ class DataConfig(_Strict):
     decode_once_max_gb: float = Field(
         2.0, gt=0, description="image files are decoded once into memory up to this size; "
         "beyond it they are decoded batch by batch (flat memory, slower epochs)")
+    decode_cache: bool = Field(
+        True, description="image files: keep the decoded pixels on disk (memory-mapped, keyed "
+        "by each file's path, size and modification time and the image size), so later "
+        "commands on the same files skip decoding; any change decodes again. Location: "
+        "$TLTOOL_CACHE_DIR/decoded or ~/.cache/tltool/decoded")
     label: str | None = Field(None, description="label column (default: the data set's own)")
     task: Literal["classification", "regression"] = Field(
         "classification", description="classification: the label holds classes; regression: "

@@ -415,7 +415,20 @@ def _store(cfg: DataConfig, files: list[Path], size: int, shown: list[str], note
     """Decode once into uint8 when that fits in cfg.decode_once_max_gb, else decode lazily."""
     need = len(files) * 3 * size * size
     if need <= cfg.decode_once_max_gb * 2**30:
-        return _decode_all(files, size, cfg.on_bad_image, shown, where)
+        if not cfg.decode_cache:
+            return _decode_all(files, size, cfg.on_bad_image, shown, where)
+        from tltool.data import decoded
+
+        k = decoded.key(files, size, cfg.on_bad_image)
+        hit = None if k is None else decoded.load(k)
+        if hit is not None:
+            notes.append(f"{len(hit[1])} images read from the decoded-image cache "
+                         f"({decoded.root() / k}); any change to the files decodes them again")
+            return hit
+        x, kept, bad = _decode_all(files, size, cfg.on_bad_image, shown, where)
+        if k is not None:
+            decoded.save(k, x, kept, bad)
+        return x, kept, bad
     kept, bad = _probe_all(files, cfg.on_bad_image, shown, where)
     notes.append(f"{len(kept)} images decoded batch by batch when used ({need / 2**30:.1f} GiB "
                  f"decoded would exceed decode_once_max_gb {cfg.decode_once_max_gb})")
