@@ -157,12 +157,11 @@ def calibrate_rule(proba_val: np.ndarray, y_val: np.ndarray, multilabel: bool,
                     "after": rnd(ece(y_val, after, multilabel=multilabel))}}
 
 
-def apply(proba: np.ndarray, decision: dict[str, Any]) -> np.ndarray:
+def apply(proba: np.ndarray, decision) -> np.ndarray:
     """`proba` under a decision rule's saved calibration (unchanged when it has none)."""
-    cal = decision.get("calibration")
-    if not cal:
-        return proba
-    return scale(proba, cal["temperature"], "per_label" in decision)
+    from tltool.decision import Decision
+
+    return Decision.of(decision).calibrated(proba)
 
 
 def valid(cal: Any, n_labels: int | None) -> bool:

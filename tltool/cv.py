@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
+from tltool.decision import Decision
 from tltool.errors import DataError
 from tltool.metrics import choose_threshold
 
@@ -135,7 +136,8 @@ def fold_scores(metric: str, y: np.ndarray, oof: np.ndarray, folds: Folds,
     threshold) is chosen for fold j on the other folds' OOF rows of the same repeat, so no
     fold is scored at a threshold chosen on its own labels."""
     out = []
-    thresholded = decision is not None and decision.get("rule") == "threshold" and \
+    thresholded = decision is not None and Decision.of(decision).rule == "threshold" and \
+        not Decision.of(decision).multilabel and \
         metric in ("accuracy", "balanced_accuracy", "f1") and oof.shape[-1] == 2
     for j, (_, held) in enumerate(folds.splits):
         r = folds.repeat_of(j)

@@ -268,8 +268,6 @@ def epoch_scores(y: np.ndarray, proba: np.ndarray, multilabel: bool,
 def format_any(report: dict[str, Any], classes: list[str], decision: dict[str, Any]) -> str:
     """The table of one split's report under its decision rule (regression, multi-label or
     classes)."""
-    if decision.get("rule") == "regression":
-        return format_regression(report)
-    if "per_label" in decision:
-        return format_multilabel(report)
-    return format_report(report, classes)
+    from tltool.decision import Decision
+
+    return Decision.of(decision).format(report, classes)

@@ -208,10 +208,11 @@ def decision_plots(y, proba, classes: list[str], decision: dict, folder: Path,
                    title: str) -> None:
     """roc_pr.png and reliability.png of a classification split into `folder` (the
     reliability diagram before and after the run's calibration, when it has one)."""
-    from tltool.calibration import apply
+    from tltool.decision import Decision
 
-    multilabel = "per_label" in decision
-    calibrated = apply(proba, decision) if decision.get("calibration") else None
+    rule = Decision.of(decision)
+    multilabel = rule.multilabel
+    calibrated = rule.calibrated(proba) if rule.calibration else None
     roc_pr(y, proba if calibrated is None else calibrated, classes, multilabel,
            folder / "roc_pr.png", title)
     reliability(y, proba, folder / "reliability.png", title, multilabel, calibrated)

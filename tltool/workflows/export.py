@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from tltool import calibration
+from tltool.decision import Decision
 from tltool.engine import predict_proba
 from tltool.errors import ConfigError, DataError, RunError
 from tltool.runs import write_json, write_text
@@ -57,7 +58,7 @@ class Served(nn.Module):
             std = torch.tensor(state["std"], dtype=torch.float32).view(1, -1, 1, 1)
             self.register_buffer("mean", mean)
             self.register_buffer("std", std)
-        cal = decision.get("calibration")
+        cal = Decision.of(decision).calibration
         t = [1.0] if not cal else cal["temperature"]
         t = t if isinstance(t, list) else [t]
         self.register_buffer("temperature", torch.tensor(t, dtype=torch.float32).view(1, -1))
@@ -139,7 +140,7 @@ def export(ref: str | Path, fmt: str, out: str | None = None,
                        "what": ("predicted value" if task.regression else
                                 "per-label probabilities" if multilabel else
                                 "class probabilities") +
-                               (" (temperature-calibrated)" if decision.get("calibration")
+                               (" (temperature-calibrated)" if Decision.of(decision).calibration
                                 else ""),
                        "columns": classes if not task.regression else [ckpt.get("label")]},
             "parity": {"rows": int(len(raw)), "split": "test", "max_abs_diff": diff,

@@ -11,11 +11,10 @@ import pandas as pd
 import torch
 
 from tltool import plots
-from tltool.decision import predictions_frame, report
+from tltool.decision import Decision, predictions_frame, report
 from tltool.engine import Tensors, predict_proba
 from tltool.errors import DataError, RunError
 from tltool.inputs import encode_images, encode_tabular, encoder_from_state, load_inputs
-from tltool.metrics import format_any
 from tltool.models.backbones import get_spec
 from tltool.runs import (
     check_output_file,
@@ -58,10 +57,11 @@ def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
                          for m, v in zip(members, vals, strict=True)], axis=0)
         result["val"] = report(val.y.numpy(), p_val, classes, decision)
         result["val_note"] = _val_note(members, domain)
-    if not multilabel and decision["threshold"] is not None:
+    rule = Decision.of(decision)
+    if rule.threshold is not None:
         result["test_argmax"] = report(y, proba, classes, {"threshold": None})
-    table = format_any(metrics, classes, decision)
-    regression = decision.get("rule") == "regression"
+    table = rule.format(metrics, classes)
+    regression = rule.regression
     with new_run(run.parent.parent, run.parent.name, "evaluate", argv, cfg.seed) as out:
         write_json(out.file("metrics.json"), result)
         write_text(out.file("report.txt"), f"{run} on {origin} (test split)\n{table}\n")
@@ -214,7 +214,7 @@ def predict(ref: str | Path, input_path: str, out_csv: str | None = None,
 
     proba, ids, (_, notes) = _average(members, multilabel, load)
     preds = predictions_frame(ids, proba, classes, decision)
-    if decision.get("rule") == "regression":
+    if Decision.of(decision).regression:
         described = preds["prediction"].describe()
         outcome = {"predicted": {k: float(described[k]) for k in ("mean", "std", "min", "max")}}
     else:

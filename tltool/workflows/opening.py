@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tltool import calibration
+from tltool.decision import DamagedDecision, Decision
 from tltool.errors import RunError
 from tltool.runs import load_checkpoint, resolve_run, run_status
 from tltool.workflows.common import TRAINING_COMMANDS, load_trained, run_config
@@ -30,22 +30,10 @@ def read_decision(run: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         raise RunError(f"{path}: missing or unreadable") from None
 
-    def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-    ok = isinstance(decision, dict) and (
-        decision.get("rule") == "regression"
-        or ("per_label" in decision and isinstance(decision["per_label"], list)
-            and all(number(v) for v in decision["per_label"]))
-        or ("threshold" in decision and (decision["threshold"] is None
-                                         or number(decision["threshold"]))))
-    if not ok:
-        raise RunError(f"{path}: damaged (expected the saved decision rule: a threshold "
-                       f"number or null, or per-label thresholds)")
-    labels = len(decision["per_label"]) if "per_label" in decision else None
-    if not calibration.valid(decision.get("calibration"), labels):
-        raise RunError(f"{path}: damaged calibration (expected method temperature with a "
-                       f"positive finite temperature{', one per label' if labels else ''})")
+    try:
+        Decision.of(decision)
+    except DamagedDecision as exc:
+        raise RunError(f"{path}: damaged ({exc})") from None
     return decision
 
 

@@ -29,7 +29,7 @@ from tltool import plots, progress
 from tltool.cache import PrefixStore
 from tltool.config import ExperimentConfig, candidate_raw, dump_config, validate_config
 from tltool.cv import LOWER_IS_BETTER, Folds, Scored, choose, default_metric, make_folds
-from tltool.decision import report
+from tltool.decision import Decision, report
 from tltool.engine import predict_proba
 from tltool.errors import ConfigError, DataError
 from tltool.runs import write_json, write_text
@@ -347,7 +347,7 @@ def _research(run, routes: list[tuple[Candidate, Route]], results: list[Scored],
         test = report(y, proba, route.classes, decision)
         out.append({"name": cand.name, "chosen": cand.name == winner.name,
                     "cv_mean": r.mean, "test_" + metric: score(metric, y, proba,
-                                                               decision.get("threshold")),
+                                                               Decision.of(decision).threshold),
                     "test": {k: test.get(k) for k in ("accuracy", "auroc", "f1", "map",
                                                       "rmse", "mae", "r2") if k in test}})
     sign = -1 if metric in LOWER_IS_BETTER else 1
