@@ -59,3 +59,42 @@ def test_commands_that_are_not_data_parallel_are_refused(tmp_path):
     res = _torchrun(["select", "nothing.yaml"], tmp_path)
     assert res.returncode != 0
     assert "select does not run data-parallel under torchrun yet" in res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_whole_run(tmp_path):
+    """SIGKILL one worker mid-training: torchrun stops the other, the run folder says failed
+    and nothing counts as latest."""
+    import signal
+    import time
+
+    cfg = dict(CFG, train=dict(CFG["train"], epochs=500))
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node", "2", "-m", "tltool", "pretrain", "cfg.yaml",
+                             "--set", f"output.root={tmp_path / 'runs'}", "-q"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        rows = list((tmp_path / "runs").rglob("metrics.csv"))
+        if rows and len(rows[0].read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("training never started")
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                             text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(max(workers, key=int)), signal.SIGKILL)  # the later-started worker: rank 1
+    proc.wait(timeout=300)
+    assert proc.returncode != 0
+    run = next((tmp_path / "runs" / "ddp").iterdir())
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    from tltool.errors import RunError
+    from tltool.runs import resolve_run
+
+    with pytest.raises(RunError):
+        resolve_run(tmp_path / "runs" / "ddp" / "latest")
