@@ -342,6 +342,10 @@ def evaluate(
     from tltool.workflows.infer import evaluate as run_eval
 
     session = Session("evaluate", as_json, quiet)
+    if csv is not None and on is not None:
+        _call(lambda: _raise(TLError("--csv and --on: give one (--csv evaluates the rows of a "
+                                     "labelled table; --on a data section of the run's config)")),
+              session)
     if on not in (None, "source", "target"):
         _call(lambda: _raise(TLError(f"--on: got {on!r}; allowed: source, target")), session)
     result = _call(lambda: run_eval(run, on, csv, sys.argv), session)
@@ -405,6 +409,11 @@ def predict(
     from tltool.workflows.infer import predict as run_predict
 
     session = Session("predict", as_json, quiet)
+    if out == "-" and as_json:
+        from tltool.errors import TLError
+
+        _call(lambda: _raise(TLError("--out - and --json: both would use standard output; "
+                                     "give --out a file with --json")), session)
     result = _call(lambda: run_predict(run, input_csv, out, id_column, sys.argv, force),
                    session)
     s = result["summary"]
@@ -448,6 +457,11 @@ def runs_(
     from tltool.workflows.listing import diff_runs, format_diff, format_table, list_runs
 
     args = list(args or [])
+    if status is not None and status not in ("complete", "failed", "running", "stale"):
+        from tltool.errors import TLError as _E
+
+        _call(lambda: _raise(_E(f"--status: got {status!r}; allowed: complete, failed, "
+                                f"running, stale")), Session("runs", as_json, quiet))
     session = Session("runs", False, quiet)
     if args and args[0] == "diff":
         if len(args) != 3:

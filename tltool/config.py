@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -316,7 +317,13 @@ class SelectConfig(_Strict):
 
 
 class OutputConfig(_Strict):
-    root: str = Field("runs", description="run folders go to ROOT/NAME/TIMESTAMP-COMMAND")
+    root: str = Field("runs", description="run folders go to ROOT/NAME/TIMESTAMP-COMMAND "
+                      "(~ is the home folder)")
+
+    @field_validator("root")
+    @classmethod
+    def _home(cls, v: str) -> str:
+        return os.path.expanduser(v)  # one meaning of `~` for every file the run writes
     tensorboard: bool = Field(True, description="TensorBoard event files in RUN/tensorboard "
                               "(per-epoch scalars, hyper-parameters with the final metrics, PR "
                               "curves): tensorboard --logdir runs/")
@@ -372,8 +379,8 @@ def json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "tltool experiment config"
     schema.setdefault("properties", {})["extends"] = {
-        "description": "parent config(s), relative to this file, merged first",
-        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+        "description": "the parent config, relative to this file, merged first",
+        "type": "string"}
     return schema
 
 
@@ -391,6 +398,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
+            if not isinstance(key, str | int | float | bool) and key is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"a {type(key).__name__} used as a mapping key (line {line}); "
+                    f"keys must be plain names", key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r} (lines {seen[key]} and {line}); give "

@@ -136,8 +136,9 @@ def fold_scores(metric: str, y: np.ndarray, oof: np.ndarray, folds: Folds,
     threshold) is chosen for fold j on the other folds' OOF rows of the same repeat, so no
     fold is scored at a threshold chosen on its own labels."""
     out = []
-    thresholded = decision is not None and Decision.of(decision).rule == "threshold" and \
-        not Decision.of(decision).multilabel and \
+    # `decision` here is the rule to apply ({"rule", "optimize"}), not yet a chosen one
+    rule = None if decision is None else Decision(dict(decision))
+    thresholded = rule is not None and rule.rule == "threshold" and not rule.multilabel and \
         metric in ("accuracy", "balanced_accuracy", "f1") and oof.shape[-1] == 2
     for j, (_, held) in enumerate(folds.splits):
         r = folds.repeat_of(j)

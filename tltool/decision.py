@@ -51,18 +51,35 @@ class Decision:
             return d
         if "per_label" in value:
             if not isinstance(value["per_label"], list) or \
-                    not all(_number(v) for v in value["per_label"]):
-                raise DamagedDecision("per-label thresholds must be a list of numbers")
+                    not all(_number(v) and 0 <= v <= 1 for v in value["per_label"]):
+                raise DamagedDecision("per-label thresholds must be a list of probabilities "
+                                      "(numbers from 0 to 1)")
         elif "threshold" not in value or not (value["threshold"] is None
                                               or _number(value["threshold"])):
             raise DamagedDecision("expected a threshold number or null, or per-label "
                                   "thresholds")
+        elif value["threshold"] is not None and not 0 <= value["threshold"] <= 1:
+            raise DamagedDecision(f"threshold {value['threshold']} is not a probability "
+                                  f"(allowed: 0 to 1)")
         labels = len(value["per_label"]) if "per_label" in value else None
         if not calibration.valid(value.get("calibration"), labels):
             raise DamagedDecision("damaged calibration (expected method temperature with a "
                                   "positive finite temperature"
                                   f"{', one per label' if labels else ''})")
         return d
+
+    def check_fits(self, classes: list[str], multilabel: bool, regression: bool) -> None:
+        """The rule must be of the model's kind (a damaged or swapped thresholds.json)."""
+        model = "regression" if regression else "multi-label" if multilabel else "single-label"
+        rule = "regression" if self.regression else "multi-label" if self.multilabel else \
+            "single-label"
+        if rule != model:
+            raise DamagedDecision(f"a {rule} rule for a {model} model")
+        if self.multilabel and len(self.per_label) != len(classes):
+            raise DamagedDecision(f"{len(self.per_label)} per-label thresholds for "
+                                  f"{len(classes)} labels")
+        if self.threshold is not None and len(classes) != 2:
+            raise DamagedDecision(f"a threshold rule for {len(classes)} classes (binary only)")
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.raw)

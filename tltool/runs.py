@@ -230,8 +230,9 @@ def _run_order(path: Path) -> tuple:
 
 
 def resolve_run(ref: str | Path, commands: tuple[str, ...] | None = None) -> Path:
-    """A run folder, or NAME_FOLDER/latest for the newest complete run in it."""
-    path = Path(ref)
+    """A run folder, or NAME_FOLDER/latest for the newest complete run in it (as an absolute,
+    resolved path: `.` or `RUN/checkpoints/..` name the run folder itself)."""
+    path = Path(ref).expanduser().resolve()
     if path.name == "latest" and not (path / STATUS_FILE).exists():
         parent = path.parent
         if not parent.is_dir():

@@ -94,6 +94,8 @@ def read_csv(path: Path, text_columns: list[str] | None = None) -> pd.DataFrame:
                         f"current folder {Path.cwd()})")
     if path.is_dir():
         raise DataError(f"{path}: is a folder; expected a CSV file")
+    if not path.is_file():  # a FIFO, device or socket would block or never end
+        raise DataError(f"{path}: is not a regular file; expected a CSV file")
     dtype = {c: str for c in text_columns or []}
     for encoding in ("utf-8-sig", "latin-1"):
         try:
@@ -175,6 +177,10 @@ def select_population(frame: pd.DataFrame, where: dict, origin: str) -> pd.DataF
 def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
     """Load, filter, label, split (fixed by split.seed) and sub-sample (by sample_seed)."""
     origin = origin_of(cfg)
+    if cfg.options:
+        raise DataError(f"{origin}: `options` ({', '.join(map(str, cfg.options))}) do not "
+                        f"apply to tables; they are options of the built-in image sets "
+                        f"(tltool datasets)")
     frame = read_frame(cfg)
     label = cfg.label or (TABLES[cfg.name].label if cfg.kind == "builtin" else None)
     if label is None:
@@ -425,6 +431,7 @@ def _subsample(split: Split, n: int | None, seed: int, key: str, origin: str,
     idx = np.arange(len(split))
     groups = strata(split.y, regression)
     n_classes = len(np.unique(groups))
-    stratify = groups if n >= n_classes and np.bincount(groups).min() >= 2 else None
+    stratify = groups if n >= n_classes and len(split) - n >= n_classes and \
+        np.bincount(groups).min() >= 2 else None
     chosen, _ = train_test_split(idx, train_size=n, random_state=seed, stratify=stratify)
     return take(split, np.sort(chosen))

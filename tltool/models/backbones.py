@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -70,9 +70,15 @@ class Backbone(nn.Module):
         return self.forward_blocks(x)
 
 
+# Widest hidden layer accepted: wider tables models are a typo, not a design (memory).
+MAX_WIDTH = 65536
+
+
 class MLPArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    hidden: list[int] = Field([64, 32], min_length=1, description="units of each hidden block")
+    hidden: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(
+        [64, 32], min_length=1, max_length=64,
+        description=f"units of each hidden block (1 to {MAX_WIDTH:,})")
     activation: str = Field("relu", pattern="^(relu|gelu|tanh)$", description="relu|gelu|tanh")
     batch_norm: bool = Field(False, description="BatchNorm1d after each hidden Linear")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout at the end of each block")
@@ -98,8 +104,9 @@ def build_mlp(args: MLPArgs, in_features: int) -> Backbone:
 
 class ResMLPArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    width: int = Field(64, gt=0, description="units of the stem and every residual block")
-    depth: int = Field(2, ge=1, description="number of residual blocks after the stem")
+    width: int = Field(64, gt=0, le=MAX_WIDTH, description="units of the stem and every "
+                       "residual block")
+    depth: int = Field(2, ge=1, le=256, description="number of residual blocks after the stem")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout inside each residual block")
 
 

@@ -255,7 +255,7 @@ def check_input_fits(model: TransferModel, inputs, section: str) -> None:
             # the backbone alone: a classic head is not fitted yet (its input is the
             # backbone's output by construction)
             model.backbone(inputs.train.batch(slice(0, 1), train=False))
-    except (RuntimeError, ValueError) as exc:
+    except (RuntimeError, ValueError, AssertionError) as exc:  # timm asserts sizes
         reason = str(exc).splitlines()[0][:200]
         raise ConfigError(f"{section}.image_size: backbone {model.spec['backbone']!r} cannot "
                           f"take {size}x{size} images ({reason}); use an image_size it can take "

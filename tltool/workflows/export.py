@@ -92,7 +92,18 @@ def export(ref: str | Path, fmt: str, out: str | None = None,
     state, classes = ckpt["preprocessor"], ckpt["classes"]
     multilabel = bool(ckpt.get("multilabel"))
     task = Task.of(model, multilabel)
-    folder = Path(out) if out else run / f"export-{fmt}"
+    if out == "-":
+        raise DataError("--out -: an export is a folder of files, not a stream; give a folder")
+    folder = Path(out).expanduser() if out else run / f"export-{fmt}"
+    if folder.is_symlink():
+        raise DataError(f"--out {folder}: is a symbolic link; give a folder path that is not one")
+    if out:
+        from tltool.runs import STATUS_FILE
+
+        for above in [folder.parent.resolve(), *folder.parent.resolve().parents]:
+            if (above / STATUS_FILE).is_file() and above.resolve() != run.resolve():
+                raise DataError(f"--out {folder}: is inside the run folder {above}; tltool "
+                                f"never changes another run's files (default: RUN/export-{fmt})")
     if folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
         if not force:
             raise DataError(f"{folder}: exists; choose another --out or pass --force to "

@@ -42,14 +42,16 @@ def list_runs(root: str | Path, name: str | None = None, command: str | None = N
 
 
 def _row(folder: Path, info: dict[str, Any]) -> dict[str, Any]:
-    cfg = _read(folder / "config.yaml", yaml.safe_load) or {}
-    metrics = _read(folder / "metrics.json", json.loads) or {}
-    model = cfg.get("model") or {}
+    cfg = _read(folder / "config.yaml", yaml.safe_load)
+    metrics = _read(folder / "metrics.json", json.loads)
+    cfg = cfg if isinstance(cfg, dict) else {}  # a damaged file: listed without it
+    metrics = metrics if isinstance(metrics, dict) else {}
+    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
     section = "source" if info.get("command") == "pretrain" else "target"
-    data = (cfg.get(section) or {})
+    data = cfg.get(section) if isinstance(cfg.get(section), dict) else {}
     metric, value = _headline(metrics.get("test"))
     _, val_value = _headline(metrics.get("val"), metric)
-    route = metrics.get("route") or {}
+    route = metrics.get("route") if isinstance(metrics.get("route"), dict) else {}
     return {"name": folder.parent.name, "run": folder.name, "command": info.get("command"),
             "status": info.get("status"), "started": info.get("started"),
             "data": data.get("name") or (Path(data["path"]).name if data.get("path") else None),

@@ -19,7 +19,13 @@ def open_run(ref: str | Path):
     cfg = run_config(run)
     ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
     model = load_trained(ckpt)
-    return run, cfg, ckpt, model, read_decision(run)
+    decision = read_decision(run)
+    try:
+        Decision.of(decision).check_fits(ckpt["classes"], bool(ckpt.get("multilabel")),
+                                         bool(ckpt["spec"].get("target_scale")))
+    except DamagedDecision as exc:
+        raise RunError(f"{run / 'thresholds.json'}: damaged ({exc})") from None
+    return run, cfg, ckpt, model, decision
 
 
 def read_decision(run: Path) -> dict[str, Any]:

@@ -53,6 +53,10 @@ def resume(ref: str | Path, argv: list[str] | None = None) -> dict[str, Any]:
         raise RunError(f"{last_path}: holds no training state (written by an older tltool?); "
                        f"train again instead")
     _check_state(last["resume"], last_path)
+    rounds = len(cfg.train.rounds) if cfg.train.rounds else 1
+    if last["resume"]["round"] > rounds:
+        raise RunError(f"{last_path}: damaged training state (round {last['resume']['round']} "
+                       f"of a config with {rounds} round(s)); train again instead")
     rows = _rows(run / "metrics.csv", last["resume"]["epoch_total"])
     log.info("resuming %s at round %d, epoch %d", run, last["resume"]["round"],
              last["resume"]["epoch_total"])
