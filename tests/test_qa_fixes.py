@@ -80,3 +80,31 @@ def test_predict_to_stdout_with_json_is_refused(cli, pretrained):
     csv = Path(__file__).parents[1] / "configs/credit/new_applicants.csv"
     res = cli("predict", str(pretrained), str(csv), "--out", "-", "--json")
     assert res.code == 2 and "both would use standard output" in res.err
+
+
+def test_symlinked_images_keep_one_class(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tltool.config import DataConfig
+    from tltool.data.images import _from_folder
+    from tltool.errors import DataError
+
+    img = tmp_path / "img"
+    for c in ("a", "b"):
+        (img / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), i * 40 + (c == "b") * 9, np.uint8)).save(
+                img / c / f"{i}.png")
+    (img / "a" / "again.png").symlink_to(img / "a" / "0.png")
+    notes: list[str] = []
+    x, *_ = _from_folder(DataConfig(kind="image_folder", path=str(img), decode_cache=False),
+                         8, notes)
+    assert len(x) == 6 and any("used once" in n for n in notes)
+    (img / "b" / "x.png").symlink_to(img / "a" / "1.png")
+    with pytest.raises(DataError, match="an image needs one class"):
+        _from_folder(DataConfig(kind="image_folder", path=str(img)), 8, [])
+    (img / "b" / "x.png").unlink()
+    (img / "a" / "loop").symlink_to(img)  # a link back to the top folder
+    with pytest.raises(DataError, match="an image needs one class"):
+        _from_folder(DataConfig(kind="image_folder", path=str(img)), 8, [])

@@ -539,6 +539,33 @@ def walk_files(top: Path) -> tuple[list[Path], int]:
     return sorted(found), broken
 
 
+def _one_per_real_file(files: list[Path], labels: list[int], class_dirs: list[Path],
+                       notes: list[str]) -> tuple[list[Path], list[int]]:
+    """Each real image once: a file reached again through a link in the same class is
+    dropped with a note; one reached from two class folders (a link into another class, or a
+    link back to the top folder) has two labels and is refused."""
+    first: dict[str, tuple[Path, int]] = {}
+    keep_files, keep_labels, repeats = [], [], 0
+    for f, k in zip(files, labels, strict=True):
+        real = os.path.realpath(f)
+        if real in first:
+            other, k0 = first[real]
+            if k0 != k:
+                raise DataError(f"{f}: the same image as {other} (through a symbolic link) but "
+                                f"in class folder {class_dirs[k].name!r}, not "
+                                f"{class_dirs[k0].name!r}; an image needs one class: remove "
+                                f"the link")
+            repeats += 1
+            continue
+        first[real] = (f, k)
+        keep_files.append(f)
+        keep_labels.append(k)
+    if repeats:
+        notes.append(f"{repeats} image(s) reached twice in the same class folder (symbolic "
+                     f"links) used once")
+    return keep_files, keep_labels
+
+
 def _from_folder(cfg: DataConfig, size: int, notes: list[str]):
     root = Path(cfg.path)
     if not root.exists():
@@ -569,6 +596,7 @@ def _from_folder(cfg: DataConfig, size: int, notes: list[str]):
     if len(class_dirs) < 2:
         raise DataError(f"{root}: only one class folder ({class_dirs[0].name!r}); a classifier "
                         f"needs at least 2 (one sub-folder per class)")
+    files, labels = _one_per_real_file(files, labels, class_dirs, notes)
     loose = sum(1 for p in root.iterdir() if p.is_file())
     if ignored or loose:
         notes.append(f"ignored {ignored + loose} file(s) that are not images in class folders")
