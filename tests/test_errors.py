@@ -264,6 +264,8 @@ def test_predict_out_never_destroys(pretrained, cli, tmp_path):
 
 @pytest.mark.parametrize("tamper, message", [
     (lambda p: p["spec"]["backbone_args"].update(hidden=[10**9, 10**9]),
+     "backbone_args.hidden.0: input should be less than or equal to 65536"),
+    (lambda p: p["spec"]["backbone_args"].update(hidden=[60000, 60000, 60000]),
      "describes a network of"),
     (lambda p: p["spec"].update(backbone="nonet"), "spec.backbone: not a known backbone"),
     (lambda p: p["spec"].update(in_features="20"), "spec.in_features: expected a whole number"),

@@ -113,6 +113,12 @@ def _check_size(spec: dict[str, Any], where: str) -> None:
     except (ConfigError, CheckpointError) as exc:
         raise _fail(where, str(exc).replace("\n", "; ")) from None
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        errors = getattr(exc, "errors", None)  # pydantic: name the first bad option
+        if callable(errors):
+            e = errors()[0]
+            key = ".".join(str(x) for x in e.get("loc", ()))
+            raise _fail(where, f"does not describe a network (backbone_args.{key}: "
+                        f"{str(e.get('msg', '')).lower()})") from None
         raise _fail(where, f"does not describe a network ({type(exc).__name__})") from None
     n = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     if n > MAX_PARAMETERS:
