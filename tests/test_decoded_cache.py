@@ -69,3 +69,11 @@ def test_skipped_bad_files_are_remembered_and_the_cache_can_be_off(folder, tmp_p
     before = sorted(p.name for p in decoded.root().iterdir())
     _read(folder, size=12, decode_cache=False, on_bad_image="skip")
     assert sorted(p.name for p in decoded.root().iterdir()) == before
+
+
+def test_the_number_of_decoding_threads_does_not_change_the_pixels(folder):
+    one, kept1, _, _ = _read(folder, decode_cache=False, workers=1)
+    many, kept3, _, _ = _read(folder, decode_cache=False, workers=3)
+    assert torch.equal(one, many) and kept1 == kept3
+    with pytest.raises(ValueError):
+        DataConfig(kind="image_folder", path=str(folder), workers=0)

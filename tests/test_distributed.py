@@ -1,5 +1,6 @@
-"""torchrun: 2 gloo processes train what 1 process trains (same global batch), only rank 0
-writes a run folder, and commands that are not data-parallel are refused."""
+"""torchrun: 2 gloo processes train (and evaluate / predict) what 1 process does (same global
+batch), only rank 0 writes a run folder, and commands that are not data-parallel are
+refused."""
 
 from __future__ import annotations
 
@@ -53,6 +54,39 @@ def test_two_processes_train_what_one_process_trains(cli, tmp_path):
     assert ma["best_epoch"] == mb["best_epoch"]
     assert ma["decision"]["threshold"] == pytest.approx(mb["decision"]["threshold"], abs=1e-5)
     assert json.loads((runs[0] / "run.json").read_text())["status"] == "complete"
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or
+                    not torch.distributed.is_gloo_available(), reason="no gloo backend")
+def test_two_processes_evaluate_and_predict_what_one_process_does(cli, tmp_path):
+    import pandas as pd
+
+    cfg = dict(CFG, train=dict(CFG["train"], epochs=1))
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    trained = cli("pretrain", "cfg.yaml", "--set", f"output.root={tmp_path / 'runs'}", "-q")
+    assert trained.code == 0, trained.err
+    run = str(tmp_path / trained.out.strip())
+    one = cli("evaluate", run, "-q")
+    assert one.code == 0, one.err
+    two = _torchrun(["evaluate", run], tmp_path)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    evaluations = sorted((tmp_path / "runs" / "ddp").glob("*-evaluate"))
+    assert len(evaluations) == 2  # the 1-process one and rank 0's
+    a = pd.read_csv(evaluations[0] / "test_predictions.csv")
+    b = pd.read_csv(evaluations[1] / "test_predictions.csv")
+    assert len(a) == len(b) == 561 and (a["id"] == b["id"]).all()
+    assert (a["p_bad"] - b["p_bad"]).abs().max() <= 1e-6  # every row, in the same order
+    new = Path(__file__).resolve().parents[1] / "configs" / "credit" / "new_applicants.csv"
+    out = tmp_path / "pred.csv"
+    two = _torchrun(["predict", run, str(new), "--out", str(out)], tmp_path)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    one = cli("predict", run, str(new), "--out", "-", "-q")
+    assert one.code == 0, one.err
+    from io import StringIO
+
+    c, d = pd.read_csv(out), pd.read_csv(StringIO(one.out))
+    assert len(c) == 20 and (c["p_bad"] - d["p_bad"]).abs().max() <= 1e-6
+    assert len(list((tmp_path / "runs" / "ddp").glob("*-predict"))) == 2
 
 
 def test_commands_that_are_not_data_parallel_are_refused(tmp_path):

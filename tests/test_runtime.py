@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -156,3 +158,21 @@ def test_compiled_forward_trains_like_the_eager_one():
         results.append(model.state_dict())
     for key, value in results[0].items():
         assert torch.allclose(results[1][key], value, atol=1e-5), key
+
+
+def test_timing_gives_up_at_the_first_call_clearly_too_slow():
+    from contextlib import nullcontext
+
+    from tltool.runtime import _best_time
+
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.02)
+
+    t = _best_time(slow, torch.device("cpu"), nullcontext, reps=2, give_up=0.001)
+    assert len(calls) == 1 and t >= 0.02  # the warm-up call already exceeded the limit
+    calls.clear()
+    _best_time(slow, torch.device("cpu"), nullcontext, reps=2, give_up=10.0)
+    assert len(calls) == 3  # warm-up + 2 timed calls when it stays under the limit

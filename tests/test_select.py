@@ -37,7 +37,7 @@ def _candidates(src: Path) -> list[dict]:
 
 def _select_cfg(write_config, src: Path, name: str = "sel", **changes) -> str:
     return write_config(name, merge({"target": {"n_train": 60, "n_val": 30},
-                                     "select": {"folds": 3, "repeats": 1,
+                                     "select": {"folds": 3, "repeats": 1, "rule": "one_se",
                                                 "candidates": _candidates(src)}}, changes))
 
 
@@ -86,6 +86,17 @@ def test_one_standard_error_rule_takes_the_simplest_close_candidate():
     assert choose(results, "best")[0].name == "complex"
     lower = [Scored("a", 2, [1.0, 1.1], -1), Scored("b", 0, [3.0, 3.2], -1)]
     assert choose(lower, "one_se")[0].name == "a"  # rmse: lower is better
+
+
+def test_rule_ensemble_averages_the_candidates_within_the_band():
+    results = [Scored("simple", 0, [0.71, 0.73, 0.75], 1), Scored("rich", 3, [0.74, 0.76, 0.78], 1),
+               Scored("poor", 1, [0.50, 0.52, 0.54], 1),
+               Scored("undefined", 1, [float("nan")] * 3, 1)]
+    best, how = choose(results, "ensemble", band=3.0)
+    assert best.name == "rich" and how["members"] == ["rich", "simple"]
+    assert how["bar"] == pytest.approx(0.76 - 3 * np.std([0.74, 0.76, 0.78], ddof=1) / 3 ** 0.5)
+    assert choose(results, "ensemble", band=0.0)[1]["members"] == ["rich"]
+    assert choose(results, "ensemble", band=100.0)[1]["members"] == ["rich", "simple", "poor"]
 
 
 def test_folds_are_stratified_seeded_and_disjoint():
@@ -383,3 +394,52 @@ def test_an_ensemble_of_runs_with_other_labelled_rows_says_so(cli, write_config,
     m = json.loads((tmp_path / res.out.strip() / "metrics.json").read_text())
     assert m["labelled_rows_seen"] > max(m["labelled_rows_per_member"])
     assert "the members drew different labelled rows" in caplog.text
+
+
+def test_rule_ensemble_averages_every_candidate_refit_as_members(pretrained, cli, write_config,
+                                                                tmp_path):
+    res = cli("select", _select_cfg(write_config, pretrained, name="selens",
+                                    select={"rule": "ensemble", "band": 100,
+                                            "research": True}))
+    assert res.code == 0, res.err
+    run = tmp_path / res.out.strip()
+    board = json.loads((run / "leaderboard.json").read_text())
+    names = sorted(c["name"] for c in board["candidates"] if c["name"] != "ensemble of "
+                   "candidates")
+    ens = next(c for c in board["candidates"] if c["name"] == "ensemble of candidates")
+    assert ens["chosen"] and sum(c["chosen"] for c in board["candidates"]) == 1
+    assert sorted(ens["route"]["average_of"]) == names
+    # its cross-validation score is that of the averaged out-of-fold predictions
+    npz = np.load(run / "research_predictions.npz")
+    y = npz["y_labelled"]
+    folds = make_folds(y, "classification", 3, 1, 0)
+    avg = np.mean([npz[f"oof/{n}"] for n in names], axis=0)
+    for (_, held), s in zip(folds.splits, ens["fold_scores"], strict=True):
+        assert s == pytest.approx(roc_auc_score(y[held], avg[0][held][:, 1]), abs=1e-6)
+    # every member is a complete run of its own; the test predictions are their average
+    members = json.loads((run / "ensemble.json").read_text())["members"]
+    assert sorted(members) == [f"members/{n}" for n in names]
+    assert all(json.loads((run / m / "run.json").read_text())["status"] == "complete"
+               for m in members)
+    mine = pd.read_csv(run / "test_predictions.csv")
+    assert np.allclose(mine["p_bad"], np.mean([npz[f"test/{n}"][:, 1] for n in names], axis=0),
+                       atol=2e-6)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["select"]["winner"] == "ensemble of candidates" and len(m["members_test"]) == 4
+    research = json.loads((run / "research.json").read_text())
+    assert research["chosen"] == "ensemble of candidates"
+    # evaluate and predict take the ensemble; one-model commands name a member instead
+    ev = cli("evaluate", str(run))
+    assert ev.code == 0, ev.err
+    again = json.loads((tmp_path / ev.out.strip() / "metrics.json").read_text())
+    assert again["test"]["auroc"] == pytest.approx(m["test"]["auroc"], abs=1e-9)
+    assert cli("predict", str(run), str(NEW_ROWS), "--id-column", "applicant_id").code == 0
+    ex = cli("export", str(run), "--format", "torchscript")
+    assert ex.code == 2 and "members" in ex.err and "\n  File" not in ex.err
+    # `ensemble` over select ensembles averages their members
+    en = cli("ensemble", str(run), str(run / members[0]), "--name", "both")
+    assert en.code == 2 and "given twice" in en.err
+    # a member is usable alone, and what it writes goes next to the experiment's runs
+    ev = cli("evaluate", str(run / members[0]))
+    assert ev.code == 0, ev.err
+    assert (tmp_path / ev.out.strip()).parent == run.parent

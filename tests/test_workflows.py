@@ -152,11 +152,21 @@ def test_extract_writes_features_and_fits_sklearn_heads(pretrained, cli, write_c
     run = tmp_path / res.out.strip()
     feats = np.load(run / "features" / "target_train.npz")
     assert feats["features"].shape == (100, 8) and len(feats["labels"]) == len(feats["ids"])
+    # the heads fit on the target only: the source data are neither read nor passed through
     assert sorted(p.name for p in (run / "features").iterdir()) == sorted(
-        f"{d}_{s}.npz" for d in ("source", "target") for s in ("train", "val", "test"))
+        f"target_{s}.npz" for s in ("train", "val", "test"))
     heads = _json(run / "metrics.json")["heads"]
     assert set(heads) == {"logistic_regression", "random_forest", "svm"}
     assert all(0.5 < h["test"]["auroc"] <= 1 for h in heads.values())
+    # every section on request, and with no heads at all
+    for changes in ({"sections": "both"}, {"heads": []}):
+        res = cli("extract", write_config("ex2", {"model": {"weights": str(pretrained)},
+                                                  "extract": changes}))
+        assert res.code == 0, res.err
+        run = tmp_path / res.out.strip()
+        assert sorted(p.name for p in (run / "features").iterdir()) == sorted(
+            f"{d}_{s}.npz" for d in ("source", "target") for s in ("train", "val", "test"))
+        assert bool(_json(run / "metrics.json")["heads"]) == ("sections" in changes)
 
 
 def test_resmlp_backbone_transfers(cli, write_config, tmp_path):

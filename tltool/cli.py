@@ -280,8 +280,9 @@ def select_(
 ) -> None:
     """Choose how to build the target model: score candidate routes (transfer, pooled, prior,
     fine-tunes, reference models) by repeated k-fold cross-validation on the target's labelled
-    rows, take the simplest within one standard error of the best, refit it on all of them and
-    score it on the test split once. The run folder holds the leaderboard and the chosen model
+    rows, average every route within 3 standard errors of the best (select.rule ensemble;
+    one_se: the simplest single route within one), refit them on all of those rows and score
+    the result on the test split once. The run folder holds the leaderboard and the chosen model
     (evaluate / predict / ensemble take it).
 
     Example: tltool select configs/credit/select.yaml --set target.n_train=50
@@ -298,7 +299,8 @@ def select_(
     for row in result["leaderboard"]:
         mean = "n/a" if row["mean"] is None else f"{row['mean']:.4f}"
         se = "" if row["se"] is None else f"{row['se']:.4f}"
-        mark = "->" if row["chosen"] else ("  " if not row["within_one_se"] else " ~")
+        mark = "->" if row["chosen"] else (" +" if row.get("averaged") else
+                                           " ~" if row["within_one_se"] else "  ")
         lines.append(f"{mark}{row['rank']:>4}  {row['name']:<22} {mean:>14}  {se:>7}  "
                      f"{row['complexity']}")
     _finish(result, lines + _score_lines(result["metrics"]), session)

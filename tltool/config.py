@@ -66,6 +66,9 @@ class DataConfig(_Strict):
         "by each file's path, size and modification time and the image size), so later "
         "commands on the same files skip decoding; any change decodes again. Location: "
         "$TLTOOL_CACHE_DIR/decoded or ~/.cache/tltool/decoded")
+    workers: int | None = Field(
+        None, ge=1, le=256, description="image files: threads that decode and resize them "
+        "(default: the CPU count, at most 8; decoding releases the interpreter lock)")
     label: str | None = Field(None, description="label column (default: the data set's own)")
     task: Literal["classification", "regression"] = Field(
         "classification", description="classification: the label holds classes; regression: "
@@ -250,6 +253,10 @@ class ExtractConfig(_Strict):
         None, description="sklearn heads to fit (default: logistic_regression, random_forest, "
         "svm for classes; ridge, random_forest, svm for task regression)")
     fit_on: Literal["source", "target"] = Field("target", description="data the heads fit on")
+    sections: Literal["auto", "both"] = Field(
+        "auto", description="which data sections get features: auto: only fit_on's when heads "
+        "are fitted (no decoding or forward passes for data no head uses), every section when "
+        "heads is []; both: source and target whenever the config has them")
 
 
 class AdaptConfig(_Strict):
@@ -297,9 +304,15 @@ class SelectConfig(_Strict):
                     "rmse", "mae", "r2"] = Field(
         "auto", description="what cross-validation scores (auto: auroc for two classes, "
         "accuracy for more, map for multi-label, rmse for regression)")
-    rule: Literal["one_se", "best"] = Field(
-        "one_se", description="one_se: the simplest candidate whose mean score is within one "
-        "standard error of the best; best: the best mean")
+    rule: Literal["ensemble", "one_se", "best"] = Field(
+        "ensemble", description="ensemble: the average of the predictions of every candidate "
+        "whose mean score is within `band` standard errors of the best (each refit on all "
+        "labelled rows, kept under members/ in the run folder; one candidate in the band: it "
+        "alone); one_se: the simplest candidate whose mean score is within one standard error "
+        "of the best; best: the best mean")
+    band: float = Field(3.0, ge=0, le=100, description="rule ensemble: how many standard "
+                        "errors (of the best candidate's mean) below the best a candidate may "
+                        "be and still be averaged (0: ties only; large: every candidate)")
     research: bool = Field(False, description="also refit every candidate on all labelled rows "
                            "and score it on the test split, written apart (research.json); "
                            "never used for the choice")

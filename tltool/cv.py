@@ -184,14 +184,26 @@ class Scored:
         return -math.inf if math.isnan(self.mean) else self.sign * self.mean
 
 
-def choose(results: list[Scored], rule: str) -> tuple[Scored, dict[str, Any]]:
+def choose(results: list[Scored], rule: str,
+           band: float = 3.0) -> tuple[Scored, dict[str, Any]]:
     """The best mean score, or under one_se the simplest candidate within one standard error
-    of it (ties: the better mean). Returns the winner and how it was chosen."""
+    of it (ties: the better mean), or under ensemble the best and the candidates to average
+    (how["members"]). Returns the winner and how it was chosen."""
     ranked = [r for r in results if not math.isnan(r.mean)]
     if not ranked:
         raise DataError("select: no candidate got a cross-validation score (every fold was "
                         "undefined: too few labelled rows of some class?)")
     best = max(ranked, key=lambda r: (r.rank_value, -r.complexity))
+    if rule == "ensemble":
+        # every candidate not clearly worse than the best: mean within `band` standard errors
+        # of it (3 ~ a two-sided 95% interval for the difference of two means with the best's
+        # standard error each, 2 x sqrt(2) = 2.83); the caller averages them
+        se = 0.0 if math.isnan(best.se) else best.se
+        bar = best.rank_value - band * se
+        members = [r for r in ranked if r.rank_value >= bar - 1e-12]
+        members.sort(key=lambda r: (-r.rank_value, r.complexity, r.name))
+        return best, {"rule": rule, "best": best.name, "bar": best.sign * bar, "band": band,
+                      "members": [r.name for r in members]}
     if rule == "best" or math.isnan(best.se):
         return best, {"rule": rule, "best": best.name, "bar": None}
     bar = best.rank_value - best.se

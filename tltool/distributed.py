@@ -22,8 +22,13 @@ provided nothing random depends on the rank: dropout draws its masks per process
 BatchNorm in training mode normalises each rank's rows (bn_policy train: SyncBatchNorm), so
 those give statistically equivalent, not identical, runs.
 
+`evaluate` and `predict` run data-parallel too: each rank predicts a contiguous share of the
+rows, the logits are gathered (all_gather) in row order, and rank 0 writes the run folder and
+any --out file. Row by row the logits are the ones one process computes (inference mode, no
+randomness), up to the summation order of a different batch composition.
+
 Not data-parallel yet (refused with a clear error under torchrun): pooled source rows,
-`adapt`, `select`, `extract`, `evaluate`, `predict` (run those as one process).
+`adapt`, `select`, `extract` (run those as one process).
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ from typing import Any
 
 from tltool.errors import ConfigError
 
-DISTRIBUTED_COMMANDS = ("pretrain", "freeze-finetune", "resume")
+DISTRIBUTED_COMMANDS = ("pretrain", "freeze-finetune", "resume", "evaluate", "predict")
+# Commands whose inference (predict_logits) is split across the ranks and gathered.
+SHARDED_INFERENCE = ("evaluate", "predict")
+_sharded = False
 
 
 def launched() -> bool:
@@ -88,6 +96,40 @@ def init(command: str) -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+    global _sharded
+    _sharded = command in SHARDED_INFERENCE
+
+
+def sharded_inference() -> bool:
+    """evaluate / predict under torchrun: each rank predicts its contiguous share of the rows
+    and the logits are gathered on every rank (so every rank holds the same full result)."""
+    return _sharded and active()
+
+
+def rows_of_rank(n: int) -> tuple[int, int]:
+    """[start, stop) of this rank's contiguous share of n rows (sizes differ by at most one)."""
+    w, r = world(), rank()
+    base, extra = divmod(n, w)
+    start = r * base + min(r, extra)
+    return start, start + base + (1 if r < extra else 0)
+
+
+def gather_rows(part, n: int):
+    """The ranks' contiguous shares (in rank order) as one tensor of n rows, on every rank."""
+    import torch
+
+    w = world()
+    sizes = []
+    for r in range(w):
+        base, extra = divmod(n, w)
+        sizes.append(base + (1 if r < extra else 0))
+    width = max(sizes)
+    device = torch.device("cuda") if torch.distributed.get_backend() == "nccl" else part.device
+    padded = torch.zeros((width, *part.shape[1:]), dtype=part.dtype, device=device)
+    padded[:len(part)] = part.to(device)
+    bufs = [torch.empty_like(padded) for _ in range(w)]
+    torch.distributed.all_gather(bufs, padded)
+    return torch.cat([b[:k] for b, k in zip(bufs, sizes, strict=True)]).to(part.device)
 
 
 def check_route(pooled: bool, adapt: bool) -> None:

@@ -101,7 +101,7 @@ def predicted_vs_true(y, pred, out: Path, title: str) -> Path:
 
 
 def leaderboard(rows: list[dict], out: Path, metric: str, bar: float | None,
-                title: str) -> Path:
+                bar_label: str, title: str) -> Path:
     """Each candidate's mean cross-validation score with its standard error; the chosen one
     in a darker colour, the one-standard-error bar as a dashed line."""
     plt = _pyplot()
@@ -112,12 +112,12 @@ def leaderboard(rows: list[dict], out: Path, metric: str, bar: float | None,
         mean, se = row["mean"], row["se"]
         if mean is None:
             continue
-        colour = "tab:blue" if row["chosen"] else "0.55"
+        colour = "tab:blue" if row["chosen"] or row.get("averaged") else "0.55"
         ax.errorbar(mean, y, xerr=None if se is None else se, fmt="o", color=colour,
                     capsize=3, ms=5)
     ax.set_yticks(ys, [f"{r['name']} (c{r['complexity']})" for r in rows], fontsize=8)
     if bar is not None:
-        ax.axvline(bar, color="tab:red", ls="--", lw=1, label="one standard error of the best")
+        ax.axvline(bar, color="tab:red", ls="--", lw=1, label=bar_label)
         ax.legend(fontsize=7, loc="lower right")
     ax.set_xlabel(f"cross-validation {metric} (mean ± standard error over folds)")
     ax.set_title(title, fontsize=9)

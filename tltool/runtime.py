@@ -39,6 +39,9 @@ def cpu_supports_bf16() -> bool:
 # must not flip a choice (and with it the last bits of the results) from run to run.
 LAYOUT_MARGIN = 1.2
 BF16_MARGIN = 1.3
+# bf16 timing stops at the first call this many times slower than fp32 (it must be faster by
+# BF16_MARGIN to be chosen; a warm-up of new kernels may take about twice a call)
+GIVE_UP = 4.0
 PROBE_BATCH = 8
 # Timing costs about 100-200 forward passes of one sample; a run with less work than this (in
 # forward-pass equivalents: a training sample-step counts 3) is not worth it and takes the
@@ -209,7 +212,11 @@ class Runtime:
         times = {}
         for dtype in (None, torch.bfloat16):
             self.dtype = dtype
-            times[dtype] = _best_time(lambda: model(x), self.device, self.autocast)
+            # bf16 only has to be timed until it is clearly slower than fp32 (a CPU that
+            # emulates it can take 10-30x as long): then it is abandoned after one call
+            limit = None if dtype is None else GIVE_UP * times[None]
+            times[dtype] = _best_time(lambda: model(x), self.device, self.autocast,
+                                      give_up=limit)
         self.dtype = torch.bfloat16 if times[torch.bfloat16] * BF16_MARGIN < times[None] else None
         PROBES.put(key, self.precision)
         self.chosen["precision_probe"] = {
@@ -279,8 +286,10 @@ class Runtime:
 
 
 def _best_time(fn: Callable[[], Any], device: torch.device, autocast: Callable,
-               reps: int = 2, warmup: bool = True) -> float:
-    """Best wall time of fn() under autocast, synchronising a GPU around each call."""
+               reps: int = 2, warmup: bool = True, give_up: float | None = None) -> float:
+    """Best wall time of fn() under autocast, synchronising a GPU around each call. With
+    `give_up` (seconds), a call slower than that ends the timing at once (warm-up included):
+    the candidate is clearly slower, its exact time does not matter."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     best = float("inf")
     for r in range(reps + int(warmup)):
@@ -289,8 +298,11 @@ def _best_time(fn: Callable[[], Any], device: torch.device, autocast: Callable,
         with autocast():
             fn()
         sync()
-        if r >= int(warmup):
-            best = min(best, time.perf_counter() - start)
+        took = time.perf_counter() - start
+        if r >= int(warmup) or (give_up is not None and took > give_up):
+            best = min(best, took)
+        if give_up is not None and took > give_up:
+            break
     return best
 
 

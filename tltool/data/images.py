@@ -346,12 +346,13 @@ def _normalise_mode(img):
     return img.convert("RGB")
 
 
-def _workers() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+def _workers(asked: int | None = None) -> int:
+    """Decoding threads: data.workers, else the CPU count (at most 8)."""
+    return asked or max(1, min(8, os.cpu_count() or 1))
 
 
 def _decode_all(files: list[Path], size: int, on_bad_image: str, shown: list[str],
-                where: list[str] | None = None):
+                where: list[str] | None = None, workers: int | None = None):
     """Decode in threads (PIL releases the GIL); the first bad file in order raises under
     on_bad_image=error. Returns (uint8 tensor, kept indices, [(index, reason)] skipped)."""
 
@@ -362,7 +363,7 @@ def _decode_all(files: list[Path], size: int, on_bad_image: str, shown: list[str
             return exc
 
     arrays: list = []
-    with ThreadPoolExecutor(max_workers=_workers()) as pool, \
+    with ThreadPoolExecutor(max_workers=_workers(workers)) as pool, \
             progress.current().steps("decoding images", total=len(files)) as advance:
         for a in pool.map(one, files, chunksize=16):
             arrays.append(a)
@@ -384,7 +385,8 @@ def _decode_all(files: list[Path], size: int, on_bad_image: str, shown: list[str
 
 
 def _probe_all(files: list[Path], on_bad_image: str, shown: list[str],
-               where: list[str] | None = None) -> tuple[list[int], list[tuple[int, str]]]:
+               where: list[str] | None = None,
+               workers: int | None = None) -> tuple[list[int], list[tuple[int, str]]]:
     """Check that every file decodes as an image (pixels read once, nothing kept), so a
     truncated file is found now and not epochs into training."""
     from PIL import Image
@@ -399,7 +401,7 @@ def _probe_all(files: list[Path], on_bad_image: str, shown: list[str],
         except Exception as exc:  # any reader error means "not an image"
             return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
 
-    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+    with ThreadPoolExecutor(max_workers=_workers(workers)) as pool:
         problems = list(pool.map(one, files, chunksize=64))
     bad = [(i, p) for i, p in enumerate(problems) if p is not None]
     if bad and on_bad_image == "error":
@@ -416,7 +418,7 @@ def _store(cfg: DataConfig, files: list[Path], size: int, shown: list[str], note
     need = len(files) * 3 * size * size
     if need <= cfg.decode_once_max_gb * 2**30:
         if not cfg.decode_cache:
-            return _decode_all(files, size, cfg.on_bad_image, shown, where)
+            return _decode_all(files, size, cfg.on_bad_image, shown, where, cfg.workers)
         from tltool.data import decoded
 
         k = decoded.key(files, size, cfg.on_bad_image)
@@ -425,11 +427,11 @@ def _store(cfg: DataConfig, files: list[Path], size: int, shown: list[str], note
             notes.append(f"{len(hit[1])} images read from the decoded-image cache "
                          f"({decoded.root() / k}); any change to the files decodes them again")
             return hit
-        x, kept, bad = _decode_all(files, size, cfg.on_bad_image, shown, where)
+        x, kept, bad = _decode_all(files, size, cfg.on_bad_image, shown, where, cfg.workers)
         if k is not None:
             decoded.save(k, x, kept, bad)
         return x, kept, bad
-    kept, bad = _probe_all(files, cfg.on_bad_image, shown, where)
+    kept, bad = _probe_all(files, cfg.on_bad_image, shown, where, cfg.workers)
     notes.append(f"{len(kept)} images decoded batch by batch when used ({need / 2**30:.1f} GiB "
                  f"decoded would exceed decode_once_max_gb {cfg.decode_once_max_gb})")
     return LazyImages([files[i] for i in kept], size), kept, bad

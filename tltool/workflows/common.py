@@ -208,6 +208,21 @@ def run_config(run: Path) -> ExperimentConfig:
     return validate_config(raw, origin=str(path))
 
 
+def experiment_home(run: Path) -> tuple[Path, str]:
+    """(output root, experiment name) that commands reading a run write next to: ROOT/NAME of
+    ROOT/NAME/RUN. A member of a select ensemble (RUN/members/CANDIDATE) belongs to its
+    ensemble's experiment, so evaluating it never writes inside the ensemble's folder."""
+    from tltool.runs import run_status
+
+    run = Path(run).resolve()
+    owner = (run_status(run) or {}).get("member_of")
+    if isinstance(owner, str):
+        up = (run / owner).resolve()
+        if up in run.parents:
+            run = up
+    return run.parent.parent, run.parent.name
+
+
 def check_output_root(root: str | Path) -> None:
     """output.root must be (or become) a writable folder; said before any data is read."""
     path = Path(root)
@@ -229,6 +244,23 @@ def new_run(cfg_root: str | Path, name: str, command: str, argv: list[str] | Non
     """Create the run folder; mark it complete on success, failed (with the error) otherwise.
     `note`: kept in run.json (e.g. resumed_from)."""
     check_output_root(cfg_root)
+    from tltool import distributed
+
+    scratch = None
+    if not distributed.is_main():  # under torchrun only rank 0 writes; the others write into
+        import tempfile  # a private folder removed at the end
+
+        scratch = cfg_root = tempfile.mkdtemp(prefix=f"tltool-rank{distributed.rank()}-")
+    with contextlib.ExitStack() as stack:
+        if scratch is not None:
+            import shutil
+
+            stack.callback(shutil.rmtree, scratch, ignore_errors=True)
+        yield from _new_run(cfg_root, name, command, argv, seed, cfg, note)
+
+
+def _new_run(cfg_root, name: str, command: str, argv: list[str] | None, seed: int | None,
+             cfg: ExperimentConfig | None, note: dict[str, Any] | None) -> Iterator[RunFolder]:
     run = RunFolder.create(cfg_root, name, command, argv, seed, note)
     if cfg is not None:
         write_text(run.file("config.yaml"), dump_config(cfg))

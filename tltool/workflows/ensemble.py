@@ -24,11 +24,11 @@ from tltool.inputs import load_inputs
 from tltool.metrics import format_any
 from tltool.models.backbones import get_spec
 from tltool.runs import run_status, write_json, write_text
-from tltool.workflows.common import log, new_run, trained_on
+from tltool.workflows.common import experiment_home, log, new_run, trained_on
 
 # Keys of a data section that may differ between members (what seeds sub-sample).
-MAY_DIFFER = {"n_train", "n_val", "sample_seed", "augment", "decode_once_max_gb",
-              "on_bad_image"}
+MAY_DIFFER = {"n_train", "n_val", "sample_seed", "augment", "decode_once_max_gb", "workers",
+              "decode_cache", "on_bad_image"}
 
 
 def _domain(ckpt: dict[str, Any]) -> str:
@@ -77,7 +77,7 @@ def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
         raise RunError(f"--name: got {name!r}; allowed: letters, digits, '.', '_' and '-', "
                        f"starting with a letter or digit (it names a folder under the members' "
                        f"output root)")
-    members = [open_run(r) for r in refs]
+    members = [open_run(r) for r in _flatten(refs)]
     _check_members(members)
     run0, cfg0, ckpt0 = members[0][:3]
     classes, multilabel = ckpt0["classes"], bool(ckpt0.get("multilabel"))
@@ -157,8 +157,9 @@ def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
                     "at most %d per member); compare it with single runs given %d labels, not "
                     "%d", metrics["labelled_rows_seen"], max(metrics["labelled_rows_per_member"]),
                     metrics["labelled_rows_seen"], max(metrics["labelled_rows_per_member"]))
-    name = name or f"{run0.parent.name}-ensemble"
-    with new_run(run0.parent.parent, name, "ensemble", argv, cfg0.seed) as out:
+    root, experiment = experiment_home(run0)
+    name = name or f"{experiment}-ensemble"
+    with new_run(root, name, "ensemble", argv, cfg0.seed) as out:
         write_json(out.file("ensemble.json"), {"members": metrics["members"]})
         write_json(out.file("thresholds.json"), decision)
         write_json(out.file("metrics.json"), metrics)
@@ -174,6 +175,20 @@ def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
     else:
         log.info("ensemble of %d runs (%s)", len(members), decision["rule"])
     return {"run": str(out.path), "metrics": metrics, "table": table}
+
+
+def _flatten(refs: list[str]) -> list[str]:
+    """A select run that chose an ensemble (select.rule ensemble) stands for its members: an
+    ensemble of such runs averages every member of each, equally."""
+    from tltool.runs import resolve_run
+    from tltool.workflows.common import TRAINING_COMMANDS
+    from tltool.workflows.opening import member_runs
+
+    out: list[str] = []
+    for ref in refs:
+        run = resolve_run(ref, commands=TRAINING_COMMANDS)
+        out += member_runs(run) if (run / "ensemble.json").exists() else [str(run)]
+    return out
 
 
 def _out_of_fold(members: list, classes: list[str], multilabel: bool,

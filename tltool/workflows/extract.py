@@ -132,13 +132,20 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
     if cfg.extract.fit_on not in domains:
         raise ConfigError(f"extract.fit_on: '{cfg.extract.fit_on}' but the config has no "
                           f"`{cfg.extract.fit_on}` data section")
+    if cfg.extract.sections == "auto" and cfg.extract.heads != []:
+        skipped = sorted(set(domains) - {cfg.extract.fit_on})
+        if skipped:
+            log.info("extract: no head fits on the %s data, so its features are not computed "
+                     "(extract.sections: both computes them too)", skipped[0])
+        domains = {cfg.extract.fit_on: domains[cfg.extract.fit_on]}
     loaded = {d: load_inputs(c.model_copy(update={"augment": "none"}), d, cfg.seed, spec,
                              weights) for d, c in domains.items()}
     fit_inputs = loaded[cfg.extract.fit_on]
-    if fit_inputs.multilabel:
+    if fit_inputs.multilabel and cfg.extract.heads != []:
         raise ConfigError(f"extract: {cfg.extract.fit_on} is multi-label; the sklearn heads "
                           f"take one label per row (train a multilabel head with "
-                          f"freeze-finetune and strategy linear_probe instead)")
+                          f"freeze-finetune and strategy linear_probe instead, or set "
+                          f"extract.heads: [] for the features alone)")
     regression = fit_inputs.regression
     heads_wanted = _heads(cfg, regression, cfg.extract.fit_on)
     if cfg.decision.rule == "threshold" and (regression or len(fit_inputs.classes) != 2):

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tltool import plots
+from tltool import distributed, plots
 from tltool.decision import Decision, predictions_frame, report
 from tltool.engine import Tensors, predict_proba
 from tltool.errors import DataError, RunError
@@ -22,6 +22,7 @@ from tltool.runs import (
     write_text,
 )
 from tltool.workflows.common import (
+    experiment_home,
     log,
     new_run,
     trained_on,
@@ -62,7 +63,7 @@ def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
         result["test_argmax"] = report(y, proba, classes, {"threshold": None})
     table = rule.format(metrics, classes)
     regression = rule.regression
-    with new_run(run.parent.parent, run.parent.name, "evaluate", argv, cfg.seed) as out:
+    with new_run(*experiment_home(run), "evaluate", argv, cfg.seed) as out:
         write_json(out.file("metrics.json"), result)
         write_text(out.file("report.txt"), f"{run} on {origin} (test split)\n{table}\n")
         if regression:
@@ -222,10 +223,10 @@ def predict(ref: str | Path, input_path: str, out_csv: str | None = None,
                    preds["prediction"].value_counts().sort_index().to_dict()}
     summary = {"run": str(run), "input": input_path, "rows": len(preds), "decision": decision,
                "members": len(members), **notes, **outcome}
-    with new_run(run.parent.parent, run.parent.name, "predict", argv, cfg.seed) as out:
+    with new_run(*experiment_home(run), "predict", argv, cfg.seed) as out:
         write_text(out.file("predictions.csv"), preds.to_csv(index=False))
         write_json(out.file("metrics.json"), summary)
-        if out_path is not None:
+        if out_path is not None and distributed.is_main():  # torchrun: rank 0 writes it
             write_text(out_path, preds.to_csv(index=False))
     return {"run": str(out.path), "summary": summary, "out": out_csv,
             "csv": preds.to_csv(index=False) if out_csv == "-" else None}

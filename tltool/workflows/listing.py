@@ -52,6 +52,9 @@ def _row(folder: Path, info: dict[str, Any]) -> dict[str, Any]:
     metric, value = _headline(metrics.get("test"))
     _, val_value = _headline(metrics.get("val"), metric)
     route = metrics.get("route") if isinstance(metrics.get("route"), dict) else {}
+    if isinstance(route.get("average_of"), list):  # a select ensemble: no one backbone
+        route = {"backbone": f"ensemble of {len(route['average_of'])}", "frozen_layers": None,
+                 "strategy": None}
     return {"name": folder.parent.name, "run": folder.name, "command": info.get("command"),
             "status": info.get("status"), "started": info.get("started"),
             "data": data.get("name") or (Path(data["path"]).name if data.get("path") else None),

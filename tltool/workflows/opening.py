@@ -16,6 +16,11 @@ from tltool.workflows.common import TRAINING_COMMANDS, load_trained, run_config
 def open_run(ref: str | Path):
     """A trained run: (folder, config, checkpoint, model, decision rule), each checked."""
     run = resolve_run(ref, commands=TRAINING_COMMANDS)
+    if (run / "ensemble.json").exists():
+        members = member_runs(run)
+        raise RunError(f"{ref}: an ensemble of {len(members)} routes (select.rule ensemble), "
+                       f"not one model; evaluate and predict take it as it is, this command "
+                       f"takes one model: one of its members, e.g. {run / members[0]}")
     cfg = run_config(run)
     ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
     model = load_trained(ckpt)
@@ -46,7 +51,8 @@ def read_decision(run: Path) -> dict[str, Any]:
 def open_members(ref: str | Path):
     """A trained run, or an ensemble run's members, and the decision rule to apply."""
     run = resolve_run(ref, commands=(*TRAINING_COMMANDS, "ensemble"))
-    if (run_status(run) or {}).get("command") != "ensemble":
+    if (run_status(run) or {}).get("command") != "ensemble" and \
+            not (run / "ensemble.json").exists():
         member = open_run(run)
         return run, [member], member[4]
     members = [open_run(m) for m in member_runs(run)]
@@ -63,6 +69,10 @@ def state_only(ckpt: dict[str, Any]):
 def member_runs(run: Path) -> list[str]:
     """The member run folders of an ensemble run."""
     try:
-        return list(json.loads((run / "ensemble.json").read_text())["members"])
-    except (OSError, ValueError, KeyError):
+        members = json.loads((run / "ensemble.json").read_text())["members"]
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError):
         raise RunError(f"{run}: ensemble.json missing or unreadable") from None
+    # relative paths (a select ensemble's members/NAME) are inside the run folder
+    return [m if Path(m).is_absolute() else str(run / m) for m in members]

@@ -115,19 +115,32 @@ def select(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, An
                 log.info("select: %-22s cv %s %.4f ± %.4f (complexity %d, %.1f s)", cand.name,
                          metric, scored.mean, scored.se if not math.isnan(scored.se) else 0.0,
                          scored.complexity, timing["candidates"][cand.name])
-        winner, how = choose(results, sel.rule)
+        winner, how = choose(results, sel.rule, sel.band)
         by_name = {c.name: (c, r) for c, r in routes}
-        board = _leaderboard(results, winner, how, metric, folds, by_name)
+        scored_all = results
+        averaged = sel.rule == "ensemble" and len(how["members"]) > 1
+        if averaged:
+            winner, oofs[ENSEMBLE] = _ensemble_scored(
+                [r for r in results if r.name in how["members"]], oofs, rows, folds, metric,
+                by_name)
+            scored_all = results + [winner]
+        board = _leaderboard(scored_all, winner, how, metric, folds, by_name)
         _write_leaderboard(run, board, metric, how, cfg, folds)
         # ---- the choice is made; from here on the test split may be read
-        cand, route = by_name[winner.name]
         start = time.perf_counter()
-        metrics = _refit_and_score(run, cfg, route, winner, oofs[winner.name], rows, folds,
-                                   store, board, notes, how)
+        refitted: dict[str, tuple[Any, Any]] = {}
+        if averaged:
+            metrics = _refit_ensemble(run, cfg, how["members"], by_name, results, oofs, rows,
+                                      folds, store, board, notes, how, refitted, argv)
+        else:
+            cand, route = by_name[winner.name]
+            metrics = _refit_and_score(run, cfg, route, winner, oofs[winner.name], rows, folds,
+                                       store, board, notes, how)
         timing["refit_seconds"] = round(time.perf_counter() - start, 3)
         if sel.research:
             with progress.use(progress.Reporter()):
-                _research(run, routes, results, winner, rows, store, oofs, metric)
+                _research(run, routes, results, winner, rows, store, oofs, metric, refitted,
+                          metrics)
         write_json(run.file("timing.json"), timing)
     log.info("select: chose %s (cv %s %.4f); test: %s", winner.name, metric, winner.mean,
              _headline(metrics["test"]))
@@ -219,20 +232,46 @@ def _prepare_all(candidates: list[Candidate], source_runs: dict[str, Path],
     return out, notes
 
 
+# The leaderboard row of the averaged candidates (select.rule ensemble): not a valid candidate
+# name (NAME_PATTERN has no spaces), so it never collides with one.
+ENSEMBLE = "ensemble of candidates"
+
+
+def _ensemble_scored(results: list[Scored], oofs: dict[str, np.ndarray], rows: Labelled,
+                     folds: Folds, metric: str,
+                     by_name: dict[str, tuple[Candidate, Route]]) -> tuple[Scored, np.ndarray]:
+    """The unweighted average of the candidates in the band, cross-validated like one: its
+    out-of-fold predictions are the average of the members' (each row predicted by fold models
+    that never trained on it). The members were chosen on the same folds, so its score leans
+    optimistic, like the best single candidate's; it is shown, never used to choose."""
+    from tltool.cv import fold_scores
+
+    members = results
+    oof = np.mean([oofs[r.name] for r in members], axis=0)
+    route = by_name[members[0].name][1]
+    decision = None if route.regression else {"rule": route.cfg.decision.rule,
+                                              "optimize": route.cfg.decision.optimize}
+    scores = fold_scores(metric, rows.y, oof, folds, decision)
+    complexity = max(r.complexity for r in members) + 1
+    return Scored(ENSEMBLE, complexity, scores, members[0].sign), oof
+
+
 def _leaderboard(results: list[Scored], winner: Scored, how: dict[str, Any], metric: str,
                  folds: Folds, by_name: dict[str, tuple[Candidate, Route]]) -> list[dict]:
     within = set(how.get("within_one_se") or [])
     ranked = sorted(results, key=lambda r: (-r.rank_value, r.complexity, r.name))
     rows = []
     for rank, r in enumerate(ranked, start=1):
-        route = by_name[r.name][1]
+        route = ({"average_of": list(how.get("members") or [])} if r.name == ENSEMBLE
+                 else describe_route(by_name[r.name][1]))
         rows.append({
             "rank": rank, "name": r.name, "chosen": r.name == winner.name,
             "complexity": r.complexity, "metric": metric,
             "mean": None if math.isnan(r.mean) else round(r.mean, 6),
             "se": None if math.isnan(r.se) else round(r.se, 6),
             "folds": len(r.valid), "within_one_se": r.name in within,
-            "epochs": r.epochs, "route": describe_route(route),
+            "averaged": winner.name == ENSEMBLE and r.name in (how.get("members") or []),
+            "epochs": r.epochs, "route": route,
             "fold_scores": [None if math.isnan(s) else round(s, 6) for s in r.scores]})
     return rows
 
@@ -245,8 +284,8 @@ def _write_leaderboard(run, board: list[dict], metric: str, how: dict[str, Any],
         "folds": folds.k, "repeats": folds.repeats, "seed": sel.seed, "rule": how,
         "folds_asked": sel.folds, "notes": folds.notes, "candidates": board})
     buf = io.StringIO()
-    fields = ["rank", "name", "chosen", "complexity", "metric", "mean", "se", "folds",
-              "within_one_se", "epochs", "route"]
+    fields = ["rank", "name", "chosen", "averaged", "complexity", "metric", "mean", "se",
+              "folds", "within_one_se", "epochs", "route"]
     writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in board:
@@ -254,12 +293,17 @@ def _write_leaderboard(run, board: list[dict], metric: str, how: dict[str, Any],
                                "+".join(map(str, row["epochs"])),
                                "route": _route_words(row["route"])})
     write_text(run.file("leaderboard.csv"), buf.getvalue())
+    bar_label = (f"{how['band']:g} standard errors below the best (averaged above)"
+                 if how.get("rule") == "ensemble" else "one standard error of the best")
     plots.leaderboard(board, run.file("plots", "leaderboard.png"), metric, how.get("bar"),
+                      bar_label,
                       f"{cfg.name}: {len(board)} routes, {folds.repeats}x{folds.k}-fold "
                       f"cross-validation on the labelled target rows")
 
 
 def _route_words(route: dict[str, Any]) -> str:
+    if "average_of" in route:
+        return f"average of {len(route['average_of'])} candidates' predictions"
     parts = [route["backbone"], route["head"]]
     if route["source_only"]:
         parts.append("source model as is")
@@ -273,9 +317,100 @@ def _route_words(route: dict[str, Any]) -> str:
     return " / ".join(str(p) for p in parts)
 
 
+def _refit_ensemble(run, cfg: ExperimentConfig, names: list[str],
+                    by_name: dict[str, tuple[Candidate, Route]], results: list[Scored],
+                    oofs: dict[str, np.ndarray], rows: Labelled, folds: Folds,
+                    store: PrefixStore, board: list[dict], notes: list[str],
+                    how: dict[str, Any], refitted: dict[str, tuple[Any, Any]],
+                    argv: list[str] | None) -> dict[str, Any]:
+    """select.rule ensemble: every member refit on all labelled rows into its own complete run
+    folder (members/NAME, usable alone); this run is their average (ensemble.json), with the
+    decision rule chosen on the averaged out-of-fold predictions."""
+    from tltool.decision import predictions_frame
+    from tltool.metrics import format_any
+    from tltool.runs import RunFolder
+
+    scored = {r.name: r for r in results}
+    probas, members_test = [], []
+    first = by_name[names[0]][1]
+    test_ids, y_test = first.inputs.data.test.ids, first.inputs.test.y.numpy()
+    with progress.current().steps("select: refitting the ensemble's members",
+                                  total=len(names)) as advance:
+        for name in names:
+            route = by_name[name][1]
+            if not np.array_equal(np.asarray(route.inputs.data.test.ids), np.asarray(test_ids)):
+                raise DataError(f"select.candidates ({name}): tests other target rows than "
+                                f"{names[0]}; an ensemble averages predictions on the same rows")
+            path = run.file("members", name)
+            path.mkdir(parents=True)
+            member = RunFolder(path, "select", {"member_of": "../.."})
+            member.set_status("running")
+            try:
+                with progress.use(progress.Reporter()):
+                    m, model, rt = _refit_and_score(member, cfg, route, scored[name],
+                                                    oofs[name], rows, folds, store, board,
+                                                    notes, how, member=True)
+            except BaseException as exc:
+                member.set_status("failed", error=f"{type(exc).__name__}: {exc}")
+                raise
+            member.set_status("complete")
+            refitted[name] = (model, rt)
+            probas.append(predict_proba(model, route.inputs.test, route.multilabel, rt=rt))
+            members_test.append({"name": name, "run": f"members/{name}",
+                                 **{k: m["test"].get(k) for k in _HEADLINE if k in m["test"]}})
+            advance(1)
+    oof = oofs[ENSEMBLE]
+    decision = oof_decision(first, oof, rows.y)
+    proba = np.mean(probas, axis=0)
+    write_json(run.file("ensemble.json"), {"members": [f"members/{n}" for n in names],
+                                           "weights": "equal"})
+    write_json(run.file("thresholds.json"), decision)
+    _write_oof(run, rows, first, oof)
+    ens = scored_by_name(board, ENSEMBLE)
+    cv = {"metric": board[0]["metric"], "mean": ens["mean"], "se": ens["se"],
+          "folds": ens["folds"], "repeats": folds.repeats, "k": folds.k,
+          "labelled_rows": int(len(rows.y)), "epochs": None}
+    metrics = {
+        "command": "select", "name": cfg.name, "seed": cfg.seed,
+        "route": {"average_of": names}, "classes": first.classes,
+        "multilabel": first.multilabel, "decision": decision,
+        "data": first.inputs.data.summary(), "val": None,
+        "test": report(y_test, proba, first.classes, decision),
+        "members_test": members_test,
+        "select": {"winner": ENSEMBLE, "rule": how, "cv": cv, "candidates": len(board),
+                   "notes": notes + folds.notes, "leaderboard": "leaderboard.csv"}}
+    write_json(run.file("metrics.json"), metrics)
+    table = format_any(metrics["test"], first.classes, decision)
+    write_text(run.file("report.txt"), f"average of {len(names)} routes refit on every "
+                                       f"labelled row, test split\n{table}\n")
+    write_text(run.file("test_predictions.csv"), predictions_frame(
+        test_ids, proba, first.classes, decision, y_test).to_csv(index=False))
+    if first.regression:
+        plots.predicted_vs_true(y_test, proba[:, 0], run.file("plots",
+                                                              "predicted_vs_true_test.png"),
+                                f"{first.label}: ensemble (test split)")
+    elif len(y_test):
+        if not first.multilabel:
+            plots.confusion_matrix(metrics["test"]["confusion_matrix"], first.classes,
+                                   run.file("plots", "confusion_matrix_test.png"), "test split")
+        plots.decision_plots(y_test, proba, first.classes, decision, run.file("plots"),
+                             f"{first.label}: ensemble (test split)")
+    return metrics
+
+
+_HEADLINE = ("accuracy", "auroc", "f1", "map", "rmse", "mae", "r2")
+
+
+def scored_by_name(board: list[dict], name: str) -> dict[str, Any]:
+    return next(row for row in board if row["name"] == name)
+
+
 def _refit_and_score(run, cfg: ExperimentConfig, route: Route, winner: Scored, oof: np.ndarray,
                      rows: Labelled, folds: Folds, store: PrefixStore, board: list[dict],
-                     notes: list[str], how: dict[str, Any]) -> dict[str, Any]:
+                     notes: list[str], how: dict[str, Any], member: bool = False):
+    """The winner (or, `member`, one member of the ensemble) refit on every labelled row and
+    written as a complete trained run into `run`. Returns metrics (and, for a member, the
+    model and its runtime)."""
     inputs = route.inputs
 
     def make_save(model):
@@ -298,8 +433,12 @@ def _refit_and_score(run, cfg: ExperimentConfig, route: Route, winner: Scored, o
     extra = {"select": {"winner": winner.name, "rule": how, "cv": cv,
                         "candidates": len(board), "notes": notes + folds.notes,
                         "leaderboard": "leaderboard.csv"}}
-    return write_outputs(run, refit_route, model, summary, rt, None, inputs.test, decision,
-                         extra)
+    if member:
+        extra["select"] = {"member_of_ensemble": "../..", "cv": cv,
+                           "leaderboard": "../../leaderboard.csv"}
+    metrics = write_outputs(run, refit_route, model, summary, rt, None, inputs.test, decision,
+                            extra)
+    return (metrics, model, rt) if member else metrics
 
 
 def _write_oof(run, rows: Labelled, route: Route, oof: np.ndarray) -> None:
@@ -331,17 +470,25 @@ def _headline(m: dict[str, Any]) -> str:
 
 def _research(run, routes: list[tuple[Candidate, Route]], results: list[Scored],
               winner: Scored, rows: Labelled, store: PrefixStore, oofs: dict[str, np.ndarray],
-              metric: str) -> None:
+              metric: str, refitted: dict[str, tuple[Any, Any]],
+              metrics: dict[str, Any]) -> None:
     """Every candidate refit on all labelled rows and scored on the test split, for research
     (how often the choice was the best on test). Never read by the choice, which is final."""
     from tltool.cv import score
 
     out = []
     scored = {r.name: r for r in results}
+    arrays: dict[str, np.ndarray] = {"y_labelled": np.asarray(rows.y)}
     for cand, route in routes:
         r = scored[cand.name]
-        model, _, rt, _ = refit(route, r, rows.of(route), store)
+        if cand.name in refitted:  # an ensemble member: refit already, the same model
+            model, rt = refitted[cand.name]
+        else:
+            model, _, rt, _ = refit(route, r, rows.of(route), store)
         proba = predict_proba(model, route.inputs.test, route.multilabel, rt=rt)
+        arrays[f"oof/{cand.name}"] = oofs[cand.name]
+        arrays[f"test/{cand.name}"] = np.asarray(proba)
+        arrays["y_test"] = route.inputs.test.y.numpy()
         decision = oof_decision(route, oofs[cand.name], rows.y)
         y = route.inputs.test.y.numpy()
         test = report(y, proba, route.classes, decision)
@@ -350,10 +497,22 @@ def _research(run, routes: list[tuple[Candidate, Route]], results: list[Scored],
                                                                Decision.of(decision).threshold),
                     "test": {k: test.get(k) for k in ("accuracy", "auroc", "f1", "map",
                                                       "rmse", "mae", "r2") if k in test}})
+    if winner.name == ENSEMBLE:
+        proba = np.mean([arrays[f"test/{n}"] for n in metrics["route"]["average_of"]], axis=0)
+        y = arrays["y_test"]
+        out.append({"name": ENSEMBLE, "chosen": True, "cv_mean": winner.mean,
+                    "test_" + metric: score(metric, y, proba,
+                                            Decision.of(metrics["decision"]).threshold),
+                    "test": {k: metrics["test"].get(k) for k in _HEADLINE
+                             if k in metrics["test"]}})
     sign = -1 if metric in LOWER_IS_BETTER else 1
     best = max(out, key=lambda o: sign * o["test_" + metric])
     write_json(run.file("research.json"), {
         "note": "research only: every candidate refit on all labelled rows and scored on the "
                 "test split after the choice was made; the choice never reads this file",
         "metric": metric, "best_on_test": best["name"], "chosen": winner.name,
-        "chosen_is_best_on_test": best["name"] == winner.name, "candidates": out})
+        "chosen_is_best_on_test": best["name"] == winner.name, "candidates": out,
+        "predictions": "research_predictions.npz"})
+    # every candidate's out-of-fold and test predictions, to study choice rules afterwards
+    with run.file("research_predictions.npz").open("wb") as fh:
+        np.savez_compressed(fh, **arrays)
