@@ -133,7 +133,14 @@ def main() -> None:
     table = render(args.case, case, runs, sizes, args.seeds, sum(r["seconds"] for r in runs))
     print(table)
     if args.out:
-        args.out.write_text(table)
+        # hand-written notes below the table ("## Reading it" onwards) survive regeneration;
+        # they name the numbers they read, so reread them after a new table
+        notes = ""
+        if args.out.exists():
+            old = args.out.read_text()
+            if "\n## Reading it" in old:
+                notes = "\n" + old[old.index("\n## Reading it") + 1:]
+        args.out.write_text(table + notes)
 
 
 def _cell(values: list[float]) -> str:
