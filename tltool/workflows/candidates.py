@@ -105,10 +105,10 @@ def default_grid(cfg: ExperimentConfig, facts: dict[str, Any],
     if classic_ok:
         if same and "lr" in sources:
             grid.append(("source-only-lr", {**classic, "model.weights": "source:lr",
-                                            "model.keep_head": True}))
+                                            "model.keep_head": True, "train.epochs": 0}))
         if same and "gb" in sources:
             grid.append(("source-only-gb", {**classic, "model.weights": "source:gb",
-                                            "model.keep_head": True}))
+                                            "model.keep_head": True, "train.epochs": 0}))
         grid.append(("target-lr", {**classic, "model.head": linear}))
         if not image:
             grid.append(("target-gb", {**classic, "model.head": "gradient_boosting"}))
