@@ -51,6 +51,15 @@ CASES = {
         "config": "configs/credit/german_select.yaml", "sizes": ["25", "50", "100", "all"],
         "title": "German Credit (Statlog): home owners -> renters", "metric": "auroc",
         "test": "63 renters (35%, split seed 0)", "all": 116},
+    "rent": {
+        "config": "configs/credit/select_rent.yaml", "sizes": ["50", "100"],
+        "title": "credit_data: home owners -> renters (a check the default rule was not chosen "
+                 "on)", "metric": "auroc", "test": "390 renters (40%, split seed 0)"},
+    "freelance": {
+        "config": "configs/credit/select_freelance.yaml", "sizes": ["50", "100"],
+        "title": "credit_data: fixed-job -> freelance applicants (a check the default rule was "
+                 "not chosen on)", "metric": "auroc", "test": "410 freelancers (40%, split seed "
+                 "0)"},
     "amount": {
         "config": "configs/credit_amount/select.yaml", "sizes": ["25", "50", "100", "all"],
         "title": "credit_data loan Amount (regression): fixed-job -> part-time applicants",
