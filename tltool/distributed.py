@@ -11,8 +11,10 @@ rank does:
   of the global batch's mean, so DDP's gradient average equals the one-process gradient of the
   whole batch (class weights included);
 - DDP wraps only what trains: the frozen prefix runs (or is read from its cache) outside it;
-- validation runs on every rank over all validation rows (the same weights give the same
-  scores, so early stopping and the threshold are decided identically without a message);
+- validation (and every other inference: test scores, evaluate, predict) is split into
+  contiguous shares, one per rank, and the logits are gathered in row order (all_gather), so
+  every rank holds the same full predictions and decides early stopping and the threshold
+  identically without a further message;
 - only rank 0 writes the run folder; the other ranks write into a private temporary folder
   that is removed at the end.
 
@@ -22,8 +24,7 @@ provided nothing random depends on the rank: dropout draws its masks per process
 BatchNorm in training mode normalises each rank's rows (bn_policy train: SyncBatchNorm), so
 those give statistically equivalent, not identical, runs.
 
-`evaluate` and `predict` run data-parallel too: each rank predicts a contiguous share of the
-rows, the logits are gathered (all_gather) in row order, and rank 0 writes the run folder and
+`evaluate` and `predict` run data-parallel too, the same way; rank 0 writes the run folder and
 any --out file. Row by row the logits are the ones one process computes (inference mode, no
 randomness), up to the summation order of a different batch composition.
 
@@ -39,8 +40,9 @@ from typing import Any
 from tltool.errors import ConfigError
 
 DISTRIBUTED_COMMANDS = ("pretrain", "freeze-finetune", "resume", "evaluate", "predict")
-# Commands whose inference (predict_logits) is split across the ranks and gathered.
-SHARDED_INFERENCE = ("evaluate", "predict")
+# Commands whose inference (predict_logits: validation every epoch, test scores, evaluate,
+# predict) is split across the ranks and gathered.
+SHARDED_INFERENCE = DISTRIBUTED_COMMANDS
 _sharded = False
 
 
