@@ -40,10 +40,6 @@ from typing import Any
 from tltool.errors import ConfigError
 
 DISTRIBUTED_COMMANDS = ("pretrain", "freeze-finetune", "resume", "evaluate", "predict")
-# Commands whose inference (predict_logits: validation every epoch, test scores, evaluate,
-# predict) is split across the ranks and gathered.
-SHARDED_INFERENCE = DISTRIBUTED_COMMANDS
-_sharded = False
 
 
 def launched() -> bool:
@@ -98,38 +94,37 @@ def init(command: str) -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
-    global _sharded
-    _sharded = command in SHARDED_INFERENCE
 
 
-def sharded_inference() -> bool:
-    """evaluate / predict under torchrun: each rank predicts its contiguous share of the rows
-    and the logits are gathered on every rank (so every rank holds the same full result)."""
-    return _sharded and active()
+def sharded_inference(n: int) -> bool:
+    """Whether inference over n rows is split across the ranks (every data-parallel command:
+    validation, test scores, evaluate, predict): each rank predicts its contiguous share and
+    the logits are gathered on every rank. Fewer rows than ranks: every rank predicts all."""
+    return active() and n >= world()
+
+
+def _share_sizes(n: int) -> list[int]:
+    """Rows of each rank's contiguous share of n rows (sizes differ by at most one)."""
+    base, extra = divmod(n, world())
+    return [base + (1 if r < extra else 0) for r in range(world())]
 
 
 def rows_of_rank(n: int) -> tuple[int, int]:
-    """[start, stop) of this rank's contiguous share of n rows (sizes differ by at most one)."""
-    w, r = world(), rank()
-    base, extra = divmod(n, w)
-    start = r * base + min(r, extra)
-    return start, start + base + (1 if r < extra else 0)
+    """[start, stop) of this rank's contiguous share of n rows."""
+    sizes = _share_sizes(n)
+    start = sum(sizes[:rank()])
+    return start, start + sizes[rank()]
 
 
 def gather_rows(part, n: int):
     """The ranks' contiguous shares (in rank order) as one tensor of n rows, on every rank."""
     import torch
 
-    w = world()
-    sizes = []
-    for r in range(w):
-        base, extra = divmod(n, w)
-        sizes.append(base + (1 if r < extra else 0))
-    width = max(sizes)
+    sizes = _share_sizes(n)
     device = torch.device("cuda") if torch.distributed.get_backend() == "nccl" else part.device
-    padded = torch.zeros((width, *part.shape[1:]), dtype=part.dtype, device=device)
+    padded = torch.zeros((max(sizes), *part.shape[1:]), dtype=part.dtype, device=device)
     padded[:len(part)] = part.to(device)
-    bufs = [torch.empty_like(padded) for _ in range(w)]
+    bufs = [torch.empty_like(padded) for _ in sizes]
     torch.distributed.all_gather(bufs, padded)
     return torch.cat([b[:k] for b, k in zip(bufs, sizes, strict=True)]).to(part.device)
 

@@ -80,8 +80,8 @@ def predict_logits(model: nn.Module, data: Tensors, batch_size: int = 512, start
     model.eval()
     out = []
     lo, hi = 0, len(data.x)
-    sharded = distributed.sharded_inference() and len(data.x) > 0
-    if sharded:  # evaluate / predict under torchrun: a share each
+    sharded = distributed.sharded_inference(len(data.x))
+    if sharded:  # under torchrun: a share each, gathered below
         lo, hi = distributed.rows_of_rank(len(data.x))
     with progress.current().steps(what, total=hi - lo) as advance:
         for i in range(lo, hi, batch_size):
@@ -92,14 +92,8 @@ def predict_logits(model: nn.Module, data: Tensors, batch_size: int = 512, start
                 logits = _forward(model, xb, start, None if prior is None else rt.put(prior))
             out.append(logits.float().cpu())
             advance(len(logits))
-    if sharded:
-        mine = torch.cat(out) if out else torch.empty(0)
-        if not out:  # a rank with no rows still sends a correctly shaped (empty) share
-            probe = _forward(model, rt.put(data.batch(slice(0, 1), train=False)), start,
-                             None if data.prior_of(slice(0, 1)) is None
-                             else rt.put(data.prior_of(slice(0, 1))))
-            mine = torch.empty((0, *probe.shape[1:]), dtype=torch.float32)
-        return distributed.gather_rows(mine, len(data.x))
+    if sharded:  # every share holds at least one row (n >= ranks)
+        return distributed.gather_rows(torch.cat(out), len(data.x))
     return torch.cat(out)
 
 

@@ -55,7 +55,7 @@ from tltool.workflows.routes import (
     prepare,
     train_route,
 )
-from tltool.workflows.train import write_outputs
+from tltool.workflows.train import plot_test_split, write_outputs
 
 
 def select(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, Any]:
@@ -385,16 +385,8 @@ def _refit_ensemble(run, cfg: ExperimentConfig, names: list[str],
                                        f"labelled row, test split\n{table}\n")
     write_text(run.file("test_predictions.csv"), predictions_frame(
         test_ids, proba, first.classes, decision, y_test).to_csv(index=False))
-    if first.regression:
-        plots.predicted_vs_true(y_test, proba[:, 0], run.file("plots",
-                                                              "predicted_vs_true_test.png"),
-                                f"{first.label}: ensemble (test split)")
-    elif len(y_test):
-        if not first.multilabel:
-            plots.confusion_matrix(metrics["test"]["confusion_matrix"], first.classes,
-                                   run.file("plots", "confusion_matrix_test.png"), "test split")
-        plots.decision_plots(y_test, proba, first.classes, decision, run.file("plots"),
-                             f"{first.label}: ensemble (test split)")
+    plot_test_split(run, y_test, proba, metrics["test"], first.classes, decision,
+               f"{first.label}: ensemble (test split)", first.regression, first.multilabel)
     return metrics
 
 

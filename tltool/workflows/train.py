@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from tltool import calibration, distributed, plots
 from tltool.config import ExperimentConfig
 from tltool.decision import decision_rule, report
@@ -151,15 +153,21 @@ def write_outputs(run, route: Route, model: TransferModel, summary: dict[str, An
     if (run.file("metrics.csv")).exists() and summary["epochs_run"]:
         plots.learning_curves(run.file("metrics.csv"), run.file("plots", "learning_curves.png"),
                               summary["best_epoch"])
-    if regression:
-        plots.predicted_vs_true(test.y.numpy(), proba_test[:, 0],
-                                run.file("plots", "predicted_vs_true_test.png"),
-                                f"{route.label} (test split)")
-    else:
-        if not multilabel:
-            plots.confusion_matrix(metrics["test"]["confusion_matrix"], classes,
-                                   run.file("plots", "confusion_matrix_test.png"), "test split")
-        if len(test.y):  # the validation split's: `tltool evaluate` (its val section)
-            plots.decision_plots(test.y.numpy(), proba_test, classes, decision,
-                                 run.file("plots"), f"{route.label} (test split)")
+    plot_test_split(run, test.y.numpy(), proba_test, metrics["test"], classes, decision,
+               f"{route.label} (test split)", regression, multilabel)
     return metrics
+
+
+def plot_test_split(run, y: np.ndarray, proba: np.ndarray, test_report: dict[str, Any],
+               classes: list[str], decision: dict[str, Any], title: str, regression: bool,
+               multilabel: bool) -> None:
+    """A trained model's test-split plots (the validation split's: `tltool evaluate`)."""
+    if regression:
+        plots.predicted_vs_true(y, proba[:, 0], run.file("plots", "predicted_vs_true_test.png"),
+                                title)
+        return
+    if not multilabel:
+        plots.confusion_matrix(test_report["confusion_matrix"], classes,
+                               run.file("plots", "confusion_matrix_test.png"), "test split")
+    if len(y):
+        plots.decision_plots(y, proba, classes, decision, run.file("plots"), title)
