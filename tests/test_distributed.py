@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -89,6 +90,143 @@ def test_two_processes_evaluate_and_predict_what_one_process_does(cli, tmp_path)
     assert len(list((tmp_path / "runs" / "ddp").glob("*-predict"))) == 2
 
 
+@pytest.mark.skipif(not torch.distributed.is_available() or
+                    not torch.distributed.is_gloo_available(), reason="no gloo backend")
+def test_two_processes_fine_tune_from_a_prefix_cache_each_built_on_its_share(cli, tmp_path):
+    """freeze-finetune with a frozen, cached first block: each rank computes the cache on its
+    share of the rows and the shares are gathered; the weights match one process."""
+    cfg = dict(CFG, train=dict(CFG["train"], epochs=1))
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    src = cli("pretrain", "cfg.yaml", "--set", f"output.root={tmp_path / 'src'}", "-q")
+    assert src.code == 0, src.err
+    tune = dict(CFG, name="tune",
+                target={"kind": "builtin", "name": "credit_data", "where": {"Job": "partime"},
+                        "split": {"val": 0.2, "test": 0.2}},
+                model={"backbone": "mlp", "weights": str(tmp_path / src.out.strip()),
+                       "frozen_layers": 1, "strategy": "freeze"},
+                train=dict(CFG["train"], epochs=3, batch_size=25))
+    del tune["source"]
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(tune))
+    one = cli("freeze-finetune", "tune.yaml", "--set", f"output.root={tmp_path / 'one'}", "-q")
+    assert one.code == 0, one.err
+    two = _torchrun(["freeze-finetune", "tune.yaml", "--set",
+                     f"output.root={tmp_path / 'two'}"], tmp_path)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    (run,) = list((tmp_path / "two" / "tune").iterdir())
+    a = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / one.out.strip() / "checkpoints" / "best.pt",
+                   weights_only=True)["state_dict"]
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-5
+    ma = json.loads((run / "metrics.json").read_text())
+    mb = json.loads((tmp_path / one.out.strip() / "metrics.json").read_text())
+    assert ma["best_epoch"] == mb["best_epoch"]
+    assert ma["cache"][0]["cached_blocks"] == mb["cache"][0]["cached_blocks"] == 1
+    # extract: each rank computes its share of the features; rank 0 writes them, fits the head
+    ext = dict(tune, name="ext", extract={"heads": ["logistic_regression"], "fit_on": "target"})
+    (tmp_path / "ext.yaml").write_text(yaml.safe_dump(ext))
+    one = cli("extract", "ext.yaml", "--set", f"output.root={tmp_path / 'one'}", "-q")
+    assert one.code == 0, one.err
+    two = _torchrun(["extract", "ext.yaml", "--set", f"output.root={tmp_path / 'two'}"],
+                    tmp_path)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    (run,) = list((tmp_path / "two" / "ext").iterdir())
+    for split in ("train", "val", "test"):
+        a = np.load(run / "features" / f"target_{split}.npz")
+        b = np.load(tmp_path / one.out.strip() / "features" / f"target_{split}.npz")
+        assert (a["ids"] == b["ids"]).all() and len(a["ids"]) > 50
+        assert np.abs(a["features"] - b["features"]).max() <= 1e-5
+    ma = json.loads((run / "metrics.json").read_text())["heads"]["logistic_regression"]
+    mb = json.loads((tmp_path / one.out.strip() / "metrics.json").read_text())
+    assert ma["test"]["auroc"] == pytest.approx(mb["heads"]["logistic_regression"]["test"]
+                                                ["auroc"], abs=1e-6)
+
+
+SHARDS = """
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+torch.distributed.init_process_group("gloo")
+from tltool import distributed
+from tltool.cache import build_prefix_cache
+from tltool.data import images
+from tltool.errors import DataError
+from tltool.tensors import Tensors
+
+folder, out = Path(sys.argv[1]), Path(sys.argv[2])
+files = sorted(folder.iterdir())
+decoded = []
+real = images._decode
+images._decode = lambda f, size: decoded.append(f.name) or real(f, size)
+x, kept, bad = images._decode_all(files, 16, "skip", [f.name for f in files], shard=True)
+first = list(decoded)  # this call's files
+try:
+    images._decode_all(files, 16, "error", [f.name for f in files], shard=True)
+    error = None
+except DataError as exc:
+    error = str(exc)
+kept_probe, bad_probe = images._probe_all(files, "skip", [f.name for f in files])
+r = distributed.rank()
+half = distributed.gather_rows(torch.full((r + 1, 2), r + 0.5, dtype=torch.bfloat16), 3, [1, 2])
+seen = []
+def blocks(xb, n, pool=False):
+    seen.append(len(xb))
+    return xb * 2
+backbone = SimpleNamespace(forward_blocks=blocks, laid_out=lambda z, n: z)
+model = SimpleNamespace(eval=lambda: None, backbone=backbone)
+rows = Tensors(torch.arange(10.0).reshape(5, 2), torch.zeros(5))
+cache = build_prefix_cache(model, rows, 1, 2, 1e9)
+torch.save({"x": x, "kept": kept, "bad": bad, "error": error, "decoded": first,
+            "probe": (kept_probe, bad_probe), "half": half, "cache": cache.x, "seen": seen},
+           out / f"rank{r}.pt")
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or
+                    not torch.distributed.is_gloo_available(), reason="no gloo backend")
+def test_each_rank_decodes_and_caches_its_share_and_every_rank_holds_all(tmp_path):
+    """Sharded decoding (bad files skipped or refused the same way on every rank), half
+    precision gathered, and a prefix cache built on shares: every rank ends with what one
+    process computes, each having done only its share."""
+    from PIL import Image
+
+    from tltool.data import images
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        shape = (20, 24, 3) if i == 5 else (20, 24)  # one colour file: all become RGB
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "3.png").write_bytes(b"not an image")  # in rank 0's share
+    (folder / "6.png").write_bytes(b"nor this")  # in rank 1's share
+    (tmp_path / "shards.py").write_text(SHARDS)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", "2", "shards.py", str(folder), str(tmp_path)],
+                         cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    files = sorted(folder.iterdir())
+    x, kept, bad = images._decode_all(files, 16, "skip", [f.name for f in files])
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert sorted(got[0]["decoded"]) == [f"{i}.png" for i in range(4)]  # its share only
+    assert sorted(got[1]["decoded"]) == [f"{i}.png" for i in range(4, 7)]
+    for g in got:
+        assert torch.equal(g["x"], x) and x.shape == (5, 3, 16, 16)
+        assert g["kept"] == kept == [0, 1, 2, 4, 5] and g["bad"] == bad
+        assert g["error"].startswith("3.png: not a readable image")  # the first, on both
+        assert g["probe"] == (kept, [(i, r) for i, r in g["probe"][1]]) and \
+            [i for i, _ in g["probe"][1]] == [3, 6]
+        assert g["half"].dtype == torch.bfloat16 and g["half"].tolist() == [[0.5, 0.5],
+                                                                            [1.5, 1.5],
+                                                                            [1.5, 1.5]]
+        assert torch.equal(g["cache"], torch.arange(10.0).reshape(5, 2) * 2)
+    assert got[0]["seen"] == [2, 1] and got[1]["seen"] == [2]  # rows 0-2 and 3-4
+
+
 def test_commands_that_are_not_data_parallel_are_refused(tmp_path):
     res = _torchrun(["select", "nothing.yaml"], tmp_path)
     assert res.returncode != 0
@@ -132,3 +270,36 @@ def test_a_killed_rank_fails_the_whole_run(tmp_path):
 
     with pytest.raises(RunError):
         resolve_run(tmp_path / "runs" / "ddp" / "latest")
+
+
+def test_sync_batchnorm_on_gpus_only(monkeypatch):
+    """Under torchrun on GPUs BatchNorm layers become SyncBatchNorm in place (the same
+    parameters); on CPUs PyTorch has none, so the model is left as it is with a warning; one
+    process or sync_batchnorm false: untouched."""
+    from torch import nn
+
+    from tltool import distributed
+
+    def model():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+
+    m = model()
+    assert distributed.sync_batchnorm(m, torch.device("cuda"), True) is None  # one process
+    assert type(m[1]) is nn.BatchNorm2d
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    assert distributed.sync_batchnorm(m, torch.device("cuda"), False) is None
+    assert type(m[1]) is nn.BatchNorm2d
+    warning = distributed.sync_batchnorm(m, torch.device("cpu"), True)
+    assert "needs GPUs" in warning and type(m[1]) is nn.BatchNorm2d
+    weight, mean = m[1].weight, m[1].running_mean
+    m.frozen_modules, m.adapting_norms = [m[1], m[0]], [m[3][1]]  # as tltool.freeze sets them
+    m[1].eval()
+    assert distributed.sync_batchnorm(m, torch.device("cuda"), True) is None
+    assert type(m[1]) is nn.SyncBatchNorm and type(m[3][1]) is nn.SyncBatchNorm
+    assert m[1].weight is weight and m[1].running_mean is mean
+    # the freeze lists name the new layers (a frozen layer stays frozen), modes are kept
+    assert m.frozen_modules[0] is m[1] and m.frozen_modules[1] is m[0]
+    assert m.adapting_norms[0] is m[3][1]
+    assert not m[1].training and m[3][1].training
+    assert distributed.sync_batchnorm(nn.Linear(2, 2), torch.device("cpu"), True) is None

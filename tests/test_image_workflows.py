@@ -118,6 +118,24 @@ def test_multilabel_mosaics_train_sigmoid_heads_with_per_label_thresholds(cli, w
     assert ev.code == 0, ev.err
     rows = pd.read_csv(tmp_path / ev.out.strip() / "test_predictions.csv", keep_default_na=False)
     assert len(rows) == 100 and set(rows.columns) >= {"p_0", "p_1", "p_2", "prediction"}
+    # evaluate ran only the head, on the backbone features the training run stored; the same
+    # metrics as training's and as a forward pass (--recompute)
+    ev_m = _json(tmp_path / ev.out.strip() / "metrics.json")
+    assert ev_m["backbone"] == ["stored features"]
+    assert sorted(_json(run / "features" / "index.json").values()) == ["test.pt", "val.pt"]
+    assert ev_m["test"]["map"] == pytest.approx(test["map"], abs=1e-12)
+    re = cli("evaluate", str(run), "--recompute")
+    assert re.code == 0, re.err
+    re_m = _json(tmp_path / re.out.strip() / "metrics.json")
+    assert re_m["backbone"] == ["forward pass"]
+    assert re_m["test"]["map"] == pytest.approx(test["map"], abs=1e-6)
+    # the stored file is what evaluate read: zeroed features change the scores
+    feats = torch.load(run / "features" / "test.pt", weights_only=True)
+    torch.save(torch.zeros_like(feats), run / "features" / "test.pt")
+    ev = cli("evaluate", str(run))
+    assert ev.code == 0, ev.err
+    assert _json(tmp_path / ev.out.strip() / "metrics.json")["test"]["map"] != pytest.approx(
+        test["map"], abs=1e-3)
 
 
 def test_image_config_errors(cli, write_config):
@@ -209,3 +227,33 @@ def test_image_size_the_backbone_cannot_take_is_a_config_error(cli, write_config
     assert res.code == 2 and "Traceback" not in res.err
     assert "source.image_size: backbone 'small_cnn' cannot take 2x2 images" in res.err
     assert not (tmp_path / "runs").exists()
+
+
+def test_stored_features_key_changes_with_rows_weights_preparation_and_precision():
+    from tltool import features
+    from tltool.data.images import make_prepare
+    from tltool.models import build_model, model_spec
+    from tltool.runtime import Runtime
+    from tltool.tensors import Tensors
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
+    data = Tensors(x, torch.zeros(6, dtype=torch.long), prepare=make_prepare(28, [0.5], [0.5], 1))
+    model = build_model(model_spec("small_cnn", {"hidden": 8}, 1, "linear", 0, 0.0, 3))
+    rt = Runtime()
+    k = features.key(model, data, rt)
+    assert features.usable(model, data) and features.key(model, data, rt) == k
+    x2 = x.clone()
+    x2[3, 0, 5, 5] ^= 1  # one pixel
+    assert features.key(model, Tensors(x2, data.y, prepare=data.prepare), rt) != k
+    other = Tensors(x, data.y, prepare=make_prepare(28, [0.4], [0.5], 1))
+    assert features.key(model, other, rt) != k
+    with torch.no_grad():
+        model.backbone.blocks[0][0].weight[0, 0, 0, 0] += 1e-3
+    assert features.key(model, data, rt) != k
+    assert features.key(model, data, Runtime(dtype=torch.bfloat16)) != features.key(model, data, rt)
+    # the head's answer from the stored features is the forward pass's
+    from tltool.engine import predict_proba
+    p, how = features.predict(model, data, False, rt, 4)
+    assert how == "forward pass"
+    assert np.allclose(p, predict_proba(model, data, False, 4, rt), atol=1e-6)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tltool import progress
+from tltool import distributed, progress
 from tltool.models import TransferModel
 from tltool.runtime import Runtime
 from tltool.tensors import Tensors
@@ -21,24 +21,35 @@ def build_prefix_cache(model: TransferModel, data: Tensors, n_blocks: int, batch
                        max_bytes: float, rt: Runtime | None = None,
                        augmented: bool = False) -> Tensors | None:
     """Outputs of the first n (frozen, inference-mode) blocks, computed once and kept on the
-    CPU (in bf16 under bf16 autocast); None when the cache would exceed `max_bytes`."""
+    CPU (in bf16 under bf16 autocast); None when the cache would exceed `max_bytes`.
+
+    Under torchrun each rank computes its contiguous share of the rows and the shares are
+    gathered, so every rank holds the whole cache (a global batch draws rows from anywhere)
+    after 1/N of the work. Randomly augmented views are the exception: every rank computes all
+    rows, so the random draws do not depend on the number of processes."""
     rt = rt or Runtime()
     model.eval()
+    n = len(data.x)
+    sharded = not augmented and distributed.sharded_inference(n)
+    lo, hi = distributed.rows_of_rank(n) if sharded else (0, n)
     parts, used = [], 0
     with progress.current().steps(f"prefix cache: {n_blocks} frozen block(s)",
-                                  total=len(data.x)) as advance:
-        for i in range(0, len(data.x), batch_size):
-            xb = rt.put(data.batch(slice(i, i + batch_size), train=augmented))
+                                  total=hi - lo) as advance:
+        for i in range(lo, hi, batch_size):
+            xb = rt.put(data.batch(slice(i, min(i + batch_size, hi)), train=augmented))
             with rt.autocast():
                 z = model.backbone.forward_blocks(xb, n_blocks, pool=False).cpu()
             used += z.numel() * z.element_size()
-            if used / (i + len(z)) * len(data.x) > max_bytes:
+            # bytes per row times all rows: the same verdict on every rank (same shapes)
+            if used / (i - lo + len(z)) * n > max_bytes:
                 return None
             parts.append(z)
             advance(len(z))
+    x = torch.cat(parts)
+    if sharded:
+        x = distributed.gather_rows(x, n)
     # Stored in the layout the first uncached block runs in: no conversion per batch.
-    return Tensors(model.backbone.laid_out(torch.cat(parts), n_blocks), data.y,
-                   prior=data.prior)
+    return Tensors(model.backbone.laid_out(x, n_blocks), data.y, prior=data.prior)
 
 
 @torch.no_grad()

@@ -333,6 +333,8 @@ def evaluate(
     on: str = typer.Option(None, "--on", help="Data section to test on: source or target "
                            "(default: what the run trained on).", metavar="[source|target]"),
     csv: str = typer.Option(None, "--csv", help="Evaluate on all rows of this labelled CSV."),
+    recompute: bool = typer.Option(False, "--recompute", help="Run the backbone even where "
+                                   "the run folder holds its features of the same rows."),
     as_json: bool = JSON_OPTION,
     quiet: bool = QUIET_OPTION,
 ) -> None:
@@ -350,7 +352,7 @@ def evaluate(
               session)
     if on not in (None, "source", "target"):
         _call(lambda: _raise(TLError(f"--on: got {on!r}; allowed: source, target")), session)
-    result = _call(lambda: run_eval(run, on, csv, sys.argv), session)
+    result = _call(lambda: run_eval(run, on, csv, sys.argv, recompute), session)
     _finish(result, [result["table"]], session)
 
 

@@ -199,6 +199,11 @@ class TrainConfig(_Strict):
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="balanced: weight the loss by inverse class frequency")
     early_stopping: EarlyStopping = Field(EarlyStopping(), description="early stopping")
+    sync_batchnorm: bool = Field(
+        True, description="under torchrun on GPUs: BatchNorm layers in training mode normalise "
+        "over the global batch (PyTorch's SyncBatchNorm), so N processes train like one; "
+        "false: each rank normalises its own rows (faster, statistically equivalent). On CPUs "
+        "PyTorch has no SyncBatchNorm: each rank's own rows, with a warning")
     cache: Literal["auto", "off"] = Field(
         "auto", description="auto: compute the frozen leading blocks once per round and train "
         "only the rest (skipped with random augmentation or bn_policy train)")

@@ -1,6 +1,7 @@
 """Data-parallel training under torchrun (PyTorch's own launcher and DistributedDataParallel).
 
-    torchrun --nproc-per-node N -m tltool pretrain | freeze-finetune CONFIG
+    torchrun --nproc-per-node N -m tltool pretrain | freeze-finetune | extract CONFIG
+    torchrun --nproc-per-node N -m tltool evaluate | predict RUN ...
 
 torchrun starts N processes and sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR; tltool then
 joins the process group (gloo on the CPU, nccl on CUDA GPUs, one GPU per local rank). What each
@@ -24,12 +25,18 @@ provided nothing random depends on the rank: dropout draws its masks per process
 BatchNorm in training mode normalises each rank's rows (bn_policy train: SyncBatchNorm), so
 those give statistically equivalent, not identical, runs.
 
-`evaluate` and `predict` run data-parallel too, the same way; rank 0 writes the run folder and
-any --out file. Row by row the logits are the ones one process computes (inference mode, no
-randomness), up to the summation order of a different batch composition.
+`evaluate`, `predict` and `extract` run data-parallel too, the same way; rank 0 writes the run
+folder, any --out file and extract's feature files (and fits extract's sklearn heads, after the
+other ranks have left). Row by row the logits and features are the ones one process computes
+(inference mode, no randomness), up to the summation order of a different batch composition.
+
+The data path is split the same way: image files decoded once at load time are decoded in
+contiguous shares (one per rank) and gathered, so every rank holds all pixels after 1/N of the
+decoding (the decoded-image cache is written by local rank 0 of each machine and used only
+when every rank finds it); a frozen prefix cache is built on each rank's share and gathered.
 
 Not data-parallel yet (refused with a clear error under torchrun): pooled source rows,
-`adapt`, `select`, `extract` (run those as one process).
+`adapt`, `select` (run those as one process).
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ from typing import Any
 
 from tltool.errors import ConfigError
 
-DISTRIBUTED_COMMANDS = ("pretrain", "freeze-finetune", "resume", "evaluate", "predict")
+DISTRIBUTED_COMMANDS = ("pretrain", "freeze-finetune", "resume", "evaluate", "predict",
+                        "extract")
 
 
 def launched() -> bool:
@@ -72,6 +80,13 @@ def world() -> int:
     import torch
 
     return torch.distributed.get_world_size()
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (0 without torchrun)."""
+    if not active():
+        return 0
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def is_main() -> bool:
@@ -116,17 +131,32 @@ def rows_of_rank(n: int) -> tuple[int, int]:
     return start, start + sizes[rank()]
 
 
-def gather_rows(part, n: int):
-    """The ranks' contiguous shares (in rank order) as one tensor of n rows, on every rank."""
+def gather_rows(part, n: int, sizes: list[int] | None = None):
+    """The ranks' contiguous shares (in rank order) as one tensor of n rows, on every rank.
+    `sizes`: each rank's row count when the shares are not `rows_of_rank`'s (their sum is n).
+    Half-precision rows travel as bytes (gloo gathers neither bfloat16 nor int16)."""
     import torch
 
-    sizes = _share_sizes(n)
+    sizes = sizes or _share_sizes(n)
     device = torch.device("cuda") if torch.distributed.get_backend() == "nccl" else part.device
-    padded = torch.zeros((max(sizes), *part.shape[1:]), dtype=part.dtype, device=device)
-    padded[:len(part)] = part.to(device)
+    wire = part
+    if part.dtype in (torch.bfloat16, torch.float16):
+        wire = part.contiguous().unsqueeze(-1).view(torch.uint8)
+    padded = torch.zeros((max(sizes), *wire.shape[1:]), dtype=wire.dtype, device=device)
+    padded[:len(wire)] = wire.to(device)
     bufs = [torch.empty_like(padded) for _ in sizes]
     torch.distributed.all_gather(bufs, padded)
-    return torch.cat([b[:k] for b, k in zip(bufs, sizes, strict=True)]).to(part.device)
+    out = torch.cat([b[:k] for b, k in zip(bufs, sizes, strict=True)]).to(part.device)
+    return out.view(part.dtype).squeeze(-1) if out.dtype != part.dtype else out
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's `value` (picklable), in rank order, on every rank."""
+    import torch
+
+    out: list[Any] = [None] * world()
+    torch.distributed.all_gather_object(out, value)
+    return out
 
 
 def check_route(pooled: bool, adapt: bool) -> None:
@@ -168,6 +198,46 @@ def wrap(module, device) -> Any:
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids)
+
+
+def release() -> None:
+    """Every rank is past its last collective: leave the process group now, so that what
+    follows (rank 0's own work, e.g. fitting extract's sklearn heads) waits on no other rank
+    and no collective timeout."""
+    finish()
+
+
+def sync_batchnorm(model, device, wanted: bool) -> str | None:
+    """Under torchrun on GPUs, turn the model's BatchNorm layers into PyTorch's SyncBatchNorm
+    (in place: same parameters and buffers), so that layers in training mode normalise over
+    the global batch and N processes train like one. Returns a warning when it cannot: PyTorch's
+    SyncBatchNorm runs on GPUs only, so on CPUs (gloo) each rank normalises its own rows."""
+    if not active() or not wanted:
+        return None
+    from torch import nn
+
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return None
+    if device.type != "cuda":
+        return ("train.sync_batchnorm: PyTorch's SyncBatchNorm needs GPUs; on CPUs each rank's "
+                "BatchNorm layers in training mode normalise that rank's rows only (results "
+                "statistically equivalent to one process, not identical)")
+    # PyTorch's converter makes new modules; the model's lists of frozen modules and of norms
+    # that adapt (tltool.freeze) must point at the new ones, or model.train() would put a
+    # frozen layer's replacement in training mode
+    swapped: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and \
+                    not isinstance(child, nn.SyncBatchNorm):
+                new = nn.SyncBatchNorm.convert_sync_batchnorm(child)
+                new.train(child.training)
+                setattr(parent, name, new)
+                swapped[id(child)] = new
+    for attr in ("frozen_modules", "adapting_norms"):
+        if isinstance(getattr(model, attr, None), list):
+            setattr(model, attr, [swapped.get(id(m), m) for m in getattr(model, attr)])
+    return None
 
 
 def finish() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,6 +197,9 @@ class Trainer:
         self.cfg, self.classes, self.task, self.bn_policy = train_cfg, classes, task, bn_policy
         self.rt = rt or Runtime()
         self.rt.setup(model)
+        warning = distributed.sync_batchnorm(model, self.rt.device, train_cfg.sync_batchnorm)
+        if warning:
+            logging.getLogger("tltool").warning(warning)
         self.adapt, self.pooled, self.log = adapt, pooled, log
         self.store = store or PrefixStore()
         self.generator = torch.Generator().manual_seed(seed)

@@ -150,9 +150,13 @@ class Runtime:
             yield
 
     def put(self, x: torch.Tensor) -> torch.Tensor:
-        """Move a batch to the device (the backbone lays it out block by block)."""
+        """Move a batch to the device (the backbone lays it out block by block). To a GPU the
+        batch goes through page-locked (pinned) memory, as a DataLoader with pin_memory does,
+        so the copy runs asynchronously."""
         if self.device.type == "cpu":
             return x
+        if self.device.type == "cuda" and x.device.type == "cpu" and not x.is_pinned():
+            x = x.pin_memory()
         return x.to(self.device, non_blocking=True)
 
     def setup(self, model: nn.Module) -> nn.Module:

@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from tltool import progress
+from tltool import distributed, progress
 from tltool.config import DataConfig
 from tltool.data.tabular import Split, _partition, _subsample, left_out, sample_seed
 from tltool.datasets.images import IMAGE_SETS, get_image_set, load_image_set
@@ -167,7 +167,8 @@ def load_image_files(paths: list[str], size: int,
     for p, f in zip(paths, files, strict=True):
         if on_bad_image == "error" and not f.is_file():
             raise DataError(f"{p}: image file not found")
-    x, kept, bad = _decode_all(files, size, on_bad_image, [str(p) for p in paths])
+    x, kept, bad = _decode_all(files, size, on_bad_image, [str(p) for p in paths],
+                               shard=True)
     if not kept:
         raise DataError(f"none of the {len(paths)} image files could be read "
                         f"({_listing([str(paths[i]) for i, _ in bad])})")
@@ -204,6 +205,7 @@ class Prepare:
 
     def __repr__(self) -> str:
         return (f"Prepare(size={self.size}, channels={self.channels}, "
+                f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}, "
                 f"augment={self.augment!r})")
 
     def __call__(self, x: torch.Tensor, train: bool) -> torch.Tensor:
@@ -352,9 +354,15 @@ def _workers(asked: int | None = None) -> int:
 
 
 def _decode_all(files: list[Path], size: int, on_bad_image: str, shown: list[str],
-                where: list[str] | None = None, workers: int | None = None):
+                where: list[str] | None = None, workers: int | None = None,
+                shard: bool = False):
     """Decode in threads (PIL releases the GIL); the first bad file in order raises under
-    on_bad_image=error. Returns (uint8 tensor, kept indices, [(index, reason)] skipped)."""
+    on_bad_image=error. Returns (uint8 tensor, kept indices, [(index, reason)] skipped).
+
+    shard=True, under torchrun (every rank calls it with the same files): each rank decodes
+    its contiguous share of the files and the pixels are gathered, so every rank holds all of
+    them after 1/N of the decoding; skipped files, the error raised and the colour verdict
+    are the same on every rank."""
 
     def one(f: Path):
         try:
@@ -362,33 +370,45 @@ def _decode_all(files: list[Path], size: int, on_bad_image: str, shown: list[str
         except _BadImage as exc:
             return exc
 
+    sharded = shard and distributed.sharded_inference(len(files))
+    lo, hi = distributed.rows_of_rank(len(files)) if sharded else (0, len(files))
     arrays: list = []
     with ThreadPoolExecutor(max_workers=_workers(workers)) as pool, \
-            progress.current().steps("decoding images", total=len(files)) as advance:
-        for a in pool.map(one, files, chunksize=16):
+            progress.current().steps("decoding images", total=hi - lo) as advance:
+        for a in pool.map(one, files[lo:hi], chunksize=16):
             arrays.append(a)
             advance(1)
-    bad = [(i, str(a)) for i, a in enumerate(arrays) if isinstance(a, _BadImage)]
+    bad = [(lo + i, str(a)) for i, a in enumerate(arrays) if isinstance(a, _BadImage)]
+    mine = [i for i, a in enumerate(arrays) if not isinstance(a, _BadImage)]
+    colour = any(arrays[i].ndim == 3 for i in mine)
+    sizes = None
+    if sharded:
+        shares = distributed.gather_objects((bad, colour, len(mine)))
+        bad = [b for share in shares for b in share[0]]
+        colour = any(share[1] for share in shares)
+        sizes = [share[2] for share in shares]
     if bad and on_bad_image == "error":
         i, reason = bad[0]
         prefix = where[i] if where else ""
         raise DataError(f"{prefix}{shown[i]}: not a readable image ({reason}); allowed: a valid "
                         f"{ALLOWED} file, or set on_bad_image: skip to leave such files out")
-    kept = [i for i, a in enumerate(arrays) if not isinstance(a, _BadImage)]
-    colour = any(arrays[i].ndim == 3 for i in kept)
-    out = torch.empty((len(kept), 3 if colour else 1, size, size), dtype=torch.uint8)
-    for row, i in enumerate(kept):
+    out = torch.empty((len(mine), 3 if colour else 1, size, size), dtype=torch.uint8)
+    for row, i in enumerate(mine):
         a = torch.from_numpy(arrays[i])
         out[row] = a.permute(2, 0, 1) if a.ndim == 3 else a.unsqueeze(0)  # broadcasts grey
         arrays[i] = None  # free as we go: peak memory stays about one copy
-    return out, kept, bad
+    if sizes is not None:
+        out = distributed.gather_rows(out, sum(sizes), sizes)
+    skipped = {i for i, _ in bad}
+    return out, [i for i in range(len(files)) if i not in skipped], bad
 
 
 def _probe_all(files: list[Path], on_bad_image: str, shown: list[str],
                where: list[str] | None = None,
                workers: int | None = None) -> tuple[list[int], list[tuple[int, str]]]:
     """Check that every file decodes as an image (pixels read once, nothing kept), so a
-    truncated file is found now and not epochs into training."""
+    truncated file is found now and not epochs into training. Under torchrun each rank
+    checks its contiguous share of the files and the verdicts are gathered."""
     from PIL import Image
 
     def one(f: Path) -> str | None:
@@ -401,15 +421,20 @@ def _probe_all(files: list[Path], on_bad_image: str, shown: list[str],
         except Exception as exc:  # any reader error means "not an image"
             return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
 
+    sharded = distributed.sharded_inference(len(files))
+    lo, hi = distributed.rows_of_rank(len(files)) if sharded else (0, len(files))
     with ThreadPoolExecutor(max_workers=_workers(workers)) as pool:
-        problems = list(pool.map(one, files, chunksize=64))
-    bad = [(i, p) for i, p in enumerate(problems) if p is not None]
+        problems = list(pool.map(one, files[lo:hi], chunksize=64))
+    bad = [(lo + i, p) for i, p in enumerate(problems) if p is not None]
+    if sharded:
+        bad = [b for share in distributed.gather_objects(bad) for b in share]
     if bad and on_bad_image == "error":
         i, reason = bad[0]
         prefix = where[i] if where else ""
         raise DataError(f"{prefix}{shown[i]}: not a readable image ({reason}); allowed: a valid "
                         f"{ALLOWED} file, or set on_bad_image: skip to leave such files out")
-    return [i for i, p in enumerate(problems) if p is None], bad
+    skipped = {i for i, _ in bad}
+    return [i for i in range(len(files)) if i not in skipped], bad
 
 
 def _store(cfg: DataConfig, files: list[Path], size: int, shown: list[str], notes: list[str],
@@ -418,17 +443,21 @@ def _store(cfg: DataConfig, files: list[Path], size: int, shown: list[str], note
     need = len(files) * 3 * size * size
     if need <= cfg.decode_once_max_gb * 2**30:
         if not cfg.decode_cache:
-            return _decode_all(files, size, cfg.on_bad_image, shown, where, cfg.workers)
+            return _decode_all(files, size, cfg.on_bad_image, shown, where, cfg.workers,
+                               shard=True)
         from tltool.data import decoded
 
         k = decoded.key(files, size, cfg.on_bad_image)
         hit = None if k is None else decoded.load(k)
+        if distributed.active() and not all(distributed.gather_objects(hit is not None)):
+            hit = None  # a rank without the entry (another node): every rank decodes a share
         if hit is not None:
             notes.append(f"{len(hit[1])} images read from the decoded-image cache "
                          f"({decoded.root() / k}); any change to the files decodes them again")
             return hit
-        x, kept, bad = _decode_all(files, size, cfg.on_bad_image, shown, where, cfg.workers)
-        if k is not None:
+        x, kept, bad = _decode_all(files, size, cfg.on_bad_image, shown, where, cfg.workers,
+                                   shard=True)
+        if k is not None and distributed.local_rank() == 0:  # one writer per machine
             decoded.save(k, x, kept, bad)
         return x, kept, bad
     kept, bad = _probe_all(files, cfg.on_bad_image, shown, where, cfg.workers)

@@ -293,3 +293,24 @@ def check_input_fits(model: TransferModel, inputs, section: str) -> None:
                           f"take {size}x{size} images ({reason}); use an image_size it can take "
                           f"(the backbone's default is what `tltool backbones` lists) or "
                           f"backbone_args that match it") from None
+
+
+def inference_runtime(cfg: ExperimentConfig, ckpt: dict[str, Any], model: torch.nn.Module,
+                      data) -> Any:
+    """The runtime a trained run's model predicts with in evaluate / predict / ensemble: the
+    run's own device, precision and memory layouts (train.*), so a GPU run predicts on the GPU
+    and an image model in the layouts its training chose (read from this machine's probe
+    cache, or the defaults for a short pass). What this machine cannot do falls back: a CUDA
+    run on a machine without a GPU predicts on the CPU in fp32 (fp16 needs a GPU)."""
+    from tltool.runtime import make_runtime
+
+    t = cfg.train
+    if not torch.cuda.is_available():
+        t = t.model_copy(update={"device": "cpu" if t.device == "cuda" else t.device,
+                                 "precision": "fp32" if t.precision == "fp16" else t.precision})
+    image = (ckpt.get("preprocessor") or {}).get("kind") == "image"
+    rt = make_runtime(t, image)
+    rt.setup(model)
+    if image and len(data):
+        rt.tune(model, data.batch(slice(0, 16), train=False), label="inference", work=len(data))
+    return rt

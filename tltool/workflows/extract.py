@@ -6,18 +6,17 @@ import time
 from typing import Any
 
 import numpy as np
-import torch
 
-from tltool import progress
+from tltool import distributed
 from tltool.config import ExperimentConfig
-from tltool.engine import Tensors
 from tltool.errors import ConfigError, DataError
+from tltool.features import features_of
 from tltool.inputs import load_inputs
 from tltool.metrics import choose_threshold, classification_report, regression_report
 from tltool.models import build_model, model_spec
 from tltool.models.backbones import get_spec, resolve_args
 from tltool.runs import write_json, writing
-from tltool.runtime import Runtime, make_runtime
+from tltool.runtime import make_runtime
 from tltool.workflows.common import (
     check_input_fits,
     load_backbone_weights,
@@ -87,21 +86,6 @@ def _heads(cfg: ExperimentConfig, regression: bool, section: str) -> list[str]:
         raise ConfigError(f"extract.heads: {wrong} cannot fit {section}'s {task} label; "
                           f"allowed for {task}: {', '.join(allowed)}")
     return heads
-
-
-@torch.no_grad()
-def features_of(model, data: Tensors, blocks: int | None, rt: Runtime,
-                batch_size: int = 256, what: str = "extract") -> np.ndarray:
-    """Pooled backbone features (float32) of every row, batch by batch."""
-    model.eval()
-    parts = []
-    with progress.current().steps(what, total=len(data.x)) as advance:
-        for i in range(0, len(data.x), batch_size):
-            xb = rt.put(data.batch(slice(i, i + batch_size), train=False))
-            with rt.autocast():
-                parts.append(model.backbone.forward_blocks(xb, blocks).float().cpu())
-            advance(len(parts[-1]))
-    return torch.cat(parts).numpy()
 
 
 def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, Any]:
@@ -176,7 +160,7 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
                 split, tensors = getattr(inputs.data, s), getattr(inputs, s)
                 start = time.perf_counter()
                 feats[(d, s)] = features_of(model, tensors, blocks, rt,
-                                            what=f"extract: {d} {s}")
+                                            what=f"extract: {d} {s}").numpy()
                 timing["seconds"] += time.perf_counter() - start
                 timing["images_or_rows"] += len(tensors.x)
                 with writing(run.file("features", f"{d}_{s}.npz")):
@@ -184,12 +168,14 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
                              labels=np.asarray(split.y), ids=np.asarray(split.ids).astype(str),
                              classes=np.asarray(inputs.classes, dtype=str))
         d = cfg.extract.fit_on
+        main = distributed.is_main()
+        distributed.release()  # torchrun: features gathered; the heads are fitted by rank 0
         rate = timing["images_or_rows"] / max(timing["seconds"], 1e-9)
         log.info("features: %d per row, %d rows at %.0f rows/s, written to %s",
                  feats[(d, "train")].shape[1], timing["images_or_rows"], rate,
                  run.file("features"))
         heads = {}
-        for kind in heads_wanted:
+        for kind in heads_wanted if main else []:
             if regression:
                 heads[kind] = _fit_regressor(kind, cfg, feats, fit_inputs.data, d)
                 test = heads[kind]["test"]

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tltool import distributed, plots
+from tltool import distributed, features, plots
 from tltool.decision import Decision, predictions_frame, report
 from tltool.engine import Tensors, predict_proba
 from tltool.errors import DataError, RunError
@@ -23,6 +23,7 @@ from tltool.runs import (
 )
 from tltool.workflows.common import (
     experiment_home,
+    inference_runtime,
     log,
     new_run,
     trained_on,
@@ -31,21 +32,25 @@ from tltool.workflows.opening import open_members, state_only
 
 
 def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
-             argv: list[str] | None = None) -> dict[str, Any]:
+             argv: list[str] | None = None, recompute: bool = False) -> dict[str, Any]:
     """Metrics on the test split of the run's data (or of `on`, or a labelled CSV).
 
-    An ensemble run averages its members' probabilities and applies its own decision rule."""
+    An ensemble run averages its members' probabilities and applies its own decision rule.
+    An image model's backbone features stored in its run folder are reused for the same rows
+    (tltool.features); `recompute` runs the backbone anyway."""
     run, members, decision = open_members(ref)
     _, cfg, ckpt, _, _ = members[0]
     classes, multilabel = ckpt["classes"], bool(ckpt.get("multilabel"))
     vals: list = []
+    hows: list[str] = []
 
     def load(m):
         test, ids, origin, domain, val = _evaluation_data(m[0], m[1], m[2], on, csv)
         vals.append(val)
         return test, ids, origin, domain, val
 
-    proba, ids, (test, origin, domain, val) = _average(members, multilabel, load)
+    proba, ids, (test, origin, domain, val) = _average(members, multilabel, load, recompute,
+                                                       hows)
     y = test.y.numpy()
     metrics = report(y, proba, classes, decision)
     result = {"run": str(run), "on": domain, "origin": str(origin), "split": "test",
@@ -54,10 +59,14 @@ def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
     if val is not None and len(val.y):
         # Every route reports the same validation score (a source-only model evaluated on
         # the target included), so routes can be compared without the test split.
-        p_val = np.mean([predict_proba(m[3], v, multilabel)
-                         for m, v in zip(members, vals, strict=True)], axis=0)
+        p_val = np.mean([_proba(m, v, multilabel, recompute, hows)
+                         for m, v in zip(members, vals, strict=True)],
+                        axis=0)
         result["val"] = report(val.y.numpy(), p_val, classes, decision)
         result["val_note"] = _val_note(members, domain)
+    # "stored features": the backbone did not run (its features of these rows were in the run
+    # folder); "forward pass": it did
+    result["backbone"] = sorted(set(hows))
     rule = Decision.of(decision)
     if rule.threshold is not None:
         result["test_argmax"] = report(y, proba, classes, {"threshold": None})
@@ -96,7 +105,8 @@ def _val_note(members: list, domain: str) -> str:
     return "rows the model never saw (neither trained nor tuned on)"
 
 
-def _average(members: list, multilabel: bool, load):
+def _average(members: list, multilabel: bool, load, recompute: bool = False,
+             hows: list[str] | None = None):
     """Each member encodes the rows its own way (`load(member)` -> (data, ids, *extra));
     their probabilities (or regression values) are averaged. Returns the mean, the ids and
     the last member's (data, *extra)."""
@@ -108,8 +118,29 @@ def _average(members: list, multilabel: bool, load):
             raise DataError(f"member {member[0]} kept other rows than the first member; "
                             f"cannot average")
         ids = m_ids
-        probas.append(predict_proba(member[3], data, multilabel))
+        probas.append(_proba(member, data, multilabel, recompute, hows))
     return np.mean(probas, axis=0), ids, (data, *extra)
+
+
+def _proba(member, data: Tensors, multilabel: bool, recompute: bool = False,
+           hows: list[str] | None = None) -> np.ndarray:
+    """A member's probabilities, predicted with its run's runtime (device, precision,
+    layouts), set up once per member; how they were computed is appended to `hows`."""
+    model = member[3]
+    rt = getattr(model, "_tltool_inference_rt", None)
+    if rt is None:
+        rt = inference_runtime(member[1], member[2], model, data)
+        model._tltool_inference_rt = rt
+    if recompute:
+        proba, how = predict_proba(model, data, multilabel, rt=rt), "forward pass"
+    else:
+        # an image model's validation and test rows: the backbone features the run stored,
+        # when they are of the same rows, weights and precision (tltool.features)
+        proba, how = features.predict(model, data, multilabel, rt, 512,
+                                      run_path=Path(member[0]))
+    if hows is not None:
+        hows.append(how)
+    return proba
 
 
 def _evaluation_data(run: Path, cfg, ckpt: dict[str, Any], on: str | None, csv: str | None):

@@ -7,10 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from tltool import calibration, distributed, plots
+from tltool import calibration, distributed, features, plots
 from tltool.config import ExperimentConfig
 from tltool.decision import decision_rule, report
-from tltool.engine import predict_proba
 from tltool.errors import ConfigError
 from tltool.inputs import split_digest
 from tltool.models import TransferModel
@@ -118,8 +117,12 @@ def write_outputs(run, route: Route, model: TransferModel, summary: dict[str, An
     write_json(run.file("timing.json"), summary.pop("timing"))
     write_json(run.file("freeze_plan.json"), summary["plans"])
     batch = max(2 * cfg.train.batch_size, 256)
-    proba_val = None if val is None else predict_proba(model, val, multilabel, batch, rt)
-    proba_test = predict_proba(model, test, multilabel, batch, rt)
+    # image models predict through pooled backbone features, kept in the run folder for
+    # evaluate (tltool.features)
+    proba_val = None if val is None else features.predict(
+        model, val, multilabel, rt, batch, store=run, name="val", what="predict: val")[0]
+    proba_test = features.predict(model, test, multilabel, rt, batch, store=run, name="test",
+                                  what="predict: test")[0]
     if decision is None:
         decision = decision_rule(cfg, classes, multilabel, proba_val, val.y.numpy(), regression)
     write_json(run.file("thresholds.json"), decision)

@@ -1,0 +1,154 @@
+"""Backbone features of a trained image model's validation and test rows, kept in its run
+folder (`features/`), so that `evaluate` on the same rows runs only the head.
+
+A trained run predicts its validation and test rows through its backbone's pooled features and
+then its head (the same logits as a forward pass: the model is backbone -> pool -> head). The
+features are written beside the checkpoint with a key that fixes everything they depend on:
+
+- the rows: a SHA-1 of the stored input tensor (decoded uint8 pixels, shape and dtype) and of
+  how a batch becomes network input (image size, channels, mean / std);
+- the backbone: a SHA-1 of every weight and buffer of it (a fine-tuned backbone's own);
+- the runtime: precision (fp32 / bf16 / fp16) and device type.
+
+`evaluate` computes the key of the rows it is asked about with the run's model; an equal key
+means the stored features are the ones a forward pass would give (up to the memory layout the
+backbone ran in), and only the head runs. Any other rows (another data set, a changed file),
+weights or precision: another key, a forward pass. `--recompute` always runs the backbone.
+
+Not stored: tabular models (their forward pass costs less than reading a file), models with
+a prior (its signal needs the raw input), images decoded batch by batch (the key would read
+every file), and features over `MAX_BYTES` in all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tltool import distributed, progress
+from tltool.runtime import Runtime
+from tltool.task import Task
+from tltool.tensors import Tensors
+
+MAX_BYTES = 512 * 2**20
+FOLDER = "features"
+
+
+def usable(model: torch.nn.Module, data: Tensors) -> bool:
+    """Whether this model's predictions on `data` may go through stored features."""
+    return (hasattr(model, "from_features") and getattr(model, "prior", None) is None
+            and not getattr(model, "classic", False) and isinstance(data.x, torch.Tensor)
+            and data.x.dim() == 4
+            and (data.prepare is None or type(data.prepare).__repr__ is not object.__repr__))
+
+
+def key(model, data: Tensors, rt: Runtime) -> str:
+    from tltool.cache import _module_digest
+
+    prepare = data.prepare
+    if prepare is not None and type(prepare).__repr__ is object.__repr__:
+        raise ValueError("features.key: the rows' prepare step has no stable description")
+    h = hashlib.sha1(f"{tuple(data.x.shape)}|{data.x.dtype}|{prepare!r}".encode())
+    x = data.x.detach().cpu().contiguous()
+    h.update(memoryview(x.view(torch.uint8).numpy()).cast("B") if x.numel() else b"")
+    h.update(f"|{_module_digest(model.backbone)}|{rt.precision}|{rt.device.type}".encode())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def features_of(model, data: Tensors, blocks: int | None, rt: Runtime,
+                batch_size: int = 256, what: str = "extract") -> torch.Tensor:
+    """Pooled output (float32, CPU) of the first `blocks` backbone blocks (all: None) for every
+    row, batch by batch. Under torchrun each rank computes its contiguous share and the shares
+    are gathered in row order."""
+    model.eval()
+    n = len(data.x)
+    sharded = distributed.sharded_inference(n)
+    lo, hi = distributed.rows_of_rank(n) if sharded else (0, n)
+    parts = [torch.empty(0)]
+    with progress.current().steps(what, total=hi - lo) as advance:
+        for i in range(lo, hi, batch_size):
+            xb = rt.put(data.batch(slice(i, min(i + batch_size, hi)), train=False))
+            with rt.autocast():
+                parts.append(model.backbone.forward_blocks(xb, blocks).float().cpu())
+            advance(len(parts[-1]))
+    out = torch.cat(parts[1:]) if len(parts) > 1 else torch.empty(0)
+    if sharded:
+        out = distributed.gather_rows(out, n)
+    return out
+
+
+@torch.no_grad()
+def head_proba(model, feats: torch.Tensor, multilabel: bool, rt: Runtime,
+               batch_size: int = 4096) -> np.ndarray:
+    """The model's probabilities (regression: values) from its backbone's pooled features."""
+    model.eval()
+    out = []
+    for i in range(0, len(feats), batch_size):
+        with rt.autocast():
+            out.append(model.from_features(rt.put(feats[i:i + batch_size]), None).float().cpu())
+    logits = torch.cat(out) if out else torch.empty(0)
+    return Task.of(model, multilabel).proba(logits).double().numpy()
+
+
+def _index(folder: Path) -> dict[str, str]:
+    try:
+        index = json.loads((folder / "index.json").read_text())
+        return index if isinstance(index, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def load(run: Path, k: str) -> torch.Tensor | None:
+    """Stored features with key `k` in a run folder, or None."""
+    folder = Path(run) / FOLDER
+    name = _index(folder).get(k)
+    if not isinstance(name, str) or "/" in name or "\\" in name:
+        return None
+    try:
+        feats = torch.load(folder / name, weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError):
+        return None
+    return feats if isinstance(feats, torch.Tensor) and feats.dim() == 2 else None
+
+
+def save(run, name: str, k: str, feats: torch.Tensor) -> bool:
+    """Keep `feats` in the run folder under key `k` (False when too large to be worth it)."""
+    folder = Path(run.file(FOLDER))
+    index = _index(folder)
+    used = sum((folder / f).stat().st_size for f in set(index.values())
+               if (folder / f).is_file())
+    if used + feats.numel() * feats.element_size() > MAX_BYTES:
+        return False
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(feats.contiguous(), folder / f"{name}.pt")
+    index[k] = f"{name}.pt"
+    (folder / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+    return True
+
+
+def predict(model, data: Tensors, multilabel: bool, rt: Runtime, batch_size: int,
+            run_path: Path | None = None, store: Any = None, name: str | None = None,
+            what: str = "predict") -> tuple[np.ndarray, str]:
+    """Probabilities for `data`: through features stored in `run_path` when their key matches
+    (how: "stored features"), else through the backbone ("forward pass"), keeping the features
+    in the run folder `store` under `name` when given. Falls back to a plain forward pass for
+    models that `usable` rules out (how: "forward pass")."""
+    from tltool.engine import predict_proba
+
+    if not usable(model, data):
+        return predict_proba(model, data, multilabel, batch_size, rt, what=what), "forward pass"
+    k = key(model, data, rt)
+    if run_path is not None:
+        feats = load(run_path, k)
+        if feats is not None and len(feats) == len(data.x):
+            return head_proba(model, feats, multilabel, rt), "stored features"
+    feats = features_of(model, data, None, rt, batch_size, what=what)
+    if store is not None and name is not None and distributed.is_main():
+        save(store, name, k, feats)
+    return head_proba(model, feats, multilabel, rt), "forward pass"
