@@ -21,6 +21,7 @@ import collections
 import json
 import logging
 import math
+import shutil
 import statistics
 import tempfile
 import time
@@ -105,6 +106,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--raw", type=Path, default=None, help="also write every run's numbers "
                     "(JSON) here, after each run; runs already in the file are not run again")
+    ap.add_argument("--keep", type=Path, default=None, help="also copy every run's "
+                    "leaderboard.json and research_predictions.npz (out-of-fold and test "
+                    "predictions of every candidate) to KEEP/n-SIZE-seed-SEED/, to study "
+                    "choice rules afterwards")
     args = ap.parse_args()
     case = CASES[args.case]
     sizes = args.sizes or case["sizes"]
@@ -131,6 +136,12 @@ def main() -> None:
                              "best_on_test": research["best_on_test"],
                              "select_test": metrics["test"],
                              "candidates": research["candidates"]})
+                if args.keep:
+                    dest = args.keep / f"n-{n}-seed-{seed}"
+                    dest.mkdir(parents=True, exist_ok=True)
+                    for name in ("leaderboard.json", "research_predictions.npz",
+                                 "research.json", "metrics.json"):
+                        shutil.copyfile(run / name, dest / name)
                 print(f"n={n} seed={seed}: chose {research['chosen']} "
                       f"(best on test: {research['best_on_test']}), "
                       f"{time.time() - tick:.0f} s", flush=True)
