@@ -141,6 +141,55 @@ def test_two_processes_fine_tune_from_a_prefix_cache_each_built_on_its_share(cli
                                                 ["auroc"], abs=1e-6)
 
 
+def _same_weights(run_a: Path, run_b: Path, tol: float = 1e-5) -> None:
+    a = torch.load(run_a / "checkpoints" / "best.pt", weights_only=True)["state_dict"]
+    b = torch.load(run_b / "checkpoints" / "best.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= tol
+    ma = json.loads((run_a / "metrics.json").read_text())
+    mb = json.loads((run_b / "metrics.json").read_text())
+    assert ma["best_epoch"] == mb["best_epoch"]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or
+                    not torch.distributed.is_gloo_available(), reason="no gloo backend")
+@pytest.mark.parametrize("route", ["pooled", "coral", "mmd", "dann", "pretrain-mmd"])
+def test_two_processes_train_pooled_and_adapted_routes_as_one_process(cli, tmp_path, route):
+    """Pooled source rows (with the learned domain offset, balanced class weights) and the
+    adapt methods: the alignment loss sees the whole global batch (features gathered with
+    their gradients), the labelled losses are shares of the global means, the gradients are
+    averaged; so 2 processes end with 1 process's weights (the domain critic's included)."""
+    target = {"kind": "builtin", "name": "credit_data", "where": {"Job": "partime"},
+              "split": {"val": 0.2, "test": 0.2}, "n_train": 90, "n_val": 40}
+    cfg = dict(CFG, name="route", target=target,
+               train=dict(CFG["train"], epochs=2, batch_size=25))
+    if route == "pooled":
+        cfg["train"].update(source_weight=0.3, domain_offset=True, batch_size=64)
+    elif route == "pretrain-mmd":  # unsupervised: labelled source batches, target unlabelled
+        cfg["adapt"] = {"method": "mmd", "weight": 1.0}
+        cfg["train"].update(epochs=1)
+    else:
+        cfg["adapt"] = {"method": route, "weight": 0.5, "source_weight": 0.5}
+    command = "pretrain" if route.startswith("pretrain") else "freeze-finetune"
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    one = cli(command, "cfg.yaml", "--set", f"output.root={tmp_path / 'one'}", "-q")
+    assert one.code == 0, one.err
+    two = _torchrun([command, "cfg.yaml", "--set", f"output.root={tmp_path / 'two'}"],
+                    tmp_path)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    (run,) = list((tmp_path / "two" / "route").iterdir())
+    _same_weights(run, tmp_path / one.out.strip())
+    rows_a = (run / "metrics.csv").read_text().splitlines()
+    rows_b = (tmp_path / one.out.strip() / "metrics.csv").read_text().splitlines()
+    assert len(rows_a) == len(rows_b) > 1
+    if route == "dann":
+        a = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["resume"]
+        b = torch.load(tmp_path / one.out.strip() / "checkpoints" / "last.pt",
+                       weights_only=True)["resume"]
+        assert max((a["critic"][k] - b["critic"][k]).abs().max().item()
+                   for k in a["critic"]) <= 1e-5
+
+
 SHARDS = """
 import sys
 from pathlib import Path

@@ -35,12 +35,19 @@ contiguous shares (one per rank) and gathered, so every rank holds all pixels af
 decoding (the decoded-image cache is written by local rank 0 of each machine and used only
 when every rank finds it); a frozen prefix cache is built on each rank's share and gathered.
 
-Not data-parallel yet (refused with a clear error under torchrun): pooled source rows,
-`adapt`, `select` (run those as one process).
+Pooled source rows split the same way (a global batch mixes both domains as in one
+process). `adapt` runs every rank on its share of the labelled, source and unlabelled target
+batches and gathers their features with gradients (`gather_rows_with_grad`), so the alignment
+loss is the one-process loss; its steps average the gradients themselves
+(`average_gradients`), since they call the backbone outside DistributedDataParallel.
+
+Not data-parallel (refused with a clear error under torchrun): `select` (run it as one
+process).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -150,6 +157,54 @@ def gather_rows(part, n: int, sizes: list[int] | None = None):
     return out.view(part.dtype).squeeze(-1) if out.dtype != part.dtype else out
 
 
+@functools.cache
+def _gather_with_grad():
+    """An autograd Function: forward `gather_rows`; backward the gradient of the gathered rows
+    summed over the ranks (an all_reduce, which gloo has), sliced to this rank's rows."""
+    import torch
+
+    class GatherRows(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, n):
+            ctx.lo, ctx.hi = rows_of_rank(n)
+            return gather_rows(x.detach(), n)
+
+        @staticmethod
+        def backward(ctx, grad):
+            grad = grad.contiguous().clone()
+            torch.distributed.all_reduce(grad)
+            return grad[ctx.lo:ctx.hi], None
+
+    return GatherRows
+
+
+def gather_rows_with_grad(part, n: int):
+    """`gather_rows` for a tensor that needs gradients (features of this rank's share of a
+    global batch of n rows, `share`'s split): every rank gets all n rows; the gradient of a
+    loss computed on them, identical on every rank, flows back to each rank's own rows as the
+    sum over the ranks (each rank then carries `world` times its rows' gradient, which
+    `average_gradients` divides back)."""
+    return _gather_with_grad().apply(part, n)
+
+
+def average_gradients(optimizer) -> None:
+    """The mean over the ranks of every gradient the optimiser will apply (one all_reduce of
+    a flat buffer), for steps that do not run through DistributedDataParallel."""
+    import torch
+
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+             if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def gather_objects(value: Any) -> list[Any]:
     """Every rank's `value` (picklable), in rank order, on every rank."""
     import torch
@@ -157,17 +212,6 @@ def gather_objects(value: Any) -> list[Any]:
     out: list[Any] = [None] * world()
     torch.distributed.all_gather_object(out, value)
     return out
-
-
-def check_route(pooled: bool, adapt: bool) -> None:
-    if not active():
-        return
-    if pooled:
-        raise ConfigError("train.source_weight: pooled source rows do not run data-parallel "
-                          "under torchrun yet; run as one process")
-    if adapt:
-        raise ConfigError("adapt: domain adaptation does not run data-parallel under torchrun "
-                          "yet; run as one process")
 
 
 def share(idx):

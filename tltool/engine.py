@@ -344,7 +344,7 @@ class Trainer:
                 continue  # a single row breaks BatchNorm and adds only noise
             self.optimizer.zero_grad(set_to_none=True)
             if distributed.active():
-                loss = self._shared_loss(data, idx)
+                loss = self._shared_loss(data, idx, source, n_t, w_src, mean_w)
             elif source is None:
                 xb, prior = data.batch(idx, train=True), data.prior_of(idx)
                 yb = data.y[idx]
@@ -368,21 +368,28 @@ class Trainer:
             seen += len(idx)
         return total / max(seen, 1)
 
-    def _shared_loss(self, data: Tensors, idx: torch.Tensor) -> torch.Tensor:
+    def _shared_loss(self, data: Tensors, idx: torch.Tensor, source: Tensors | None = None,
+                     n_t: int = 0, w_src: float = 0.0, mean_w: float = 1.0) -> torch.Tensor:
         """Under torchrun: this rank's rows' share of the global batch's mean loss, times the
         number of ranks (DDP averages the ranks' gradients: the sum is the global batch's
-        gradient). The value returned for logging and the finite check is the global mean."""
+        gradient). The value returned for logging and the finite check is the global mean.
+        Pooled source rows (`source`): the global batch mixes both, each row weighted as in one
+        process (`_pooled_rows`), over the whole batch's denominator."""
         rt = self.rt
         mine = distributed.share(idx)
-        xb, prior = data.batch(mine, train=True), data.prior_of(mine)
-        with rt.autocast():
-            logits = self.forward(rt.put(xb), None if prior is None else rt.put(prior))
-        rows, _ = self.task.row_loss(self.loss_fn, logits.float(), rt.put(data.y[mine]))
+        if source is None:
+            xb, prior = data.batch(mine, train=True), data.prior_of(mine)
+            with rt.autocast():
+                logits = self.forward(rt.put(xb), None if prior is None else rt.put(prior))
+            rows, _ = self.task.row_loss(self.loss_fn, logits.float(), rt.put(data.y[mine]))
+            y_all = data.y[idx]
+        else:
+            rows, _ = self._pooled_rows(data, source, mine, n_t, w_src)
+            y_all = torch.cat([data.y[idx[idx < n_t]], source.y[idx[idx >= n_t] - n_t]])
         weight = getattr(self.loss_fn, "weight", None)
-        y_all = data.y[idx]
-        denom = float(len(idx)) if weight is None or self.task.multilabel or \
+        shares = float(len(idx)) if weight is None or self.task.multilabel or \
             self.task.regression else float(weight.cpu()[y_all].sum())
-        local = rows.sum() / denom
+        local = rows.sum() / (shares * (1.0 if source is None else mean_w))
         self._global_loss = distributed.total(float(local.detach()))
         return local * distributed.world()
 
@@ -395,6 +402,14 @@ class Trainer:
 
     def _pooled_loss(self, data: Tensors, source: Tensors, idx: torch.Tensor, n_t: int,
                      w_src: float, mean_w: float) -> torch.Tensor:
+        weighted, shares = self._pooled_rows(data, source, idx, n_t, w_src)
+        return weighted.sum() / (mean_w * shares.mean() * len(idx))
+
+    def _pooled_rows(self, data: Tensors, source: Tensors, idx: torch.Tensor, n_t: int,
+                     w_src: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows `idx` of target + source (indices >= n_t are source rows): each row's loss
+        times its weight (1 for target rows, w_src for source rows), and each row's share of
+        the unweighted mean's denominator (Task.row_loss)."""
         rt = self.rt
         t_idx, s_idx = idx[idx < n_t], idx[idx >= n_t] - n_t
         parts = [p for p in (data.batch(t_idx, train=True) if len(t_idx) else None,
@@ -406,13 +421,15 @@ class Trainer:
         with rt.autocast():
             logits = self.forward(rt.put(torch.cat(parts)),
                                   rt.put(torch.cat(priors)) if priors else None).float()
-        if self.model.domain_bias is not None and len(s_idx):
-            offset = torch.zeros_like(logits)
-            offset[len(t_idx):] = self.model.domain_bias
-            logits = logits + offset
+        if self.model.domain_bias is not None:
+            # the source rows' offset, as a product with a 0/1 mask so that the bias takes
+            # part in every step (a zero gradient when no source row is in the batch): DDP
+            # expects every trainable parameter in every backward pass
+            is_source = torch.cat([torch.zeros(len(t_idx)), torch.ones(len(s_idx))])
+            logits = logits + is_source.to(logits)[:, None] * self.model.domain_bias
         rows, shares = self.task.row_loss(self.loss_fn, logits, rt.put(y))
         w = torch.cat([torch.ones(len(t_idx)), torch.full((len(s_idx),), w_src)]).to(rows)
-        return (w * rows).sum() / (mean_w * shares.mean() * len(idx))
+        return w * rows, shares
 
     # -- resuming
     def state(self, stale: int, round_done: bool, watched: dict[int, float]) -> dict[str, Any]:
@@ -527,7 +544,6 @@ def fit(model: TransferModel, train: Tensors, val: Tensors | None, phases: list[
     last.pt's training state, "best": the best weights so far, "rows": the metrics.csv rows
     written so far}, to continue an interrupted run exactly.
     """
-    distributed.check_route(pooled is not None, adapt is not None)
     tr = Trainer(model, train, val, phases, train_cfg, classes, seed, task, bn_policy, rt,
                  adapt, pooled, store, log)
     monitor = train_cfg.early_stopping.monitor
@@ -643,12 +659,21 @@ def _adapt_epoch(model: TransferModel, data: Tensors, aux: dict[str, Tensors],
                  rt: Runtime, progress: float) -> tuple[float, float]:
     """One epoch over the labelled rows; each step also draws unlabelled target rows (and,
     in freeze-finetune, labelled source rows) and adds the alignment loss. All rows of a step
-    go through the network as one batch, so trainable BatchNorm layers see both domains."""
+    go through the network as one batch, so trainable BatchNorm layers see both domains.
+
+    Under torchrun every rank draws the same global batch (same generator) and runs its
+    contiguous share of each of its parts; the features are gathered (with their gradients)
+    so the alignment loss sees the whole batch, as in one process; the labelled losses are
+    each rank's share of the global mean; gradients are averaged over the ranks before the
+    step (`distributed.average_gradients`), which makes the step the one-process step."""
     model.train()
     if adapt.critic is not None:
         adapt.critic.train()
     target, source = aux["target"], aux.get("source")
     source_loss = task.loss(source.y, 0, "none") if source is not None else None
+    ddp = distributed.active()
+    mine = distributed.share if ddp else (lambda i: i)
+    world = distributed.world() if ddp else 1
     order = torch.randperm(len(data.y), generator=generator)
     total, aligned, seen, steps = 0.0, 0.0, 0, 0
     for i in range(0, len(order), batch_size):
@@ -656,32 +681,57 @@ def _adapt_epoch(model: TransferModel, data: Tensors, aux: dict[str, Tensors],
         if len(idx) == 1 and len(order) > 1:
             continue
         optimizer.zero_grad(set_to_none=True)
-        parts = [data.batch(idx, train=True)]
-        if source is not None:
-            s_idx = torch.randint(len(source.y), (batch_size,), generator=generator)
-            parts.append(source.batch(s_idx, train=True))
+        s_idx = (torch.randint(len(source.y), (batch_size,), generator=generator)
+                 if source is not None else None)
         t_idx = torch.randint(len(target.y), (batch_size,), generator=generator)
-        parts.append(target.batch(t_idx, train=True))
+        m_idx, m_t = mine(idx), mine(t_idx)
+        m_s = None if s_idx is None else mine(s_idx)
+        parts = [data.batch(m_idx, train=True)]
+        if source is not None:
+            parts.append(source.batch(m_s, train=True))
+        parts.append(target.batch(m_t, train=True))
         x = rt.put(torch.cat(parts))
-        yb = rt.put(data.y[idx])
-        n = len(idx)
+        yb = rt.put(data.y[m_idx])
+        n, n_s = len(m_idx), 0 if m_s is None else len(m_s)
         with rt.autocast():
             feats = model.backbone.forward_from(x, start) if start else model.backbone(x)
             logits = model.head(feats[:n])
-            extra = (model.head(feats[n:n + batch_size])
+            extra = (model.head(feats[n:n + n_s])
                      if source is not None and adapt.source_weight > 0 else None)
-        loss = loss_fn(logits.float(), yb)
+        if ddp:  # this rank's rows' share of the global means, times the ranks (averaged)
+            rows, _ = task.row_loss(loss_fn, logits.float(), yb)
+            weight = getattr(loss_fn, "weight", None)
+            denom = float(len(idx)) if weight is None or task.multilabel or task.regression \
+                else float(weight.cpu()[data.y[idx]].sum())
+            local = rows.sum() / denom
+            loss = local * world
+            shown = distributed.total(float(local.detach()))
+        else:
+            loss = loss_fn(logits.float(), yb)
+            shown = None
         if source is not None:
-            fs = feats[n:n + batch_size]
+            fs = feats[n:n + n_s]
             if adapt.source_weight > 0:
-                loss = loss + adapt.source_weight * source_loss(extra.float(),
-                                                                rt.put(source.y[s_idx]))
+                ys = rt.put(source.y[m_s])
+                if ddp:
+                    rows, _ = task.row_loss(source_loss, extra.float(), ys)
+                    s_part = rows.sum() / len(s_idx)
+                    loss = loss + adapt.source_weight * s_part * world
+                    shown += adapt.source_weight * distributed.total(float(s_part.detach()))
+                else:
+                    loss = loss + adapt.source_weight * source_loss(extra.float(), ys)
         else:
             fs = feats[:n]
-        align = adapt.loss(fs, feats[-batch_size:], progress)
-        rt.backward_step(loss + align, optimizer)
-        total += loss.item() * n
+        ft = feats[n + n_s:]
+        if ddp:  # the whole batch's features on every rank, gradients flowing back per rank
+            fs = distributed.gather_rows_with_grad(fs, len(idx) if source is None
+                                                   else len(s_idx))
+            ft = distributed.gather_rows_with_grad(ft, len(t_idx))
+        align = adapt.loss(fs, ft, progress)
+        rt.backward_step(loss + align, optimizer,
+                         sync=distributed.average_gradients if ddp else None)
+        total += (loss.item() if shown is None else shown) * len(idx)
         aligned += align.item()
-        seen += n
+        seen += len(idx)
         steps += 1
     return total / max(seen, 1), aligned / max(steps, 1)

@@ -279,12 +279,19 @@ class Runtime:
         """torch.compile the forward function (state-dict keys stay unchanged)."""
         return torch.compile(fn) if self.compile else fn
 
-    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                      sync: Callable[[torch.optim.Optimizer], None] | None = None) -> None:
+        """Backward pass and optimiser step; `sync(optimizer)` runs between the two (under
+        torchrun: averaging the gradients over the ranks)."""
         if self.scaler is None:
             loss.backward()
+            if sync is not None:
+                sync(optimizer)
             optimizer.step()
             return
         self.scaler.scale(loss).backward()
+        if sync is not None:
+            sync(optimizer)
         self.scaler.step(optimizer)
         self.scaler.update()
 
