@@ -122,20 +122,24 @@ def test_multilabel_mosaics_train_sigmoid_heads_with_per_label_thresholds(cli, w
     # metrics as training's and as a forward pass (--recompute)
     ev_m = _json(tmp_path / ev.out.strip() / "metrics.json")
     assert ev_m["backbone"] == ["stored features"]
-    assert sorted(_json(run / "features" / "index.json").values()) == ["test.pt", "val.pt"]
     assert ev_m["test"]["map"] == pytest.approx(test["map"], abs=1e-12)
     re = cli("evaluate", str(run), "--recompute")
     assert re.code == 0, re.err
     re_m = _json(tmp_path / re.out.strip() / "metrics.json")
     assert re_m["backbone"] == ["forward pass"]
     assert re_m["test"]["map"] == pytest.approx(test["map"], abs=1e-6)
-    # the stored file is what evaluate read: zeroed features change the scores
+    index = _json(run / "features" / "index.json")
+    assert sorted(e["file"] for e in index.values()) == ["test.pt", "val.pt"]
+    # a stored file that is not the one written (zeroed, or cut to another width) is never
+    # used: the backbone runs and the scores are the run's own
     feats = torch.load(run / "features" / "test.pt", weights_only=True)
-    torch.save(torch.zeros_like(feats), run / "features" / "test.pt")
-    ev = cli("evaluate", str(run))
-    assert ev.code == 0, ev.err
-    assert _json(tmp_path / ev.out.strip() / "metrics.json")["test"]["map"] != pytest.approx(
-        test["map"], abs=1e-3)
+    for damaged in (torch.zeros_like(feats), feats[:, :5].clone()):
+        torch.save(damaged, run / "features" / "test.pt")
+        ev = cli("evaluate", str(run))
+        assert ev.code == 0, ev.err
+        m = _json(tmp_path / ev.out.strip() / "metrics.json")
+        assert m["backbone"] == ["forward pass", "stored features"]  # val stored, test not
+        assert m["test"]["map"] == pytest.approx(test["map"], abs=1e-6)
 
 
 def test_image_config_errors(cli, write_config):

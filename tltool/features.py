@@ -12,8 +12,10 @@ features are written beside the checkpoint with a key that fixes everything they
 
 `evaluate` computes the key of the rows it is asked about with the run's model; an equal key
 means the stored features are the ones a forward pass would give (up to the memory layout the
-backbone ran in), and only the head runs. Any other rows (another data set, a changed file),
-weights or precision: another key, a forward pass. `--recompute` always runs the backbone.
+backbone ran in), and only the head runs. The index also keeps each file's SHA-1: a file that
+is not the one written (damaged, replaced, another shape) is ignored and the backbone runs.
+Any other rows (another data set, a changed file), weights or precision: another key, a
+forward pass. `--recompute` always runs the backbone.
 
 Not stored: tabular models (their forward pass costs less than reading a file), models with
 a prior (its signal needs the raw input), images decoded batch by batch (the key would read
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +99,7 @@ def head_proba(model, feats: torch.Tensor, multilabel: bool, rt: Runtime,
     return Task.of(model, multilabel).proba(logits).double().numpy()
 
 
-def _index(folder: Path) -> dict[str, str]:
+def _index(folder: Path) -> dict[str, Any]:
     try:
         index = json.loads((folder / "index.json").read_text())
         return index if isinstance(index, dict) else {}
@@ -104,30 +107,46 @@ def _index(folder: Path) -> dict[str, str]:
         return {}
 
 
+def _digest(feats: torch.Tensor) -> str:
+    return hashlib.sha1(f"{tuple(feats.shape)}|{feats.dtype}|".encode() + memoryview(
+        feats.contiguous().view(torch.uint8).numpy()).cast("B")).hexdigest()
+
+
 def load(run: Path, k: str) -> torch.Tensor | None:
-    """Stored features with key `k` in a run folder, or None."""
+    """Stored features with key `k` in a run folder, or None: also when the file is not the
+    one written under that key (its SHA-1 differs: damaged or replaced), so a changed file
+    means a forward pass, never other scores."""
     folder = Path(run) / FOLDER
-    name = _index(folder).get(k)
-    if not isinstance(name, str) or "/" in name or "\\" in name:
+    entry = _index(folder).get(k)
+    if not isinstance(entry, dict):
+        return None
+    name, digest = entry.get("file"), entry.get("sha1")
+    if not isinstance(name, str) or not isinstance(digest, str) or "/" in name or \
+            "\\" in name or name.startswith("."):
         return None
     try:
         feats = torch.load(folder / name, weights_only=True)
-    except (OSError, RuntimeError, ValueError, EOFError):
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError):
         return None
-    return feats if isinstance(feats, torch.Tensor) and feats.dim() == 2 else None
+    if not isinstance(feats, torch.Tensor) or feats.dim() != 2 or \
+            feats.dtype != torch.float32 or _digest(feats) != digest:
+        return None
+    return feats
 
 
 def save(run, name: str, k: str, feats: torch.Tensor) -> bool:
     """Keep `feats` in the run folder under key `k` (False when too large to be worth it)."""
     folder = Path(run.file(FOLDER))
     index = _index(folder)
-    used = sum((folder / f).stat().st_size for f in set(index.values())
-               if (folder / f).is_file())
+    files = {e.get("file") for e in index.values() if isinstance(e, dict)}
+    used = sum((folder / f).stat().st_size for f in files
+               if isinstance(f, str) and (folder / f).is_file())
     if used + feats.numel() * feats.element_size() > MAX_BYTES:
         return False
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(feats.contiguous(), folder / f"{name}.pt")
-    index[k] = f"{name}.pt"
+    feats = feats.contiguous().float()
+    torch.save(feats, folder / f"{name}.pt")
+    index[k] = {"file": f"{name}.pt", "sha1": _digest(feats)}
     (folder / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
     return True
 
