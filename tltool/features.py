@@ -124,8 +124,11 @@ def load(run: Path, k: str) -> torch.Tensor | None:
     if not isinstance(name, str) or not isinstance(digest, str) or "/" in name or \
             "\\" in name or name.startswith("."):
         return None
-    try:
-        feats = torch.load(folder / name, weights_only=True)
+    path = folder / name
+    try:  # a regular file of a plausible size only (a FIFO or device would block a read)
+        if not path.is_file() or path.stat().st_size > MAX_BYTES + 2**20:
+            return None
+        feats = torch.load(path, weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError):
         return None
     if not isinstance(feats, torch.Tensor) or feats.dim() != 2 or \
