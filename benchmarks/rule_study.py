@@ -107,8 +107,8 @@ def main() -> None:
         print("| rule | " + " | ".join(f"n={n}" for n in sizes) + " |")
         print("|---|" + "---|" * len(sizes))
         for rule in RULES:
-            cells = [f"{statistics.mean(res[n][rule]):.3f} ({statistics.mean(res[n][rule + ' size']):.0f})"
-                     for n in sizes]
+            cells = [f"{statistics.mean(res[n][rule]):.3f} "
+                     f"({statistics.mean(res[n][rule + ' size']):.0f})" for n in sizes]
             print(f"| {rule} | " + " | ".join(cells) + " |")
         print()
 

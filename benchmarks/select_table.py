@@ -31,7 +31,10 @@ from tables import machine_line
 
 from tltool.config import load_config
 from tltool.cv import Scored, choose
-from tltool.workflows.select import ENSEMBLE, select
+
+# tltool's own name of the averaged candidate (tltool.workflows.select.ENSEMBLE, which imports
+# torch: this module's tables and overrides are also used without it, by autogluon_peer.py)
+ENSEMBLE = "ensemble of candidates"
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,6 +120,10 @@ def main() -> None:
                     "split: the means then average over test sets too, so a route that is "
                     "lucky on one test split does not decide the comparison")
     args = ap.parse_args()
+    from tltool.workflows.select import ENSEMBLE as NAME
+    from tltool.workflows.select import select
+
+    assert NAME == ENSEMBLE
     case = CASES[args.case]
     sizes = args.sizes or case["sizes"]
     logging.getLogger("tltool").setLevel(logging.WARNING)
