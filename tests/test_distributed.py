@@ -34,6 +34,19 @@ def _torchrun(args: list[str], cwd: Path, n: int = 2) -> subprocess.CompletedPro
                           env=env, capture_output=True, text=True, timeout=600)
 
 
+def _same_weights(run_a: Path, run_b: Path, tol: float = 1e-5) -> tuple[dict, dict]:
+    """The two runs' best weights agree to `tol` and they chose the same epoch; returns their
+    metrics.json."""
+    a = torch.load(run_a / "checkpoints" / "best.pt", weights_only=True)["state_dict"]
+    b = torch.load(run_b / "checkpoints" / "best.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= tol
+    ma = json.loads((run_a / "metrics.json").read_text())
+    mb = json.loads((run_b / "metrics.json").read_text())
+    assert ma["best_epoch"] == mb["best_epoch"]
+    return ma, mb
+
+
 @pytest.mark.skipif(not torch.distributed.is_available() or
                     not torch.distributed.is_gloo_available(), reason="no gloo backend")
 def test_two_processes_train_what_one_process_trains(cli, tmp_path):
@@ -46,13 +59,7 @@ def test_two_processes_train_what_one_process_trains(cli, tmp_path):
     runs = list((tmp_path / "two" / "ddp").iterdir())
     assert len(runs) == 1  # one run folder: rank 0's
     assert two.stdout.strip().splitlines() == [str(runs[0])]  # rank 0 alone prints
-    a = torch.load(runs[0] / "checkpoints" / "best.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / one.out.strip() / "checkpoints" / "best.pt",
-                   weights_only=True)["state_dict"]
-    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-5
-    ma = json.loads((runs[0] / "metrics.json").read_text())
-    mb = json.loads((tmp_path / one.out.strip() / "metrics.json").read_text())
-    assert ma["best_epoch"] == mb["best_epoch"]
+    ma, mb = _same_weights(runs[0], tmp_path / one.out.strip())
     assert ma["decision"]["threshold"] == pytest.approx(mb["decision"]["threshold"], abs=1e-5)
     assert json.loads((runs[0] / "run.json").read_text())["status"] == "complete"
 
@@ -113,13 +120,7 @@ def test_two_processes_fine_tune_from_a_prefix_cache_each_built_on_its_share(cli
                      f"output.root={tmp_path / 'two'}"], tmp_path)
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     (run,) = list((tmp_path / "two" / "tune").iterdir())
-    a = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / one.out.strip() / "checkpoints" / "best.pt",
-                   weights_only=True)["state_dict"]
-    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= 1e-5
-    ma = json.loads((run / "metrics.json").read_text())
-    mb = json.loads((tmp_path / one.out.strip() / "metrics.json").read_text())
-    assert ma["best_epoch"] == mb["best_epoch"]
+    ma, mb = _same_weights(run, tmp_path / one.out.strip())
     assert ma["cache"][0]["cached_blocks"] == mb["cache"][0]["cached_blocks"] == 1
     # extract: each rank computes its share of the features; rank 0 writes them, fits the head
     ext = dict(tune, name="ext", extract={"heads": ["logistic_regression"], "fit_on": "target"})
@@ -139,16 +140,6 @@ def test_two_processes_fine_tune_from_a_prefix_cache_each_built_on_its_share(cli
     mb = json.loads((tmp_path / one.out.strip() / "metrics.json").read_text())
     assert ma["test"]["auroc"] == pytest.approx(mb["heads"]["logistic_regression"]["test"]
                                                 ["auroc"], abs=1e-6)
-
-
-def _same_weights(run_a: Path, run_b: Path, tol: float = 1e-5) -> None:
-    a = torch.load(run_a / "checkpoints" / "best.pt", weights_only=True)["state_dict"]
-    b = torch.load(run_b / "checkpoints" / "best.pt", weights_only=True)["state_dict"]
-    assert a.keys() == b.keys()
-    assert max((a[k].double() - b[k].double()).abs().max().item() for k in a) <= tol
-    ma = json.loads((run_a / "metrics.json").read_text())
-    mb = json.loads((run_b / "metrics.json").read_text())
-    assert ma["best_epoch"] == mb["best_epoch"]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or
