@@ -34,6 +34,18 @@ def _torchrun(args: list[str], cwd: Path, n: int = 2) -> subprocess.CompletedPro
                           env=env, capture_output=True, text=True, timeout=600)
 
 
+def _one_and_two(cli, tmp_path: Path, command: str, config: str) -> tuple[Path, Path]:
+    """`command config` as one process (into one/) and as 2 torchrun processes (into two/);
+    both must succeed. Returns (the 1-process run folder, rank 0's run folder)."""
+    one = cli(command, config, "--set", f"output.root={tmp_path / 'one'}", "-q")
+    assert one.code == 0, one.err
+    two = _torchrun([command, config, "--set", f"output.root={tmp_path / 'two'}"], tmp_path)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    name = yaml.safe_load((tmp_path / config).read_text())["name"]
+    (run,) = list((tmp_path / "two" / name).iterdir())  # one run folder: rank 0's
+    return tmp_path / one.out.strip(), run
+
+
 def _same_weights(run_a: Path, run_b: Path, tol: float = 1e-5) -> tuple[dict, dict]:
     """The two runs' best weights agree to `tol` and they chose the same epoch; returns their
     metrics.json."""
@@ -114,30 +126,20 @@ def test_two_processes_fine_tune_from_a_prefix_cache_each_built_on_its_share(cli
                 train=dict(CFG["train"], epochs=3, batch_size=25))
     del tune["source"]
     (tmp_path / "tune.yaml").write_text(yaml.safe_dump(tune))
-    one = cli("freeze-finetune", "tune.yaml", "--set", f"output.root={tmp_path / 'one'}", "-q")
-    assert one.code == 0, one.err
-    two = _torchrun(["freeze-finetune", "tune.yaml", "--set",
-                     f"output.root={tmp_path / 'two'}"], tmp_path)
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
-    (run,) = list((tmp_path / "two" / "tune").iterdir())
-    ma, mb = _same_weights(run, tmp_path / one.out.strip())
+    single, run = _one_and_two(cli, tmp_path, "freeze-finetune", "tune.yaml")
+    ma, mb = _same_weights(run, single)
     assert ma["cache"][0]["cached_blocks"] == mb["cache"][0]["cached_blocks"] == 1
     # extract: each rank computes its share of the features; rank 0 writes them, fits the head
     ext = dict(tune, name="ext", extract={"heads": ["logistic_regression"], "fit_on": "target"})
     (tmp_path / "ext.yaml").write_text(yaml.safe_dump(ext))
-    one = cli("extract", "ext.yaml", "--set", f"output.root={tmp_path / 'one'}", "-q")
-    assert one.code == 0, one.err
-    two = _torchrun(["extract", "ext.yaml", "--set", f"output.root={tmp_path / 'two'}"],
-                    tmp_path)
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
-    (run,) = list((tmp_path / "two" / "ext").iterdir())
+    single, run = _one_and_two(cli, tmp_path, "extract", "ext.yaml")
     for split in ("train", "val", "test"):
         a = np.load(run / "features" / f"target_{split}.npz")
-        b = np.load(tmp_path / one.out.strip() / "features" / f"target_{split}.npz")
+        b = np.load(single / "features" / f"target_{split}.npz")
         assert (a["ids"] == b["ids"]).all() and len(a["ids"]) > 50
         assert np.abs(a["features"] - b["features"]).max() <= 1e-5
     ma = json.loads((run / "metrics.json").read_text())["heads"]["logistic_regression"]
-    mb = json.loads((tmp_path / one.out.strip() / "metrics.json").read_text())
+    mb = json.loads((single / "metrics.json").read_text())
     assert ma["test"]["auroc"] == pytest.approx(mb["heads"]["logistic_regression"]["test"]
                                                 ["auroc"], abs=1e-6)
 
@@ -163,19 +165,14 @@ def test_two_processes_train_pooled_and_adapted_routes_as_one_process(cli, tmp_p
         cfg["adapt"] = {"method": route, "weight": 0.5, "source_weight": 0.5}
     command = "pretrain" if route.startswith("pretrain") else "freeze-finetune"
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    one = cli(command, "cfg.yaml", "--set", f"output.root={tmp_path / 'one'}", "-q")
-    assert one.code == 0, one.err
-    two = _torchrun([command, "cfg.yaml", "--set", f"output.root={tmp_path / 'two'}"],
-                    tmp_path)
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
-    (run,) = list((tmp_path / "two" / "route").iterdir())
-    _same_weights(run, tmp_path / one.out.strip())
+    single, run = _one_and_two(cli, tmp_path, command, "cfg.yaml")
+    _same_weights(run, single)
     rows_a = (run / "metrics.csv").read_text().splitlines()
-    rows_b = (tmp_path / one.out.strip() / "metrics.csv").read_text().splitlines()
+    rows_b = (single / "metrics.csv").read_text().splitlines()
     assert len(rows_a) == len(rows_b) > 1
     if route == "dann":
         a = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["resume"]
-        b = torch.load(tmp_path / one.out.strip() / "checkpoints" / "last.pt",
+        b = torch.load(single / "checkpoints" / "last.pt",
                        weights_only=True)["resume"]
         assert max((a["critic"][k] - b["critic"][k]).abs().max().item()
                    for k in a["critic"]) <= 1e-5
