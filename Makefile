@@ -11,7 +11,7 @@ TL := $(BIN)/tltool
 DEMO_ROOT ?= runs
 
 .PHONY: install demo test test-slow lint bench transfer-table german-table amount-table digits-table \
-	lite0-table adapt-table select-sharing clean config-doc catalog
+	lite0-table adapt-table select-sharing clean config-doc catalog layout
 
 # Downloads from a package registry can break off mid-file: each pip step is tried three times.
 CONSTRAINTS ?= constraints.txt
@@ -48,7 +48,12 @@ test-slow: install
 	$(BIN)/python -m pytest -q -m slow
 
 lint: install
-	$(BIN)/ruff check tltool tests benchmarks
+	$(BIN)/ruff check tltool tests benchmarks tools
+
+# The house's shape (issue 19's goals): import cycles, private names across modules, file,
+# function and parameter-list sizes, and which modules name the run-folder files.
+layout:
+	$(PY) tools/layout.py
 
 # Every route and `tltool select` on the same labelled rows, 5 seeds (docs/SELECT.md).
 transfer-table: install

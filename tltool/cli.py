@@ -645,10 +645,9 @@ def backbones(
         _timm_backbone(name)
         return
     if name is not None and name not in known:
-        import difflib
+        from tltool.suggest import did_you_mean
 
-        close = difflib.get_close_matches(name, list(known), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = did_you_mean(name, known, suffix=" ")
         typer.echo(f"error: --name: unknown backbone {name!r}; {hint}available: "
                    f"{', '.join(known)}", err=True)
         raise typer.Exit(2)

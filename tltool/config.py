@@ -7,7 +7,6 @@ keys are errors (with a "did you mean"), and every problem of a file is reported
 from __future__ import annotations
 
 import copy
-import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tltool.errors import ConfigError
+from tltool.suggest import did_you_mean
 
 Scalar = str | int | float | bool
 
@@ -604,8 +604,7 @@ def _describe(err: dict[str, Any]) -> str:
     got = err.get("input")
     if kind == "extra_forbidden":
         choices = _fields_at(loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), choices, n=1, cutoff=0.6)
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        hint = did_you_mean(loc[-1], choices, show=lambda c: f"'{c}'", suffix=" ")
         return f"{where}: unknown key; {hint}allowed: {', '.join(choices)}"
     if kind == "missing":
         return f"{where}: required key is missing"

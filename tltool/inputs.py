@@ -7,7 +7,6 @@ to treat new data the same way is the *input state*, a plain dict saved in every
 
 from __future__ import annotations
 
-import difflib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from tltool.datasets import TABLES
 from tltool.engine import Tensors
 from tltool.errors import ConfigError, DataError
 from tltool.models.backbones import BackboneSpec
+from tltool.suggest import did_you_mean
 
 log = logging.getLogger("tltool")
 
@@ -70,8 +70,7 @@ def is_image_data(cfg: DataConfig) -> bool:
 
     if cfg.kind == "builtin" and cfg.name not in TABLES and cfg.name not in IMAGE_SETS:
         names = [*TABLES, *IMAGE_SETS]
-        close = difflib.get_close_matches(str(cfg.name), names, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = did_you_mean(cfg.name, names, suffix=" ")
         raise DataError(f"unknown built-in data set {cfg.name!r}; {hint}available: "
                         f"{', '.join(names)}")
     return is_image_config(cfg)

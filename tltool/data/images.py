@@ -36,6 +36,7 @@ from tltool.config import DataConfig
 from tltool.data.tabular import Split, _partition, _subsample, left_out, sample_seed
 from tltool.datasets.images import IMAGE_SETS, get_image_set, load_image_set
 from tltool.errors import DataError
+from tltool.suggest import did_you_mean
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 ALLOWED = "png, jpg, jpeg, bmp, gif, webp, tif"
@@ -700,10 +701,7 @@ def _from_csv(cfg: DataConfig, size: int, notes: list[str]):
     for what, name in (("image_column", cfg.image_column), ("label column", label),
                        ("id_column", cfg.id_column)):
         if name is not None and name not in frame.columns:
-            import difflib
-
-            close = difflib.get_close_matches(name, [str(c) for c in frame.columns], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(name, frame.columns, prefix="; ")
             default = " (set `label`)" if what == "label column" and not cfg.label else ""
             raise DataError(f"{csv}: {what} {name!r} is not a column{default}{hint} "
                             f"(columns: {', '.join(map(str, frame.columns))})")

@@ -5,7 +5,6 @@ Everything here validates the user's data and says which file, column or row is 
 
 from __future__ import annotations
 
-import difflib
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from tltool.config import DataConfig
 from tltool.data.preprocess import csv_line, infer_numeric, value_text
 from tltool.datasets import TABLES, load_table
 from tltool.errors import DataError
+from tltool.suggest import did_you_mean
 
 log = logging.getLogger("tltool")
 
@@ -138,8 +138,7 @@ def read_csv(path: Path, text_columns: list[str] | None = None) -> pd.DataFrame:
 def _check_columns(frame: pd.DataFrame, names: list[str], what: str, origin: str) -> None:
     for name in names:
         if name not in frame.columns:
-            close = difflib.get_close_matches(name, [str(c) for c in frame.columns], n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(name, frame.columns, prefix="; ")
             if len(frame.columns) == 1:
                 sep = next((c for c in ";\t|" if c in str(frame.columns[0])), None)
                 if sep:

@@ -7,7 +7,6 @@ adding one spec here; freezing, caching and extraction work on `blocks` only.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -17,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from tltool.errors import ConfigError
+from tltool.suggest import did_you_mean
 
 
 class Backbone(nn.Module):
@@ -185,8 +185,7 @@ def get_spec(name: str) -> BackboneSpec:
 
         return timm_spec(name)
     if name not in BACKBONES:
-        close = difflib.get_close_matches(name, list(BACKBONES), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        hint = did_you_mean(name, BACKBONES, suffix=" ")
         raise ConfigError(f"model.backbone: unknown backbone {name!r}; {hint}"
                           f"available: {', '.join(BACKBONES)}, or timm:NAME (any timm model)")
     return BACKBONES[name]

@@ -21,7 +21,6 @@ configuration of NAME.
 
 from __future__ import annotations
 
-import difflib
 from functools import lru_cache
 from typing import Any
 
@@ -31,6 +30,7 @@ from torch import nn
 
 from tltool.errors import CheckpointError, ConfigError
 from tltool.models.backbones import Backbone, BackboneSpec
+from tltool.suggest import did_you_mean
 
 PREFIX = "timm:"
 # top-level children that belong to the classifier, not to the features
@@ -63,8 +63,8 @@ def timm_spec(name: str) -> BackboneSpec:
     timm = _timm()
     arch = name[len(PREFIX):]
     if not arch or not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
-        hint = f"; did you mean {', '.join('timm:' + c for c in close)}?" if close else ""
+        hint = did_you_mean(arch, timm.list_models(), n=3, show=lambda c: f"timm:{c}",
+                            prefix="; ")
         raise ConfigError(f"model.backbone: {name!r} is not a timm model{hint} (timm.list_models"
                           f"() lists them)")
     cfg = _pretrained_cfg(arch)
