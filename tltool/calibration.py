@@ -157,13 +157,6 @@ def calibrate_rule(proba_val: np.ndarray, y_val: np.ndarray, multilabel: bool,
                     "after": rnd(ece(y_val, after, multilabel=multilabel))}}
 
 
-def apply(proba: np.ndarray, decision) -> np.ndarray:
-    """`proba` under a decision rule's saved calibration (unchanged when it has none)."""
-    from tltool.decision import Decision
-
-    return Decision.of(decision).calibrated(proba)
-
-
 def valid(cal: Any, n_labels: int | None) -> bool:
     """Whether a saved calibration (from a run's thresholds.json) can be applied."""
     if cal is None:

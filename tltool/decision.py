@@ -1,10 +1,17 @@
-"""Decisions: from probabilities (or predicted values) to answers, with thresholds chosen on
-held-out rows only; and the metrics of a split under a saved decision rule."""
+"""Decisions: from probabilities (or predicted values) to answers.
+
+`Decision` is a run's decision rule with typed fields; it is the one place that knows the rule
+kinds — a regression model's value is its answer, a multi-label model has a threshold per
+label, a single-label model takes the argmax or a threshold on its positive class — and applies
+the optional temperature calibration first. `choose_decision` chooses one on held-out rows only
+(the validation split, or out-of-fold predictions in `tltool select`), never on test. A run
+keeps its rule in thresholds.json (`Decision.to_dict`, read back with `Decision.from_dict`).
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -13,11 +20,20 @@ from tltool import calibration
 from tltool.metrics import (
     choose_threshold,
     classification_report,
+    decide,
+    decide_multilabel,
+    format_multilabel,
+    format_regression,
+    format_report,
     multilabel_report,
     regression_report,
 )
+from tltool.task import CLASSIFICATION, MULTILABEL, REGRESSION
 
 log = logging.getLogger("tltool")
+
+# The rules a config may ask for (decision.rule); a regression model's rule is "regression".
+THRESHOLD, ARGMAX = "threshold", "argmax"
 
 
 class DamagedDecision(ValueError):
@@ -30,96 +46,119 @@ def _number(v: Any) -> bool:
 
 @dataclass(frozen=True)
 class Decision:
-    """A run's decision rule: how probabilities (or predicted values) become answers.
+    """How a run's probabilities (or predicted values) become answers."""
 
-    The one place that knows the rule kinds: `regression` (the value is the answer), a
-    multi-label rule (a threshold per label), a single-label `threshold` on the positive
-    class, or `argmax`; and the optional temperature calibration applied first. Saved as the
-    plain mapping `to_dict()` returns (thresholds.json, metrics.json "decision")."""
+    kind: str  # what the model predicts: classification | multilabel | regression
+    rule: str  # threshold | argmax | regression
+    threshold: float | None = None  # single-label, two classes: on the positive class
+    per_label: list[float] | None = None  # multi-label: one threshold per label
+    positive: str | None = None  # the positive class a threshold applies to
+    optimize: str | None = None  # what the threshold maximised on held-out rows
+    validation_score: float | list[float] | None = None  # its value there
+    chosen_on: str | None = None  # validation | out-of-fold (None: nothing was chosen)
+    calibration: dict[str, Any] | None = None  # temperature scaling (tltool.calibration)
+    averaged: int | None = None  # an ensemble's rule: how many members it averages
 
-    raw: dict[str, Any]
+    # ---------------------------------------------------------------- kinds
+    @classmethod
+    def argmax(cls) -> Decision:
+        """The most probable class (no threshold, no calibration)."""
+        return cls(CLASSIFICATION, ARGMAX)
 
     @classmethod
-    def of(cls, value: Decision | dict[str, Any]) -> Decision:
-        """Checked: raises DamagedDecision when the mapping cannot be applied."""
-        if isinstance(value, Decision):
-            return value
+    def for_regression(cls) -> Decision:
+        return cls(REGRESSION, "regression")
+
+    @property
+    def regression(self) -> bool:
+        return self.kind == REGRESSION
+
+    @property
+    def multilabel(self) -> bool:
+        return self.kind == MULTILABEL
+
+    def averaging(self, members: int) -> Decision:
+        """This rule as an ensemble's, over `members` averaged models."""
+        return replace(self, averaged=members)
+
+    # ---------------------------------------------------------------- saved form
+    def to_dict(self) -> dict[str, Any]:
+        """The mapping saved in thresholds.json and metrics.json (keys in a fixed order)."""
+        if self.regression:
+            out: dict[str, Any] = {"rule": "regression", "threshold": None, "chosen_on": None}
+        elif self.multilabel:
+            out = {"rule": self.rule, "threshold": None}
+            if self.rule == THRESHOLD:
+                out |= {"optimize": self.optimize, "per_label": list(self.per_label),
+                        "validation_score": self.validation_score}
+            else:
+                out["per_label"] = list(self.per_label)
+            out["chosen_on"] = self.chosen_on
+        elif self.rule == THRESHOLD:
+            out = {"rule": THRESHOLD, "positive": self.positive, "threshold": self.threshold,
+                   "optimize": self.optimize, "validation_score": self.validation_score,
+                   "chosen_on": self.chosen_on}
+        else:
+            out = {"rule": ARGMAX, "threshold": None, "chosen_on": None}
+        if self.calibration is not None:
+            out["calibration"] = self.calibration
+        if self.averaged is not None:
+            out["averaged"] = self.averaged
+        return out
+
+    @classmethod
+    def from_dict(cls, value: Any) -> Decision:
+        """A saved rule, checked: DamagedDecision when it cannot be applied."""
         if not isinstance(value, dict):
             raise DamagedDecision("expected the saved decision rule (a mapping)")
-        d = cls(dict(value))
-        if d.regression:
-            return d
+        rule = str(value.get("rule", ARGMAX))
+        averaged = value.get("averaged") if _number(value.get("averaged")) else None
+        if rule == "regression":
+            return cls(REGRESSION, rule, averaged=averaged)
         if "per_label" in value:
-            if not isinstance(value["per_label"], list) or \
-                    not all(_number(v) and 0 <= v <= 1 for v in value["per_label"]):
+            per = value["per_label"]
+            if not isinstance(per, list) or not all(_number(v) and 0 <= v <= 1 for v in per):
                 raise DamagedDecision("per-label thresholds must be a list of probabilities "
                                       "(numbers from 0 to 1)")
-        elif "threshold" not in value or not (value["threshold"] is None
-                                              or _number(value["threshold"])):
-            raise DamagedDecision("expected a threshold number or null, or per-label "
-                                  "thresholds")
-        elif value["threshold"] is not None and not 0 <= value["threshold"] <= 1:
-            raise DamagedDecision(f"threshold {value['threshold']} is not a probability "
-                                  f"(allowed: 0 to 1)")
-        labels = len(value["per_label"]) if "per_label" in value else None
-        if not calibration.valid(value.get("calibration"), labels):
+            kind, threshold = MULTILABEL, None
+        else:
+            per, kind, threshold = None, CLASSIFICATION, value.get("threshold", "missing")
+            if not (threshold is None or _number(threshold)):
+                raise DamagedDecision("expected a threshold number or null, or per-label "
+                                      "thresholds")
+            if threshold is not None and not 0 <= threshold <= 1:
+                raise DamagedDecision(f"threshold {threshold} is not a probability "
+                                      f"(allowed: 0 to 1)")
+        cal = value.get("calibration")
+        if not calibration.valid(cal, len(per) if per is not None else None):
             raise DamagedDecision("damaged calibration (expected method temperature with a "
                                   "positive finite temperature"
-                                  f"{', one per label' if labels else ''})")
-        return d
+                                  f"{', one per label' if per is not None else ''})")
+        return cls(kind, rule, threshold=threshold, per_label=per,
+                   positive=value.get("positive"), optimize=value.get("optimize"),
+                   validation_score=value.get("validation_score"),
+                   chosen_on=value.get("chosen_on"), calibration=cal, averaged=averaged)
 
-    def check_fits(self, classes: list[str], multilabel: bool, regression: bool) -> None:
+    def check_fits(self, classes: list[str], kind: str) -> None:
         """The rule must be of the model's kind (a damaged or swapped thresholds.json)."""
-        model = "regression" if regression else "multi-label" if multilabel else "single-label"
-        rule = "regression" if self.regression else "multi-label" if self.multilabel else \
-            "single-label"
-        if rule != model:
-            raise DamagedDecision(f"a {rule} rule for a {model} model")
+        if self.kind != kind:
+            raise DamagedDecision(f"a {_KIND_WORDS[self.kind]} rule for a "
+                                  f"{_KIND_WORDS[kind]} model")
         if self.multilabel and len(self.per_label) != len(classes):
             raise DamagedDecision(f"{len(self.per_label)} per-label thresholds for "
                                   f"{len(classes)} labels")
         if self.threshold is not None and len(classes) != 2:
             raise DamagedDecision(f"a threshold rule for {len(classes)} classes (binary only)")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.raw)
-
-    @property
-    def rule(self) -> str:
-        return str(self.raw.get("rule", "argmax"))
-
-    @property
-    def regression(self) -> bool:
-        return self.rule == "regression"
-
-    @property
-    def multilabel(self) -> bool:
-        return "per_label" in self.raw
-
-    @property
-    def threshold(self) -> float | None:
-        """The binary threshold on the positive class (None: argmax, or not single-label)."""
-        return None if self.multilabel or self.regression else self.raw.get("threshold")
-
-    @property
-    def per_label(self) -> list[float] | None:
-        return self.raw.get("per_label")
-
-    @property
-    def calibration(self) -> dict[str, Any] | None:
-        return self.raw.get("calibration")
-
+    # ---------------------------------------------------------------- applying it
     def calibrated(self, proba: np.ndarray) -> np.ndarray:
         """`proba` under the saved calibration (unchanged without one, or for regression)."""
-        cal = self.calibration
-        if not cal or self.regression:
+        if not self.calibration or self.regression:
             return proba
-        return calibration.scale(proba, cal["temperature"], self.multilabel)
+        return calibration.scale(proba, self.calibration["temperature"], self.multilabel)
 
     def decide(self, proba: np.ndarray) -> np.ndarray:
         """Class indices (single-label), a 0/1 matrix (multi-label), or the values."""
-        from tltool.metrics import decide, decide_multilabel
-
         if self.regression:
             return proba[:, 0]
         proba = self.calibrated(proba)
@@ -137,8 +176,7 @@ class Decision:
         return classification_report(y, proba, classes, self.threshold)
 
     def format(self, report: dict[str, Any], classes: list[str]) -> str:
-        from tltool.metrics import format_multilabel, format_regression, format_report
-
+        """The readable table of one split's report (report.txt, what evaluate prints)."""
         if self.regression:
             return format_regression(report)
         if self.multilabel:
@@ -174,51 +212,49 @@ class Decision:
         return pd.DataFrame(cols)
 
 
-def report(y: np.ndarray, proba: np.ndarray, classes: list[str],
-           decision: Decision | dict[str, Any]) -> dict[str, Any]:
-    """The metrics of one split under a saved decision rule (and its calibration)."""
-    return Decision.of(decision).report(y, proba, classes)
+_KIND_WORDS = {REGRESSION: "regression", MULTILABEL: "multi-label",
+               CLASSIFICATION: "single-label"}
 
 
-def decision_rule(cfg, classes: list[str], multilabel: bool,
-                  proba_val: np.ndarray, y_val: np.ndarray,
-                  regression: bool = False, chosen_on: str = "validation") -> dict[str, Any]:
-    """Thresholds are chosen on held-out rows only (the validation split, or out-of-fold
-    predictions in `tltool select`), never on test.
+def choose_decision(settings, classes: list[str], kind: str, proba: np.ndarray,
+                    y: np.ndarray, chosen_on: str = "validation") -> Decision:
+    """The rule the config's `decision` section asks for (`settings`: rule, optimize,
+    calibrate), chosen on held-out rows (`proba`, `y`: the validation split, or out-of-fold
+    predictions), never on test.
 
     Multi-label: one threshold per label (0.5 each under rule argmax). Regression: the
-    predicted value is the answer (no threshold).
-    """
-    if regression:
-        if getattr(cfg.decision, "calibrate", "none") != "none":
+    predicted value is the answer (no threshold)."""
+    if kind == REGRESSION:
+        if settings.calibrate != "none":
             log.warning("decision.calibrate: %s applies to classification only; a regression "
-                        "model's predicted values are left as they are",
-                        cfg.decision.calibrate)
-        return {"rule": "regression", "threshold": None, "chosen_on": None}
-    rule, optimize = cfg.decision.rule, cfg.decision.optimize
-    cal = {}
-    if getattr(cfg.decision, "calibrate", "none") == "temperature":
-        cal = {"calibration": calibration.calibrate_rule(proba_val, y_val, multilabel,
-                                                         chosen_on)}
-        proba_val = calibration.scale(proba_val, cal["calibration"]["temperature"], multilabel)
-    if multilabel:
-        if rule == "argmax":
-            return {"rule": "argmax", "threshold": None, "per_label": [0.5] * len(classes),
-                    "chosen_on": None, **cal}
-        chosen = [choose_threshold(y_val[:, j].astype(np.int64), proba_val[:, j], optimize)
+                        "model's predicted values are left as they are", settings.calibrate)
+        return Decision.for_regression()
+    cal = None
+    if settings.calibrate == "temperature":
+        cal = calibration.calibrate_rule(proba, y, kind == MULTILABEL, chosen_on)
+        proba = calibration.scale(proba, cal["temperature"], kind == MULTILABEL)
+    if kind == MULTILABEL:
+        if settings.rule == ARGMAX:
+            return Decision(MULTILABEL, ARGMAX, per_label=[0.5] * len(classes), calibration=cal)
+        chosen = [choose_threshold(y[:, j].astype(np.int64), proba[:, j], settings.optimize)
                   for j in range(len(classes))]
-        return {"rule": "threshold", "threshold": None, "optimize": optimize,
-                "per_label": [c["threshold"] for c in chosen],
-                "validation_score": [c["validation_score"] for c in chosen],
-                "chosen_on": chosen_on, **cal}
-    if rule == "argmax":
-        return {"rule": "argmax", "threshold": None, "chosen_on": None, **cal}
-    chosen = choose_threshold(y_val, proba_val[:, 1], optimize)
-    return {"rule": "threshold", "positive": classes[1], **chosen, "chosen_on": chosen_on,
-            **cal}
+        return Decision(MULTILABEL, THRESHOLD, per_label=[c["threshold"] for c in chosen],
+                        optimize=settings.optimize,
+                        validation_score=[c["validation_score"] for c in chosen],
+                        chosen_on=chosen_on, calibration=cal)
+    if settings.rule == ARGMAX:
+        return Decision(CLASSIFICATION, ARGMAX, calibration=cal)
+    chosen = choose_threshold(y, proba[:, 1], settings.optimize)
+    return Decision(CLASSIFICATION, THRESHOLD, threshold=chosen["threshold"],
+                    positive=classes[1], optimize=chosen["optimize"],
+                    validation_score=chosen["validation_score"], chosen_on=chosen_on,
+                    calibration=cal)
 
 
-def predictions_frame(ids, proba: np.ndarray, classes: list[str],
-                      decision: Decision | dict[str, Any], y: np.ndarray | None = None):
-    """See Decision.frame."""
-    return Decision.of(decision).frame(ids, proba, classes, y)
+def fold_threshold(settings, kind: str, y: np.ndarray, proba: np.ndarray) -> float | None:
+    """The binary threshold the config's rule would choose on these held-out rows (None when
+    the rule takes no threshold: argmax, multi-label, regression, more than two classes).
+    Cross-validation uses it to score a fold at a threshold chosen on the other folds."""
+    if kind != CLASSIFICATION or settings.rule != THRESHOLD or proba.shape[-1] != 2:
+        return None
+    return choose_threshold(y, proba[:, 1], settings.optimize)["threshold"]

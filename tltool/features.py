@@ -161,7 +161,7 @@ def predict(model, data: Tensors, multilabel: bool, rt: Runtime, batch_size: int
     (how: "stored features"), else through the backbone ("forward pass"), keeping the features
     in the run folder `store` under `name` when given. Falls back to a plain forward pass for
     models that `usable` rules out (how: "forward pass")."""
-    from tltool.engine import predict_proba
+    from tltool.engine.predict import predict_proba
 
     if not usable(model, data):
         return predict_proba(model, data, multilabel, batch_size, rt, what=what), "forward pass"

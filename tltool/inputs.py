@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,23 +17,14 @@ import torch
 from tltool.config import DataConfig
 from tltool.data.preprocess import TabularPreprocessor
 from tltool.datasets import TABLES
-from tltool.engine import Tensors
 from tltool.errors import ConfigError, DataError
 from tltool.models.backbones import BackboneSpec
 from tltool.suggest import did_you_mean
+from tltool.task import CLASSIFICATION, MULTILABEL, REGRESSION
+from tltool.tensors import Tensors
+from tltool.weights import Weights
 
 log = logging.getLogger("tltool")
-
-
-@dataclass
-class Weights:
-    """What model.weights resolved to: nothing, a named pretrained set, or a checkpoint."""
-
-    ref: str
-    name: str | None = None  # a pretrained set of the backbone, e.g. "imagenet"
-    path: Path | None = None
-    ckpt: dict[str, Any] | None = None  # a tltool checkpoint (model, input state, classes)
-    state: dict[str, Any] | None = None  # a plain backbone state dict from a file
 
 
 @dataclass
@@ -61,6 +51,12 @@ class Inputs:
     @property
     def regression(self) -> bool:
         return self.target_scale is not None
+
+    @property
+    def kind(self) -> str:
+        """What is learnt: classification, multilabel or regression."""
+        return REGRESSION if self.regression else MULTILABEL if self.multilabel \
+            else CLASSIFICATION
 
 
 def is_image_data(cfg: DataConfig) -> bool:
@@ -95,8 +91,7 @@ def load_inputs(cfg: DataConfig, section: str, seed: int, spec: BackboneSpec,
         what = "images" if image else "table rows"
         raise ConfigError(f"{section}: holds {what} but backbone {spec.name!r} takes "
                           f"{spec.input} input; pick a matching backbone (`tltool backbones`)")
-    source_state = like if like is not None else (weights.ckpt["preprocessor"] if weights.ckpt
-                                                  else None)
+    source_state = like if like is not None else weights.preprocessor
     inputs = (_image_inputs(cfg, seed, spec, weights, source_state) if image
               else _tabular_inputs(cfg, seed, source_state, fit_rows, also_fit))
     for note in inputs.data.notes:  # also in metrics.json; said now so a user sees it

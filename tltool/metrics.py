@@ -263,11 +263,3 @@ def epoch_scores(y: np.ndarray, proba: np.ndarray, multilabel: bool,
     aucs = [_auroc((y == c).astype(np.int64), proba[:, c]) for c in range(k)]
     return {"accuracy": float(tp.sum() / len(y)), "f1": float(f1.mean()),
             "auroc": None if any(a is None for a in aucs) else float(np.mean(aucs))}
-
-
-def format_any(report: dict[str, Any], classes: list[str], decision: dict[str, Any]) -> str:
-    """The table of one split's report under its decision rule (regression, multi-label or
-    classes)."""
-    from tltool.decision import Decision
-
-    return Decision.of(decision).format(report, classes)

@@ -14,7 +14,7 @@ import pandas as pd
 
 def _save(fig, out: Path, dpi: int) -> None:
     """Write a figure (a full disk: one clear error naming the file)."""
-    from tltool.runs import writing
+    from tltool.runs.files import writing
 
     plt = _pyplot()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -204,13 +204,10 @@ def reliability(y, proba, out: Path, title: str, multilabel: bool = False,
     return out
 
 
-def decision_plots(y, proba, classes: list[str], decision: dict, folder: Path,
-                   title: str) -> None:
+def decision_plots(y, proba, classes: list[str], rule, folder: Path, title: str) -> None:
     """roc_pr.png and reliability.png of a classification split into `folder` (the
-    reliability diagram before and after the run's calibration, when it has one)."""
-    from tltool.decision import Decision
-
-    rule = Decision.of(decision)
+    reliability diagram before and after the run's calibration (`rule`: the run's
+    tltool.decision.Decision), when it has one)."""
     multilabel = rule.multilabel
     calibrated = rule.calibrated(proba) if rule.calibration else None
     roc_pr(y, proba if calibrated is None else calibrated, classes, multilabel,

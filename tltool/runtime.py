@@ -343,3 +343,29 @@ def make_runtime(train_cfg, image_model: bool) -> Runtime:
              and cpu_supports_bf16())
     layout = train_cfg.channels_last if image_model else "off"
     return Runtime(device, dtype, layout, train_cfg.compile, scaler, probe_precision=probe)
+
+
+def inference_runtime(train_cfg, image_model: bool, model: nn.Module, data) -> Runtime:
+    """The runtime a trained run's model predicts with in evaluate / predict / ensemble: the
+    run's own device, precision and memory layouts (train.*), so a GPU run predicts on the GPU
+    and an image model in the layouts its training chose (read from this machine's probe
+    cache, or the defaults for a short pass). What this machine cannot do falls back: a CUDA
+    run on a machine without a GPU predicts on the CPU in fp32 (fp16 needs a GPU)."""
+    t = train_cfg
+    if not torch.cuda.is_available():
+        t = t.model_copy(update={"device": "cpu" if t.device == "cuda" else t.device,
+                                 "precision": "fp32" if t.precision == "fp16" else t.precision})
+    rt = make_runtime(t, image_model)
+    rt.setup(model)
+    if image_model and len(data):
+        rt.tune(model, data.batch(slice(0, 16), train=False), label="inference", work=len(data))
+    return rt
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's and numpy's global generators; deterministic kernels where torch has them."""
+    import numpy as np
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.use_deterministic_algorithms(True, warn_only=True)

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+# What a model predicts: one class per row, any set of labels per row, or a number.
+CLASSIFICATION, MULTILABEL, REGRESSION = "classification", "multilabel", "regression"
+KINDS = (CLASSIFICATION, MULTILABEL, REGRESSION)
+
 
 class StandardisedMSE(nn.Module):
     """Mean squared error between the model's standardised output and the label standardised
@@ -38,6 +42,11 @@ class Task:
     mean: float = 0.0  # regression: the label's training mean and standard deviation
     std: float = 1.0
 
+    @property
+    def kind(self) -> str:
+        return REGRESSION if self.regression else MULTILABEL if self.multilabel \
+            else CLASSIFICATION
+
     @classmethod
     def of(cls, model: nn.Module, multilabel: bool = False) -> Task:
         scale = getattr(model, "target_scale", None)
@@ -53,7 +62,7 @@ class Task:
                 pos = y.sum(dim=0).clamp(min=1)
                 return nn.BCEWithLogitsLoss(pos_weight=((len(y) - pos) / pos).float())
             return nn.BCEWithLogitsLoss()
-        return _loss_fn(y, n_outputs, class_weights)
+        return cross_entropy(y, n_outputs, class_weights)
 
     def row_loss(self, loss_fn: nn.Module, logits: torch.Tensor,
                  y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +94,8 @@ class Task:
         return float(nn.functional.cross_entropy(logits, y))
 
 
-def _loss_fn(y: torch.Tensor, n_classes: int, class_weights: str) -> nn.Module:
+def cross_entropy(y: torch.Tensor, n_classes: int, class_weights: str) -> nn.Module:
+    """Cross-entropy; under `balanced` each class weighs rows / (classes x its rows)."""
     if class_weights == "balanced":
         counts = torch.bincount(y, minlength=n_classes).double().clamp(min=1)
         weights = (len(y) / (n_classes * counts)).float()

@@ -48,3 +48,13 @@ class Tensors:
         return replace(self, x=self.x[idx], y=self.y[idx],
                        prior=None if self.prior is None else self.prior[idx],
                        parent=root, index=at)
+
+
+def concat_tensors(parts: list[Tensors]) -> Tensors:
+    """Rows of several splits of one data set as one Tensors."""
+    first = parts[0]
+    if hasattr(first.x, "materialize"):  # image files decoded on demand: their file lists
+        x = type(first.x)([f for p in parts for f in p.x.files], first.x.size)
+    else:
+        x = torch.cat([p.x for p in parts])
+    return Tensors(x, torch.cat([p.y for p in parts]), first.prepare, first.augments)

@@ -82,10 +82,11 @@ class Tracker(progress.Reporter):
     def training_done(self) -> None:
         self.inner.training_done()
 
-    def final(self, config: dict[str, Any], metrics: dict[str, Any], classes: list[str],
-              multilabel: bool, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-        """Hyper-parameters with the final metrics, and PR curves per split (`curves`:
-        split -> (labels, probabilities))."""
+    def final(self, config: dict[str, Any], summary,
+              curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Hyper-parameters with the final metrics of a trained run's summary
+        (tltool.runs.summary.TrainedSummary), and PR curves per split (`curves`: split ->
+        (labels, probabilities))."""
         if self.writer is None:
             return
         hparams = {}
@@ -95,15 +96,14 @@ class Tracker(progress.Reporter):
                 v = v.get(part) if isinstance(v, dict) else None
             hparams[key] = v if isinstance(v, int | float | str | bool) else str(v)
         final = {}
-        for split in ("val", "test"):
-            m = metrics.get(split) or {}
+        for split, m in (("val", summary.val or {}), ("test", summary.test or {})):
             for k in FINAL:
                 v = m.get(k)
                 if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
                     final[f"hparam/{split}_{k}"] = float(v)
         self.writer.add_hparams(hparams, final, run_name=".")
         for split, (y, proba) in curves.items():
-            for name, truth, score in _pr_sets(y, proba, classes, multilabel):
+            for name, truth, score in _pr_sets(y, proba, summary.classes, summary.multilabel):
                 self.writer.add_pr_curve(f"pr/{split}/{name}", truth, score, global_step=0)
         self.writer.flush()
 

@@ -108,14 +108,15 @@ class TransferModel(nn.Module):
     def from_features(self, f: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
         """Logits from backbone features and the prior's signal for the same rows."""
         if self.prior_mode == "input":
-            f = torch.cat([f, prior_columns(prior, self._binary_prior).to(f.dtype)], dim=1)
+            f = torch.cat([f, prior_columns(prior, self.binary_prior).to(f.dtype)], dim=1)
         out = self.head(f)
         if self.prior_mode == "offset":
             out = out + prior.to(out.dtype)
         return out
 
     @property
-    def _binary_prior(self) -> bool:
+    def binary_prior(self) -> bool:
+        """The prior is a two-class model: its signal enters the head as one log-odds column."""
         return bool((self.spec.get("prior") or {}).get("binary"))
 
     def forward(self, x: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:

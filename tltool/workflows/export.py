@@ -29,13 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from tltool import calibration
 from tltool.decision import Decision
-from tltool.engine import predict_proba
+from tltool.engine.predict import predict_proba
 from tltool.errors import ConfigError, DataError, RunError
-from tltool.runs import write_json, write_text
+from tltool.runs.files import write_json, write_text
+from tltool.runs.opening import TrainedRun, open_run
+from tltool.runs.status import STATUS_FILE
 from tltool.task import Task
-from tltool.workflows.opening import open_run
+from tltool.workflows.evaluate import evaluation_rows
 
 log = logging.getLogger("tltool")
 FORMATS = ("onnx", "torchscript")
@@ -47,7 +48,7 @@ class Served(nn.Module):
     """Raw input -> probabilities (or values), everything tltool does after decoding inside."""
 
     def __init__(self, model: nn.Module, task: Task, state: dict[str, Any],
-                 decision: dict[str, Any]):
+                 decision: Decision):
         super().__init__()
         self.model = model.eval()
         self.image = state.get("kind") == "image"
@@ -58,7 +59,7 @@ class Served(nn.Module):
             std = torch.tensor(state["std"], dtype=torch.float32).view(1, -1, 1, 1)
             self.register_buffer("mean", mean)
             self.register_buffer("std", std)
-        cal = Decision.of(decision).calibration
+        cal = decision.calibration
         t = [1.0] if not cal else cal["temperature"]
         t = t if isinstance(t, list) else [t]
         self.register_buffer("temperature", torch.tensor(t, dtype=torch.float32).view(1, -1))
@@ -82,24 +83,16 @@ class Served(nn.Module):
         return torch.softmax(logits / self.temperature, dim=1)
 
 
-def export(ref: str | Path, fmt: str, out: str | None = None,
-           force: bool = False) -> dict[str, Any]:
-    """Write RUN's model as `fmt` into `out` (default RUN/export-FMT), with the preprocessing,
-    the decision rule and a parity report; returns the report."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"--format {fmt!r}: allowed: {', '.join(FORMATS)}")
-    run, cfg, ckpt, model, decision = open_run(ref)
-    state, classes = ckpt["preprocessor"], ckpt["classes"]
-    multilabel = bool(ckpt.get("multilabel"))
-    task = Task.of(model, multilabel)
+def _folder(trained: TrainedRun, fmt: str, out: str | None, force: bool) -> Path:
+    """Where the export goes: `out`, or RUN/export-FMT; never a link, another run's folder, or
+    a folder tltool did not write (unless empty)."""
+    run = trained.path
     if out == "-":
         raise DataError("--out -: an export is a folder of files, not a stream; give a folder")
     folder = Path(out).expanduser() if out else run / f"export-{fmt}"
     if folder.is_symlink():
         raise DataError(f"--out {folder}: is a symbolic link; give a folder path that is not one")
     if out:
-        from tltool.runs import STATUS_FILE
-
         for above in [folder.parent.resolve(), *folder.parent.resolve().parents]:
             if (above / STATUS_FILE).is_file() and above.resolve() != run.resolve():
                 raise DataError(f"--out {folder}: is inside the run folder {above}; tltool "
@@ -111,84 +104,112 @@ def export(ref: str | Path, fmt: str, out: str | None = None,
         if not folder.is_dir() or folder.is_symlink() or not (folder / "export.json").exists():
             raise DataError(f"{folder}: not an export folder tltool wrote; --force replaces "
                             f"only those")
-    rows, truth = _held_out(run, cfg, ckpt)
+    return folder
+
+
+def _served(trained: TrainedRun) -> Served:
     from tltool.models.classic import TreeHead
 
+    model = trained.model
     for module in model.modules():
         if isinstance(module, TreeHead):
             module.static_traversal()  # no data-dependent loop for the tracer to bake in
-    served = Served(model, task, state, decision).eval()
+    task = Task.of(model, trained.checkpoint.multilabel)
+    served = Served(model, task, trained.checkpoint.preprocessor, trained.decision).eval()
     for param in served.parameters():
         param.requires_grad_(False)  # a served model needs no gradients
+    return served
+
+
+def _report(trained: TrainedRun, fmt: str, parity: dict[str, Any],
+            shapes: tuple) -> dict[str, Any]:
+    """export.json: what goes in and comes out, and the parity check."""
+    ckpt, decision = trained.checkpoint, trained.decision
+    raw_shape, outputs, seconds, name = shapes
+    image = ckpt.image_input
+    what = ("predicted value" if ckpt.regression else "per-label probabilities"
+            if ckpt.multilabel else "class probabilities")
+    return {
+        "run": str(trained.path), "format": fmt, "file": name,
+        "input": {"name": "input", "dtype": "uint8" if image else "float32",
+                  "shape": ["N", *list(raw_shape[1:])],
+                  "what": ("pixels 0-255 at the run's image size (resize first); "
+                           "normalisation inside" if image else
+                           "the encoded matrix: see preprocessing.json")},
+        "output": {"name": "output", "shape": ["N", outputs],
+                   "what": what + (" (temperature-calibrated)" if decision.calibration
+                                   else ""),
+                   "columns": ckpt.classes if not ckpt.regression else [ckpt.label]},
+        "parity": parity, "export_seconds": round(seconds, 3), "torch": torch.__version__,
+    }
+
+
+def _parity(got: np.ndarray, expected: np.ndarray, fmt: str) -> dict[str, Any]:
+    gap = np.abs(got.astype(np.float64) - expected)
+    rows = len(expected)
+    diff = float(gap.max()) if rows else 0.0
+    # probabilities: absolute; regression values: relative to the value when above 1
+    scaled = float((gap / np.maximum(1.0, np.abs(expected))).max()) if rows else 0.0
+    return {"rows": int(rows), "split": "test", "max_abs_diff": diff,
+            "max_diff_scaled": scaled, "tolerance": TOLERANCE,
+            "rule": "|diff| <= tolerance * max(1, |tltool's value|)",
+            "passed": bool(scaled <= TOLERANCE),
+            "checked_with": "onnxruntime" if fmt == "onnx" else "torch.jit.load"}
+
+
+def export(ref: str | Path, fmt: str, out: str | None = None,
+           force: bool = False) -> dict[str, Any]:
+    """Write RUN's model as `fmt` into `out` (default RUN/export-FMT), with the preprocessing,
+    the decision rule and a parity report; returns the report."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r}: allowed: {', '.join(FORMATS)}")
+    trained = open_run(ref)
+    folder = _folder(trained, fmt, out, force)
+    rows = _held_out(trained)
+    served = _served(trained)
     raw = rows.x[:PARITY_ROWS]
     example = raw[: min(len(raw), 8)]
-    expected = calibration.apply(predict_proba(model, rows.subset(np.arange(len(raw))),
-                                               multilabel), decision)
+    expected = trained.decision.calibrated(predict_proba(
+        trained.model, rows.subset(np.arange(len(raw))), trained.checkpoint.multilabel))
     with tempfile.TemporaryDirectory(dir=folder.parent if folder.parent.exists() else None) \
             as tmp:
         tmp = Path(tmp)
         start = time.perf_counter()
-        if fmt == "onnx":
-            name = "model.onnx"
-            got = _onnx(served, example, raw, tmp / name)
-        else:
-            name = "model.pt"
-            got = _torchscript(served, example, raw, tmp / name)
-        seconds = time.perf_counter() - start
-        gap = np.abs(got.astype(np.float64) - expected)
-        diff = float(gap.max()) if len(raw) else 0.0
-        # probabilities: absolute; regression values: relative to the value when above 1
-        scaled = float((gap / np.maximum(1.0, np.abs(expected))).max()) if len(raw) else 0.0
-        image = state.get("kind") == "image"
-        report = {
-            "run": str(run), "format": fmt, "file": name,
-            "input": {"name": "input", "dtype": "uint8" if image else "float32",
-                      "shape": ["N", *list(raw.shape[1:])],
-                      "what": ("pixels 0-255 at the run's image size (resize first); "
-                               "normalisation inside" if image else
-                               "the encoded matrix: see preprocessing.json")},
-            "output": {"name": "output", "shape": ["N", int(expected.shape[1])],
-                       "what": ("predicted value" if task.regression else
-                                "per-label probabilities" if multilabel else
-                                "class probabilities") +
-                               (" (temperature-calibrated)" if Decision.of(decision).calibration
-                                else ""),
-                       "columns": classes if not task.regression else [ckpt.get("label")]},
-            "parity": {"rows": int(len(raw)), "split": "test", "max_abs_diff": diff,
-                       "max_diff_scaled": scaled, "tolerance": TOLERANCE,
-                       "rule": "|diff| <= tolerance * max(1, |tltool's value|)",
-                       "passed": bool(scaled <= TOLERANCE),
-                       "checked_with": "onnxruntime" if fmt == "onnx" else "torch.jit.load"},
-            "export_seconds": round(seconds, 3),
-            "torch": torch.__version__,
-        }
-        if not report["parity"]["passed"]:
+        name = "model.onnx" if fmt == "onnx" else "model.pt"
+        got = (_onnx if fmt == "onnx" else _torchscript)(served, example, raw, tmp / name)
+        parity = _parity(got, expected, fmt)
+        report = _report(trained, fmt, parity, (raw.shape, int(expected.shape[1]),
+                                                time.perf_counter() - start, name))
+        if not parity["passed"]:
             raise RunError(f"export: the {fmt} model differs from tltool's predictions by "
-                           f"{diff:.3g} on {len(raw)} test rows (tolerance {TOLERANCE}); "
-                           f"nothing written")
-        write_json(tmp / "decision.json", decision)
-        if not image:
-            write_json(tmp / "preprocessing.json", _jsonable(state))
-        write_json(tmp / "export.json", report)
-        write_text(tmp / "README.txt", _readme(report, image))
+                           f"{parity['max_abs_diff']:.3g} on {len(raw)} test rows (tolerance "
+                           f"{TOLERANCE}); nothing written")
+        _write(tmp, trained, report)
         if folder.exists():
             shutil.rmtree(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(tmp), str(folder))
         tmp.mkdir()  # TemporaryDirectory cleans up a folder of its own name
     report["folder"] = str(folder)
-    del truth
     return report
 
 
-def _held_out(run: Path, cfg, ckpt: dict[str, Any]):
-    """The run's test split, encoded as the model expects (the rows parity is checked on)."""
-    from tltool.workflows.infer import _evaluation_data
+def _write(tmp: Path, trained: TrainedRun, report: dict[str, Any]) -> None:
+    image = trained.checkpoint.image_input
+    write_json(tmp / "decision.json", trained.decision.to_dict())
+    if not image:
+        write_json(tmp / "preprocessing.json", _jsonable(trained.checkpoint.preprocessor))
+    write_json(tmp / "export.json", report)
+    write_text(tmp / "README.txt", _readme(report, image))
 
-    test, _, _, _, _ = _evaluation_data(run, cfg, ckpt, None, None)
+
+def _held_out(trained: TrainedRun):
+    """The run's test split, encoded as the model expects (the rows parity is checked on)."""
+    test = evaluation_rows(trained, None, None).test
     if len(test.x) == 0:
-        raise DataError(f"{run}: its test split is empty; export checks parity on test rows")
-    return test, test.y
+        raise DataError(f"{trained.path}: its test split is empty; export checks parity on "
+                        f"test rows")
+    return test
 
 
 def _onnx(served: Served, example: torch.Tensor, raw: torch.Tensor, path: Path) -> np.ndarray:

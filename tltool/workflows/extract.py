@@ -1,31 +1,35 @@
-"""extract: frozen backbone features to .npz files, and classic sklearn heads fitted on them."""
+"""extract: frozen backbone features to .npz files, and classic sklearn heads fitted on them
+(their decision rule chosen on the validation rows like any model's, decision.calibrate
+included)."""
 
 from __future__ import annotations
 
+import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from tltool import distributed
 from tltool.config import ExperimentConfig
+from tltool.decision import choose_decision
 from tltool.errors import ConfigError, DataError
 from tltool.features import features_of
-from tltool.inputs import load_inputs
-from tltool.metrics import choose_threshold, classification_report, regression_report
+from tltool.inputs import Inputs, load_inputs
+from tltool.metrics import regression_report
 from tltool.models import build_model, model_spec
-from tltool.models.backbones import get_spec, resolve_args
-from tltool.runs import write_json, writing
-from tltool.runtime import make_runtime
-from tltool.workflows.common import (
-    check_input_fits,
-    load_backbone_weights,
-    load_trained,
-    log,
-    new_run,
-    pin_config,
-    resolve_weights,
-)
+from tltool.models.backbones import BackboneSpec, get_spec, resolve_args
+from tltool.models.loading import load_trained
+from tltool.routes.checks import check_input_fits
+from tltool.runs.files import write_json, writing
+from tltool.runs.folder import RunPlace, new_run, pinned_config
+from tltool.runs.summary import ExtractionSummary
+from tltool.runtime import Runtime, make_runtime
+from tltool.task import CLASSIFICATION
+from tltool.weights import Weights, load_backbone_weights, resolve_weights
+
+log = logging.getLogger("tltool")
 
 
 def sklearn_head(kind: str, seed: int, balanced: bool, min_class: int = 5):
@@ -88,30 +92,28 @@ def _heads(cfg: ExperimentConfig, regression: bool, section: str) -> list[str]:
     return heads
 
 
-def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, Any]:
-    """Features of every split of source and target, then sklearn heads on `fit_on`."""
+def _network(cfg: ExperimentConfig) -> tuple:
+    """The trained network whose backbone extracts (its spec and weights)."""
     m = cfg.model
     spec = get_spec(m.backbone)
     weights = resolve_weights(m.weights, spec)
-    if weights.ckpt is None and weights.name is None and weights.state is None:
+    if weights.none:
         raise ConfigError("model.weights: extract needs trained weights (a pretrain run folder, "
                           "NAME_FOLDER/latest, a checkpoint file, or a pretrained set such as "
                           "imagenet), got 'none'")
     if weights.ckpt is not None:
-        model = load_trained(weights.ckpt)
-        spec = get_spec(weights.ckpt["spec"]["backbone"])
-    else:
-        if spec.input != "image":
-            raise ConfigError("model.weights: a tabular backbone's features need a tltool "
-                              "checkpoint (its preprocessing is saved there)")
-        model = build_model(model_spec(m.backbone, resolve_args(m.backbone, m.backbone_args), 3,
-                                       "linear", 1, 0.0, 1))
-        load_backbone_weights(model, spec, weights)
-    n_blocks = len(model.backbone.blocks)
-    blocks = cfg.extract.blocks
-    if blocks is not None and blocks > n_blocks:
-        raise ConfigError(f"extract.blocks = {blocks} but the backbone has {n_blocks} blocks "
-                          f"({', '.join(model.backbone.block_names)})")
+        return load_trained(weights.ckpt), get_spec(weights.ckpt.backbone), weights
+    if spec.input != "image":
+        raise ConfigError("model.weights: a tabular backbone's features need a tltool "
+                          "checkpoint (its preprocessing is saved there)")
+    model = build_model(model_spec(m.backbone, resolve_args(m.backbone, m.backbone_args), 3,
+                                   "linear", 1, 0.0, 1))
+    load_backbone_weights(model, spec, weights)
+    return model, spec, weights
+
+
+def _sections(cfg: ExperimentConfig, spec: BackboneSpec, weights: Weights) -> dict[str, Inputs]:
+    """The data sections whose features are computed, loaded with the model's encoding."""
     domains = {d: getattr(cfg, d) for d in ("source", "target") if getattr(cfg, d) is not None}
     if cfg.extract.fit_on not in domains:
         raise ConfigError(f"extract.fit_on: '{cfg.extract.fit_on}' but the config has no "
@@ -122,78 +124,120 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
             log.info("extract: no head fits on the %s data, so its features are not computed "
                      "(extract.sections: both computes them too)", skipped[0])
         domains = {cfg.extract.fit_on: domains[cfg.extract.fit_on]}
-    loaded = {d: load_inputs(c.model_copy(update={"augment": "none"}), d, cfg.seed, spec,
-                             weights) for d, c in domains.items()}
-    fit_inputs = loaded[cfg.extract.fit_on]
+    return {d: load_inputs(c.model_copy(update={"augment": "none"}), d, cfg.seed, spec,
+                           weights) for d, c in domains.items()}
+
+
+def _check(cfg: ExperimentConfig, fit_inputs: Inputs) -> list[str]:
+    """The heads to fit (every user error before a run folder exists)."""
     if fit_inputs.multilabel and cfg.extract.heads != []:
         raise ConfigError(f"extract: {cfg.extract.fit_on} is multi-label; the sklearn heads "
                           f"take one label per row (train a multilabel head with "
                           f"freeze-finetune and strategy linear_probe instead, or set "
                           f"extract.heads: [] for the features alone)")
-    regression = fit_inputs.regression
-    heads_wanted = _heads(cfg, regression, cfg.extract.fit_on)
-    if cfg.decision.rule == "threshold" and (regression or len(fit_inputs.classes) != 2):
+    heads = _heads(cfg, fit_inputs.regression, cfg.extract.fit_on)
+    if cfg.decision.rule == "threshold" and (fit_inputs.regression or
+                                             len(fit_inputs.classes) != 2):
         raise ConfigError("decision.rule: 'threshold' needs a binary label (use 'argmax')")
     if cfg.adapt.method != "none":
         log.warning("adapt.method %r is not used by extract (its features come from fixed "
                     "weights); adapt with pretrain or freeze-finetune, then extract from that "
                     "run", cfg.adapt.method)
-    if cfg.decision.calibrate != "none":
-        log.warning("decision.calibrate is not applied to extract's heads (they are reported, "
-                    "not saved); to calibrate a head on frozen features, freeze-finetune with "
-                    "strategy linear_probe")
+    return heads
+
+
+@dataclass
+class _Extracted:
+    """Every split's features, and how fast they came."""
+
+    feats: dict[tuple[str, str], np.ndarray]
+    rows: int = 0
+    seconds: float = 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.rows / max(self.seconds, 1e-9)
+
+
+def _extract(run, model, loaded: dict[str, Inputs], blocks: int | None,
+             rt: Runtime) -> _Extracted:
+    """Features of every split of every loaded section, written to features/*.npz."""
+    out = _Extracted({})
+    run.file("features").mkdir()
     for d, inputs in loaded.items():
-        check_input_fits(model, inputs, d)
+        for s in ("train", "val", "test"):
+            split, tensors = getattr(inputs.data, s), getattr(inputs, s)
+            start = time.perf_counter()
+            out.feats[(d, s)] = features_of(model, tensors, blocks, rt,
+                                            what=f"extract: {d} {s}").numpy()
+            out.seconds += time.perf_counter() - start
+            out.rows += len(tensors.x)
+            with writing(run.file("features", f"{d}_{s}.npz")):
+                np.savez(run.file("features", f"{d}_{s}.npz"), features=out.feats[(d, s)],
+                         labels=np.asarray(split.y), ids=np.asarray(split.ids).astype(str),
+                         classes=np.asarray(inputs.classes, dtype=str))
+    return out
+
+
+def _runtime(cfg: ExperimentConfig, model, spec: BackboneSpec,
+             loaded: dict[str, Inputs]) -> Runtime:
     rt = make_runtime(cfg.train, spec.input == "image")
     rt.setup(model)
     first = next(iter(loaded.values())).train
     rt.tune(model, first.batch(slice(0, 16), train=False), label="extract",
             work=sum(len(getattr(i, s).y) for i in loaded.values() for s in ("train", "val",
                                                                               "test")))
-    feats: dict[tuple[str, str], np.ndarray] = {}
-    timing = {"images_or_rows": 0, "seconds": 0.0}
-    with new_run(cfg.output.root, cfg.name, "extract", argv, cfg.seed,
-                 pin_config(cfg, weights)) as run:
-        run.file("features").mkdir()
-        for d, inputs in loaded.items():
-            for s in ("train", "val", "test"):
-                split, tensors = getattr(inputs.data, s), getattr(inputs, s)
-                start = time.perf_counter()
-                feats[(d, s)] = features_of(model, tensors, blocks, rt,
-                                            what=f"extract: {d} {s}").numpy()
-                timing["seconds"] += time.perf_counter() - start
-                timing["images_or_rows"] += len(tensors.x)
-                with writing(run.file("features", f"{d}_{s}.npz")):
-                    np.savez(run.file("features", f"{d}_{s}.npz"), features=feats[(d, s)],
-                             labels=np.asarray(split.y), ids=np.asarray(split.ids).astype(str),
-                             classes=np.asarray(inputs.classes, dtype=str))
+    return rt
+
+
+def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, Any]:
+    """Features of every split of source and target, then sklearn heads on `fit_on`."""
+    model, spec, weights = _network(cfg)
+    n_blocks = len(model.backbone.blocks)
+    blocks = cfg.extract.blocks
+    if blocks is not None and blocks > n_blocks:
+        raise ConfigError(f"extract.blocks = {blocks} but the backbone has {n_blocks} blocks "
+                          f"({', '.join(model.backbone.block_names)})")
+    loaded = _sections(cfg, spec, weights)
+    fit_inputs = loaded[cfg.extract.fit_on]
+    heads_wanted = _check(cfg, fit_inputs)
+    for d, inputs in loaded.items():
+        check_input_fits(model, inputs, d)
+    rt = _runtime(cfg, model, spec, loaded)
+    with new_run(RunPlace(cfg.output.root, cfg.name), "extract", argv, cfg.seed,
+                 pinned_config(cfg, weights.path)) as run:
+        done = _extract(run, model, loaded, blocks, rt)
         d = cfg.extract.fit_on
         main = distributed.is_main()
         distributed.release()  # torchrun: features gathered; the heads are fitted by rank 0
-        rate = timing["images_or_rows"] / max(timing["seconds"], 1e-9)
         log.info("features: %d per row, %d rows at %.0f rows/s, written to %s",
-                 feats[(d, "train")].shape[1], timing["images_or_rows"], rate,
-                 run.file("features"))
-        heads = {}
-        for kind in heads_wanted if main else []:
-            if regression:
-                heads[kind] = _fit_regressor(kind, cfg, feats, fit_inputs.data, d)
-                test = heads[kind]["test"]
-                log.info("%s: test rmse %.4g, r2 %s", kind, test["rmse"],
-                         "n/a" if test["r2"] is None else f"{test['r2']:.4f}")
-                continue
-            heads[kind] = _fit_head(kind, cfg, feats, fit_inputs.data, d)
-            auroc = heads[kind]["test"]["auroc"]
-            log.info("%s: test accuracy %.4f, auroc %s", kind, heads[kind]["test"]["accuracy"],
-                     "n/a" if auroc is None else f"{auroc:.4f}")
-        metrics = {"command": "extract", "name": cfg.name, "seed": cfg.seed,
-                   "weights": m.weights, "blocks": blocks or n_blocks,
-                   "feature_dim": int(feats[(d, "train")].shape[1]), "fit_on": d,
-                   "data": {k: v.data.summary() for k, v in loaded.items()}, "heads": heads}
-        write_json(run.file("metrics.json"), metrics)
-        write_json(run.file("timing.json"), timing | {"rows_per_second": rate} |
-                   rt.describe())
-    return {"run": str(run.path), "metrics": metrics, "rows_per_second": rate}
+                 done.feats[(d, "train")].shape[1], done.rows, done.rate, run.file("features"))
+        heads = {kind: _fit(kind, cfg, done.feats, fit_inputs)
+                 for kind in (heads_wanted if main else [])}
+        summary = ExtractionSummary("extract", cfg.name, cfg.seed, cfg.model.weights,
+                                    blocks or n_blocks, int(done.feats[(d, "train")].shape[1]),
+                                    d, {k: v.data.summary() for k, v in loaded.items()}, heads)
+        summary.write(run.path)
+        write_json(run.file("timing.json"), {"images_or_rows": done.rows,
+                                             "seconds": done.seconds,
+                                             "rows_per_second": done.rate} | rt.describe())
+    return {"run": str(run.path), "metrics": summary.to_dict(), "summary": summary,
+            "rows_per_second": done.rate}
+
+
+def _fit(kind: str, cfg: ExperimentConfig, feats, inputs: Inputs) -> dict[str, Any]:
+    """One head fitted on the training rows' features, scored on validation and test."""
+    if inputs.regression:
+        out = _fit_regressor(kind, cfg, feats, inputs.data, cfg.extract.fit_on)
+        test = out["test"]
+        log.info("%s: test rmse %.4g, r2 %s", kind, test["rmse"],
+                 "n/a" if test["r2"] is None else f"{test['r2']:.4f}")
+        return out
+    out = _fit_head(kind, cfg, feats, inputs.data, cfg.extract.fit_on)
+    auroc = out["test"]["auroc"]
+    log.info("%s: test accuracy %.4f, auroc %s", kind, out["test"]["accuracy"],
+             "n/a" if auroc is None else f"{auroc:.4f}")
+    return out
 
 
 def _fit_regressor(kind: str, cfg: ExperimentConfig, feats, data, d: str) -> dict[str, Any]:
@@ -221,11 +265,12 @@ def _fit_head(kind: str, cfg: ExperimentConfig, feats, data, d: str) -> dict[str
         raise DataError(f"{data.origin}: cannot fit {kind} on {len(data.train)} rows: "
                         f"{exc}") from None
     proba_val = head.predict_proba(feats[(d, "val")])
-    threshold = None
-    if cfg.decision.rule == "threshold":
-        threshold = choose_threshold(data.val.y, proba_val[:, 1],
-                                     cfg.decision.optimize)["threshold"]
-    return {"threshold": threshold,
-            "val": classification_report(data.val.y, proba_val, data.classes, threshold),
-            "test": classification_report(data.test.y, head.predict_proba(feats[(d, "test")]),
-                                          data.classes, threshold)}
+    decision = choose_decision(cfg.decision, data.classes, CLASSIFICATION, proba_val,
+                               data.val.y)
+    out = {"threshold": decision.threshold,
+           "val": decision.report(data.val.y, proba_val, data.classes),
+           "test": decision.report(data.test.y, head.predict_proba(feats[(d, "test")]),
+                                   data.classes)}
+    if decision.calibration is not None:
+        out["calibration"] = decision.calibration
+    return out

@@ -1,176 +1,117 @@
 """pretrain and freeze-finetune: prepare the route, create the run folder, train, write the
-outputs (freeze plan, thresholds chosen on validation rows, metrics, plots)."""
+outputs (freeze plan, thresholds chosen on validation rows, metrics, plots). `tltool select`
+pretrains its source models through the same `train_run`; `tltool resume` continues an
+interrupted run through it."""
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from tltool import calibration, distributed, features, plots
+from tltool.checkpoint import Checkpoint
 from tltool.config import ExperimentConfig
-from tltool.decision import decision_rule, report
+from tltool.engine.drive import Resume
+from tltool.engine.plan import Sink, TrainingData
 from tltool.errors import ConfigError
-from tltool.inputs import split_digest
-from tltool.models import TransferModel
-from tltool.runs import write_json, write_text
+from tltool.models.loading import load_state
+from tltool.routes.route import InputCache, Route, prepare
+from tltool.routes.training import build, check_built, train_route
+from tltool.runs.files import write_json
+from tltool.runs.folder import RunFolder, RunPlace, new_run, pinned_config
 from tltool.runtime import Runtime, make_runtime
-from tltool.tensors import Tensors
+from tltool.tensors import concat_tensors
 from tltool.tracking import tracking
-from tltool.workflows.common import checkpoint_payload, load_state, log, new_run, pin_config
-from tltool.workflows.routes import (
-    Route,
-    build,
-    check_built,
-    describe_route,
-    pooled_tensors,
-    prepare,
-    train_route,
-)
+from tltool.workflows.outputs import Scoring, checkpoint_saver, write_outputs
 
-# Re-exported: the decision rule and reports used to live here.
-__all__ = ["decision_rule", "freeze_finetune", "pretrain", "report", "write_outputs"]
+log = logging.getLogger("tltool")
+
+
+@dataclass
+class ResumeFrom:
+    """An interrupted run to continue: its folder, its last.pt and its metrics.csv rows."""
+
+    run: Path
+    last: Checkpoint
+    resume: Resume
+
+
+@dataclass
+class TrainRequest:
+    """One training command: the config, the command (pretrain or freeze-finetune) and its
+    command line. `cache`: loaded data shared with other routes (select); `resume`: the run it
+    continues; `select_source`: a source model select pretrains inside its run folder (a
+    fitted head learns from every source row; no TensorBoard)."""
+
+    cfg: ExperimentConfig
+    command: str
+    argv: list[str] | None = None
+    cache: InputCache | None = None
+    resume: ResumeFrom | None = None
+    select_source: bool = False
 
 
 def pretrain(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, Any]:
     """Train backbone + head on the source data (optionally starting from weights)."""
     if cfg.source is None:
         raise ConfigError("source: pretrain needs a `source` data section")
-    return _train(cfg, "pretrain", argv)
+    return train_run(TrainRequest(cfg, "pretrain", argv))
 
 
 def freeze_finetune(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, Any]:
     """Transfer: source backbone + new head, freeze per the config, train on the target."""
     if cfg.target is None:
         raise ConfigError("target: freeze-finetune needs a `target` data section")
-    return _train(cfg, "freeze-finetune", argv)
+    return train_run(TrainRequest(cfg, "freeze-finetune", argv))
 
 
-def _train(cfg: ExperimentConfig, command: str, argv,
-           resume_from: dict[str, Any] | None = None) -> dict[str, Any]:
-    """`resume_from`: {"run": the interrupted run folder, "last": its last.pt, "rows": its
-    metrics.csv rows} to continue from (tltool resume)."""
-    route = prepare(cfg, command)
+def train_run(req: TrainRequest) -> dict[str, Any]:
+    """Prepare, build and train the request's route into a new run folder; returns the run
+    folder and its summary."""
+    cfg = req.cfg
+    route = prepare(cfg, req.command, req.cache)
     model = build(route, cfg.seed)
     check_built(route, model)
     rt = make_runtime(cfg.train, route.spec.input == "image")
-    inputs = route.inputs
-    resume = None
-    if resume_from is not None and not (route.source_only or route.classic):
-        load_state(model, resume_from["last"]["state_dict"], f"{resume_from['run']} last.pt")
-        state = resume_from["last"]["resume"]
-        resume = {"state": state, "rows": resume_from["rows"],
-                  "weights": resume_from["last"]["state_dict"]}
+    resume = req.resume
+    if resume is not None and (route.source_only or route.classic):
+        resume = None  # nothing was trained by steps: it trains again
+    if resume is not None:
+        load_state(model, resume.last.state_dict, f"{resume.run} last.pt")
     if route.weights.path is not None:
         log.info("weights: %s", route.weights.path)
-    note = {"resumed_from": str(resume_from["run"])} if resume_from else None
-    root = cfg.output.root
-    if not distributed.is_main():  # under torchrun only rank 0 writes the run folder
-        import tempfile
-
-        root = tempfile.mkdtemp(prefix=f"tltool-rank{distributed.rank()}-")
-    try:
-        return _train_into(root, cfg, command, argv, route, model, rt, inputs, resume,
-                           resume_from, note)
-    finally:
-        if root != cfg.output.root:
-            import shutil
-
-            shutil.rmtree(root, ignore_errors=True)
+    note = {"resumed_from": str(req.resume.run)} if req.resume else None
+    place = RunPlace(cfg.output.root, cfg.name, note)
+    with new_run(place, req.command, req.argv, cfg.seed,
+                 pinned_config(cfg, route.weights.path, route.prior_path)) as run:
+        summary = _train_into(run, req, route, model, rt, resume)
+    return {"run": str(run.path), "metrics": summary.to_dict(), "summary": summary}
 
 
-def _train_into(root, cfg, command, argv, route, model, rt, inputs, resume, resume_from,
-                note) -> dict[str, Any]:
-    with new_run(root, cfg.name, command, argv, cfg.seed,
-                 pin_config(cfg, route.weights, route.prior_path), note) as run:
-        def save(name: str, epoch: int, state: dict[str, Any] | None = None) -> None:
-            run.save_checkpoint(name, checkpoint_payload(model, inputs.state, route.classes,
-                                                         route.label, route.multilabel,
-                                                         command, epoch, state))
-
-        if resume is not None:  # the best weights so far stay the run's best.pt
-            best = {k: v for k, v in resume_from["last"].items() if k != "resume"}
-            state = resume["state"]
-            if state["best_state"] is not None:
-                best["state_dict"] = state["best_state"]
-            run.save_checkpoint("best.pt", best | {"epoch": state["best"]["epoch"]})
-        write_json(run.file("runtime.json"), rt.describe())
-        with tracking(run.file("tensorboard"), cfg.output.tensorboard,
-                      None if resume is None else resume["rows"]) as tracker:
-            summary = train_route(route, model, inputs.train, inputs.val, save,
-                                  run.file("metrics.csv"), rt, pooled=pooled_tensors(route),
-                                  resume=resume)
-            write_json(run.file("runtime.json"), rt.describe())  # with what `auto` chose
-            metrics = write_outputs(run, route, model, summary, rt, inputs.val, inputs.test,
-                                    tracker=tracker)
-    return {"run": str(run.path), "metrics": metrics}
-
-
-def write_outputs(run, route: Route, model: TransferModel, summary: dict[str, Any], rt: Runtime,
-                  val: Tensors | None, test: Tensors, decision: dict[str, Any] | None = None,
-                  extra: dict[str, Any] | None = None, tracker=None) -> dict[str, Any]:
-    """Freeze plan, timing, thresholds (chosen on `val` unless `decision` is given), metrics
-    and plots of a trained route; returns metrics.json's content."""
-    cfg, inputs, m = route.cfg, route.inputs, route.cfg.model
-    classes, multilabel, regression = route.classes, route.multilabel, route.regression
-    write_text(run.file("freeze_plan.txt"), summary.pop("plan_text") + "\n")
-    write_json(run.file("timing.json"), summary.pop("timing"))
-    write_json(run.file("freeze_plan.json"), summary["plans"])
-    batch = max(2 * cfg.train.batch_size, 256)
-    # image models predict through pooled backbone features, kept in the run folder for
-    # evaluate (tltool.features)
-    proba_val = None if val is None else features.predict(
-        model, val, multilabel, rt, batch, store=run, name="val", what="predict: val")[0]
-    proba_test = features.predict(model, test, multilabel, rt, batch, store=run, name="test",
-                                  what="predict: test")[0]
-    if decision is None:
-        decision = decision_rule(cfg, classes, multilabel, proba_val, val.y.numpy(), regression)
-    write_json(run.file("thresholds.json"), decision)
-    plans = summary["plans"]
-    n_params = sum(p.numel() for p in model.parameters())
-    metrics = {
-        "command": route.command, "name": cfg.name, "seed": cfg.seed,
-        "weights": m.weights,
-        "weights_file": None if route.weights.path is None else str(route.weights.path.resolve()),
-        "route": describe_route(route),
-        "data": inputs.data.summary() | {"splits": split_digest(inputs.data)},
-        "classes": classes,
-        "multilabel": multilabel, "decision": decision,
-        "val": None if val is None else report(val.y.numpy(), proba_val, classes, decision),
-        "test": report(test.y.numpy(), proba_test, classes, decision),
-        **{k: summary[k] for k in ("best_epoch", "best_round", "epochs_run", "monitor", "cache",
-                                   "freeze_check")},
-        **({"target_watch": summary["target_watch"]} if summary.get("target_watch") else {}),
-        "trainable_params": plans[-1]["trainable_params"] if plans else 0,
-        "total_params": plans[-1]["total_params"] if plans else n_params,
-        "adapt": route.adapt_info,
-        **(extra or {}),
-    }
-    write_json(run.file("metrics.json"), metrics)
-    if tracker is not None:
-        curves = {} if regression else {
-            split: (rows.y.numpy(), calibration.apply(p, decision))
-            for split, rows, p in (("val", val, proba_val), ("test", test, proba_test))
-            if rows is not None and len(rows.y)}
-        tracker.final(cfg.model_dump(mode="json"), metrics, classes, multilabel, curves)
-    if (run.file("metrics.csv")).exists() and summary["epochs_run"]:
-        plots.learning_curves(run.file("metrics.csv"), run.file("plots", "learning_curves.png"),
-                              summary["best_epoch"])
-    plot_test_split(run, test.y.numpy(), proba_test, metrics["test"], classes, decision,
-               f"{route.label} (test split)", regression, multilabel)
-    return metrics
-
-
-def plot_test_split(run, y: np.ndarray, proba: np.ndarray, test_report: dict[str, Any],
-               classes: list[str], decision: dict[str, Any], title: str, regression: bool,
-               multilabel: bool) -> None:
-    """A trained model's test-split plots (the validation split's: `tltool evaluate`)."""
-    if regression:
-        plots.predicted_vs_true(y, proba[:, 0], run.file("plots", "predicted_vs_true_test.png"),
-                                title)
-        return
-    if not multilabel:
-        plots.confusion_matrix(test_report["confusion_matrix"], classes,
-                               run.file("plots", "confusion_matrix_test.png"), "test split")
-    if len(y):
-        plots.decision_plots(y, proba, classes, decision, run.file("plots"), title)
+def _train_into(run: RunFolder, req: TrainRequest, route: Route, model, rt: Runtime,
+                resume: ResumeFrom | None):
+    save = checkpoint_saver(run, route, model, req.command)
+    if resume is not None:  # the best weights so far stay the run's best.pt
+        state = resume.resume.state
+        run.save_checkpoint("best.pt", resume.last.with_epoch(state.best["epoch"],
+                                                              state.best_state))
+    write_json(run.file("runtime.json"), rt.describe())
+    inputs = route.inputs
+    data, scoring = TrainingData(inputs.train, inputs.val), Scoring(inputs.val, inputs.test)
+    if req.select_source:
+        note = "the source training split"
+        if route.classic:
+            # A fitted head needs no validation rows: it learns from every source row (its
+            # val/test scores below are then scores on rows it was fitted on).
+            data = TrainingData(concat_tensors([inputs.train, inputs.val, inputs.test]), None)
+            note = ("every source row (train, val and test splits); its val and test scores "
+                    "are on rows it was fitted on")
+        scoring.extra = {"fit_on": note}
+    enabled = route.cfg.output.tensorboard and not req.select_source
+    replay = None if resume is None else resume.resume.rows
+    with tracking(run.file("tensorboard"), enabled, replay) as tracker:
+        report = train_route(route, model, data, Sink(save, run.file("metrics.csv"), log.info),
+                             rt, None if resume is None else resume.resume)
+        write_json(run.file("runtime.json"), rt.describe())  # with what `auto` chose
+        return write_outputs(run, route, model, report, rt, scoring, tracker=tracker)

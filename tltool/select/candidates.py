@@ -10,10 +10,12 @@ from typing import Any
 
 from tltool.config import ExperimentConfig, candidate_raw, validate_config
 from tltool.errors import ConfigError
-from tltool.inputs import Weights, is_image_data
+from tltool.inputs import is_image_data
 from tltool.models import CLASSIC_HEADS
 from tltool.models.backbones import get_spec
-from tltool.workflows.routes import InputCache, Route
+from tltool.routes.route import InputCache, Route
+from tltool.task import MULTILABEL, REGRESSION
+from tltool.weights import Weights, trained_checkpoint
 
 SOURCE_REF = "source:"
 # A correction of a prior's answer is penalised harder than a model learnt from scratch:
@@ -31,148 +33,208 @@ class Candidate:
     default: bool  # from the default grid: dropped with a note when it does not apply
 
 
-def facts(cfg: ExperimentConfig, cache: InputCache) -> dict[str, Any]:
+@dataclass
+class Facts:
     """What the default grid depends on: data kind and task, whether source and target share
     classes, whether unlabelled target rows exist, and the network the config names."""
+
+    image: bool
+    task: str  # classification | multilabel | regression
+    classes: list[str]
+    pool: bool  # unlabelled target rows exist (adaptation can use them)
+    source: bool  # the config has a source section
+    same_classes: bool  # the source predicts what the target asks
+    net_weights: str | None  # model.weights (None: none)
+    net_is_run: bool  # ... names a trained run, not a pretrained set of the backbone
+
+
+def facts(cfg: ExperimentConfig, cache: InputCache) -> Facts:
+    """The facts of a select config's data and network."""
     spec = get_spec(cfg.model.backbone)
-    image = is_image_data(cfg.target)
     target = cache.load(cfg.target, "target", cfg.seed, spec, Weights("none"))
-    task = ("regression" if target.regression else "multilabel" if target.multilabel
-            else "classification")
-    out = {"image": image, "task": task, "classes": target.classes,
-           "pool": target.data.unlabeled is not None and len(target.data.unlabeled) > 0,
-           "source": cfg.source is not None, "same_classes": False}
+    same = False
     if cfg.source is not None:
         source = cache.load(cfg.source, "source", cfg.seed, spec, Weights("none"))
-        out["same_classes"] = (source.classes == target.classes
-                               and source.multilabel == target.multilabel
-                               and source.regression == target.regression)
+        same = source.classes == target.classes and source.kind == target.kind
     ref = cfg.model.weights.strip()
-    out["net_weights"] = None if ref.lower() in ("none", "") else ref
-    out["net_is_run"] = bool(out["net_weights"]) and ref not in spec.weights
-    return out
+    net = None if ref.lower() in ("none", "") else ref
+    return Facts(image=is_image_data(cfg.target), task=target.kind, classes=target.classes,
+                 pool=target.data.unlabeled is not None and len(target.data.unlabeled) > 0,
+                 source=cfg.source is not None, same_classes=same, net_weights=net,
+                 net_is_run=bool(net) and ref not in spec.weights)
 
 
-def source_plan(cfg: ExperimentConfig, facts: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def source_plan(cfg: ExperimentConfig, facts: Facts) -> dict[str, dict[str, Any]]:
     """Source models to pretrain: name -> config changes (on the base config)."""
     if cfg.select.sources is not None:
         return dict(cfg.select.sources)
-    if not facts["source"]:
+    if not facts.source:
         return {}
     plain = {"model.keep_head": False, "model.prior": "none", "model.prior_weights": None,
              "train.source_weight": 0.0, "adapt.method": "none", "train.l2sp.alpha": 0.0,
              "train.l2sp.beta": 0.0, "train.rounds": []}
-    raw_backbone = "pixels" if facts["image"] else "raw"
-    linear = "ridge" if facts["task"] == "regression" else "logistic_regression"
+    raw_backbone = "pixels" if facts.image else "raw"
+    linear = "ridge" if facts.task == REGRESSION else "logistic_regression"
     out: dict[str, dict[str, Any]] = {}
-    if not facts["net_is_run"]:
+    if not facts.net_is_run:
         out["net"] = {**plain, "model.frozen_layers": 0, "model.strategy": "full"}
-    if facts["task"] != "multilabel":
+    if facts.task != MULTILABEL:
         classic = {**plain, "model.backbone": raw_backbone, "model.backbone_args": {},
                    "model.weights": "none"}
         out["lr"] = {**classic, "model.head": linear}
-        if not facts["image"]:
+        if not facts.image:
             out["gb"] = {**classic, "model.head": "gradient_boosting"}
     return out
 
 
-def default_grid(cfg: ExperimentConfig, facts: dict[str, Any],
-                 sources: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """The default candidates: reference models (classic heads on the raw table or pixels:
-    target-only, source-only, pooled) and transfer routes (the source model as is, as a prior,
-    fine-tuned several ways, its features under a classic head, adapted)."""
-    task, image, same = facts["task"], facts["image"], facts["same_classes"]
-    raw_backbone = "pixels" if image else "raw"
-    linear = "ridge" if task == "regression" else "logistic_regression"
-    classic_ok = task != "multilabel"
-    net = (facts["net_weights"] if facts["net_is_run"] or "net" not in sources
+# Every candidate starts from these settings (the config's own route options cleared).
+_PLAIN = {"model.keep_head": False, "model.prior": "none", "model.prior_weights": None,
+          "train.source_weight": 0.0, "adapt.method": "none", "train.rounds": [],
+          "train.l2sp.alpha": 0.0, "train.l2sp.beta": 0.0}
+
+
+@dataclass
+class _Grid:
+    """What the default grid's families share."""
+
+    facts: Facts
+    sources: dict[str, Any]  # the source models select pretrains (source:NAME)
+    classic: dict[str, Any]  # a classic head on the raw table / pixels
+    linear: str  # the linear classic head of the task
+    net: str | None  # the source network (a run, or source:net)
+    have_net: bool
+    depths: list[int]  # frozen-block counts of the partial fine-tunes
+
+    @property
+    def same(self) -> bool:
+        return self.facts.same_classes
+
+    @property
+    def classic_ok(self) -> bool:
+        return self.facts.task != MULTILABEL
+
+    @property
+    def own_net(self) -> bool:
+        """The source network is the source's own model (a run, or pretrained here)."""
+        return self.facts.net_is_run or "net" in self.sources
+
+
+def _grid(cfg: ExperimentConfig, facts: Facts, sources: dict[str, Any], spec) -> _Grid:
+    net = (facts.net_weights if facts.net_is_run or "net" not in sources
            else "source:net")
-    have_net = net is not None and (facts["net_is_run"] or "net" in sources
-                                    or facts["net_weights"] is not None)
-    spec = get_spec(cfg.model.backbone)
+    have_net = net is not None and (facts.net_is_run or "net" in sources
+                                    or facts.net_weights is not None)
     n_blocks = len(_blocks_of(cfg, spec))
     # Freeze all blocks but the last (the usual transfer of a small network), and half of a
     # deeper one's blocks; the config's own frozen_layers too, when it names another count.
     depths = sorted({d for d in (n_blocks - 1, n_blocks // 2 if n_blocks >= 4 else 0,
                                  cfg.model.frozen_layers) if 0 < d < n_blocks})
-    frozen = depths[-1] if depths else 0
-    plain = {"model.keep_head": False, "model.prior": "none", "model.prior_weights": None,
-             "train.source_weight": 0.0, "adapt.method": "none", "train.rounds": [],
-             "train.l2sp.alpha": 0.0, "train.l2sp.beta": 0.0}
-    classic = {**plain, "model.backbone": raw_backbone, "model.backbone_args": {},
-               "model.weights": "none"}
+    classic = {**_PLAIN, "model.backbone": "pixels" if facts.image else "raw",
+               "model.backbone_args": {}, "model.weights": "none"}
+    linear = "ridge" if facts.task == REGRESSION else "logistic_regression"
+    return _Grid(facts, sources, classic, linear, net, have_net, depths)
+
+
+def _reference_grid(g: _Grid) -> list[tuple[str, dict[str, Any]]]:
+    """Classic heads on the raw table or pixels: source-only, target-only, pooled, and the
+    source models as priors that a penalised linear model corrects."""
+    classic, linear, image, sources = g.classic, g.linear, g.facts.image, g.sources
     grid: list[tuple[str, dict[str, Any]]] = []
-    if classic_ok:
-        if same and "lr" in sources:
-            grid.append(("source-only-lr", {**classic, "model.weights": "source:lr",
-                                            "model.keep_head": True, "train.epochs": 0}))
-        if same and "gb" in sources:
-            grid.append(("source-only-gb", {**classic, "model.weights": "source:gb",
-                                            "model.keep_head": True, "train.epochs": 0}))
-        grid.append(("target-lr", {**classic, "model.head": linear}))
+    if g.same and "lr" in sources:
+        grid.append(("source-only-lr", {**classic, "model.weights": "source:lr",
+                                        "model.keep_head": True, "train.epochs": 0}))
+    if g.same and "gb" in sources:
+        grid.append(("source-only-gb", {**classic, "model.weights": "source:gb",
+                                        "model.keep_head": True, "train.epochs": 0}))
+    grid.append(("target-lr", {**classic, "model.head": linear}))
+    if not image:
+        grid.append(("target-gb", {**classic, "model.head": "gradient_boosting"}))
+    if g.same and g.facts.source:
+        grid.append(("pooled-lr", {**classic, "model.head": linear,
+                                   "train.source_weight": 1.0}))
         if not image:
-            grid.append(("target-gb", {**classic, "model.head": "gradient_boosting"}))
-        if same and facts["source"]:
-            grid.append(("pooled-lr", {**classic, "model.head": linear,
+            grid.append(("pooled-gb", {**classic, "model.head": "gradient_boosting",
                                        "train.source_weight": 1.0}))
-            if not image:
-                grid.append(("pooled-gb", {**classic, "model.head": "gradient_boosting",
-                                           "train.source_weight": 1.0}))
-        for name in ("lr", "gb"):
-            if same and name in sources:
-                grid.append((f"prior-{name}", {**classic, "model.head": linear,
-                                              "model.prior": "offset",
-                                              "model.prior_weights": f"source:{name}",
-                                              "model.head_args": _CORRECTION[task]}))
-    # Ensembles of the source models (all that predict the target's classes): their mean
-    # log-probabilities, recalibrated by an intercept only (source-avg; what learning the
-    # target's class balance gives, like a threshold) or corrected by a penalised linear model
-    # (prior-avg). Averaging guards against a source model that a few labels cannot tell
-    # apart from a better one.
-    members = [f"source:{n}" for n in ("lr", "gb") if n in sources]
-    if have_net and same and (facts["net_is_run"] or "net" in sources):
-        members.insert(0, net)
-    if classic_ok and same and len(members) > 1:
-        intercept_only = ({"alpha": 1e6} if task == "regression" else {"C": 1e-6})
-        grid.append(("source-avg", {**classic, "model.head": linear, "model.prior": "offset",
-                                    "model.prior_weights": members,
-                                    "model.head_args": intercept_only}))
-        grid.append(("prior-avg", {**classic, "model.head": linear, "model.prior": "offset",
-                                   "model.prior_weights": members,
-                                   "model.head_args": _CORRECTION[task]}))
-    target_net = ("target-net", {**plain, "model.weights": _target_weights(facts, spec),
-                                 "model.strategy": "full", "model.frozen_layers": 0})
-    if not have_net:
-        # no source network: the config's own network on the target rows, unless it is a
-        # classic head on raw inputs (already among the reference models)
-        if spec.name not in ("raw", "pixels") and cfg.model.head not in CLASSIC_HEADS:
-            grid.append(target_net)
-        return grid
-    tuned = {**plain, "model.weights": net, "model.backbone_args": {}}
-    if same and (facts["net_is_run"] or "net" in sources):
+    for name in ("lr", "gb"):
+        if g.same and name in sources:
+            grid.append((f"prior-{name}", {**classic, "model.head": linear,
+                                          "model.prior": "offset",
+                                          "model.prior_weights": f"source:{name}",
+                                          "model.head_args": _CORRECTION[g.facts.task]}))
+    return grid
+
+
+def _average_grid(g: _Grid) -> list[tuple[str, dict[str, Any]]]:
+    """Ensembles of the source models (all that predict the target's classes): their mean
+    log-probabilities, recalibrated by an intercept only (source-avg; what learning the
+    target's class balance gives, like a threshold) or corrected by a penalised linear model
+    (prior-avg). Averaging guards against a source model that a few labels cannot tell
+    apart from a better one."""
+    members = [f"source:{n}" for n in ("lr", "gb") if n in g.sources]
+    if g.have_net and g.same and g.own_net:
+        members.insert(0, g.net)
+    if not (g.classic_ok and g.same and len(members) > 1):
+        return []
+    task = g.facts.task
+    intercept_only = ({"alpha": 1e6} if task == REGRESSION else {"C": 1e-6})
+    average = {**g.classic, "model.head": g.linear, "model.prior": "offset",
+               "model.prior_weights": members}
+    return [("source-avg", {**average, "model.head_args": intercept_only}),
+            ("prior-avg", {**average, "model.head_args": _CORRECTION[task]})]
+
+
+def _network_grid(g: _Grid) -> list[tuple[str, dict[str, Any]]]:
+    """The source network as it is, as a prior, under a classic head, and fine-tuned several
+    ways (linear probe, bias-only, partial, full, L2-SP, pooled, adapted)."""
+    tuned = {**_PLAIN, "model.weights": g.net, "model.backbone_args": {}}
+    frozen = g.depths[-1] if g.depths else 0
+    grid: list[tuple[str, dict[str, Any]]] = []
+    if g.same and g.own_net:
         grid.append(("source-only", {**tuned, "model.keep_head": True, "train.epochs": 0}))
-        if classic_ok:
-            grid.append(("prior-net", {**classic, "model.head": linear, "model.prior": "offset",
-                                       "model.prior_weights": net,
-                                       "model.head_args": _CORRECTION[task]}))
-    if classic_ok:
-        grid.append(("extract-lr", {**tuned, "model.head": linear}))
+        if g.classic_ok:
+            grid.append(("prior-net", {**g.classic, "model.head": g.linear,
+                                       "model.prior": "offset", "model.prior_weights": g.net,
+                                       "model.head_args": _CORRECTION[g.facts.task]}))
+    if g.classic_ok:
+        grid.append(("extract-lr", {**tuned, "model.head": g.linear}))
     grid += [
         ("linear-probe", {**tuned, "model.strategy": "linear_probe", "model.frozen_layers": 0}),
         ("bias-only", {**tuned, "model.strategy": "bias_only", "model.frozen_layers": 0}),
         *[(f"finetune-freeze{d}", {**tuned, "model.strategy": "freeze",
-                                   "model.frozen_layers": d}) for d in depths],
+                                   "model.frozen_layers": d}) for d in g.depths],
         ("finetune-full", {**tuned, "model.strategy": "full", "model.frozen_layers": 0}),
         ("l2sp", {**tuned, "model.strategy": "full", "model.frozen_layers": 0,
                   "train.weight_decay": 0.0, "train.l2sp.alpha": 0.01,
                   "train.l2sp.beta": 0.01}),
     ]
-    if same and facts["source"] and not image:  # images: adapt-* train source rows alongside
+    if g.same and g.facts.source and not g.facts.image:
+        # (images: the adapt-* candidates train the source rows alongside)
         grid.append(("pooled-net", {**tuned, "model.strategy": "freeze",
                                     "model.frozen_layers": frozen,
                                     "train.source_weight": 1.0}))
-    grid.append(target_net)
-    if facts["pool"] and facts["source"]:
+    return grid
+
+
+def default_grid(cfg: ExperimentConfig, facts: Facts,
+                 sources: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The default candidates: reference models (classic heads on the raw table or pixels:
+    target-only, source-only, pooled) and transfer routes (the source model as is, as a prior,
+    fine-tuned several ways, its features under a classic head, adapted)."""
+    spec = get_spec(cfg.model.backbone)
+    g = _grid(cfg, facts, sources, spec)
+    grid = (_reference_grid(g) if g.classic_ok else []) + _average_grid(g)
+    target_net = ("target-net", {**_PLAIN, "model.weights": _target_weights(facts, spec),
+                                 "model.strategy": "full", "model.frozen_layers": 0})
+    if not g.have_net:
+        # no source network: the config's own network on the target rows, unless it is a
+        # classic head on raw inputs (already among the reference models)
+        if spec.name not in ("raw", "pixels") and cfg.model.head not in CLASSIC_HEADS:
+            grid.append(target_net)
+        return grid
+    grid += _network_grid(g) + [target_net]
+    if facts.pool and facts.source:
+        frozen = g.depths[-1] if g.depths else 0
+        tuned = {**_PLAIN, "model.weights": g.net, "model.backbone_args": {}}
         for method in ("coral", "mmd", "dann"):
             grid.append((f"adapt-{method}", {**tuned, "model.strategy": "freeze",
                                              "model.frozen_layers": frozen,
@@ -187,10 +249,10 @@ def _intercept_only(m) -> bool:
         float(args.get("alpha", 0) if args.get("alpha") != "auto" else 0) >= 1e4
 
 
-def _target_weights(facts: dict[str, Any], spec) -> str:
+def _target_weights(facts: Facts, spec) -> str:
     """Target-only network: no source run; a named pretrained set (e.g. imagenet) stays, as
     it is not the source data."""
-    ref = facts["net_weights"]
+    ref = facts.net_weights
     return ref if ref and ref in spec.weights else "none"
 
 
@@ -203,9 +265,7 @@ def _blocks_of(cfg: ExperimentConfig, spec) -> list[str]:
         args = resolve_args(cfg.model.backbone, cfg.model.backbone_args)
         ref = cfg.model.weights.strip()
         if ref.lower() not in ("none", "") and ref not in spec.weights:
-            from tltool.workflows.common import resolve_checkpoint
-
-            args = resolve_checkpoint(ref, "model.weights")[0]["spec"]["backbone_args"]
+            args = trained_checkpoint(ref, "model.weights")[0].spec["backbone_args"]
         return build_backbone(cfg.model.backbone, args, 8 if spec.input == "tabular"
                               else 3).block_names
     except Exception:  # noqa: BLE001 - a source run's args may differ; a guess is enough
@@ -217,7 +277,7 @@ TARGET_MAY_DIFFER = {"image_size", "augment", "decode_once_max_gb", "on_bad_imag
                      "categorical", "drop"}
 
 
-def candidate_list(cfg: ExperimentConfig, facts: dict[str, Any],
+def candidate_list(cfg: ExperimentConfig, facts: Facts,
                    sources: dict[str, Any]) -> list[Candidate]:
     """Every candidate's full config, validated: all problems in one ConfigError."""
     given = cfg.select.candidates
@@ -273,21 +333,21 @@ def source_refs(raw: dict[str, Any]) -> list[str]:
     return out
 
 
-def grid_notes(cfg: ExperimentConfig, facts: dict[str, Any]) -> list[str]:
+def grid_notes(cfg: ExperimentConfig, facts: Facts) -> list[str]:
     """Why families of the default grid are missing (metrics.json select.notes)."""
     if cfg.select.candidates is not None:
         return []
     notes = []
-    if not facts["source"]:
+    if not facts.source:
         notes.append("no source section: no source model is pretrained (no source-only, "
                      "prior, pooled or source-avg candidates)" + (
-                         "" if facts["net_weights"] else "; no model.weights: no fine-tuning"))
-    elif not facts["same_classes"]:
+                         "" if facts.net_weights else "; no model.weights: no fine-tuning"))
+    elif not facts.same_classes:
         notes.append("the source's classes (or task) differ from the target's: no source-only, "
                      "prior offset, pooled or source-avg candidates")
-    if facts["task"] == "multilabel":
+    if facts.task == MULTILABEL:
         notes.append("multi-label target: no classic-head candidates (one label per row)")
-    if facts["source"] and not facts["pool"]:
+    if facts.source and not facts.pool:
         notes.append("no unlabelled target rows: no adapt candidates")
     return notes
 

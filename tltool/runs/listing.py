@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from tltool.errors import RunError
-from tltool.runs import STATUS_FILE, run_status
+from tltool.runs.status import STATUS_FILE, run_status
 
 COLUMNS = ["name", "run", "command", "status", "started", "data", "backbone", "frozen",
            "strategy", "metric", "value", "val_value"]

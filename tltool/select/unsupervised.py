@@ -10,6 +10,7 @@ test split is scored once, after the choice.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any
@@ -17,24 +18,22 @@ from typing import Any
 import torch
 
 from tltool.config import ExperimentConfig, candidate_raw, dump_config, validate_config
-from tltool.criteria import ensv_scores, estimate
-from tltool.decision import report
-from tltool.engine import Task, predict_logits, predict_proba
+from tltool.decision import Decision
+from tltool.engine.plan import Sink, TrainingData
+from tltool.engine.predict import predict_logits, predict_proba
 from tltool.errors import ConfigError, DataError
 from tltool.inputs import pool_of
-from tltool.runs import write_json, write_text
+from tltool.routes.route import InputCache, describe_route, prepare
+from tltool.routes.training import backbone_features, build, check_built, train_route
+from tltool.runs.files import write_json, write_text
+from tltool.runs.folder import RunFolder, RunPlace, new_run, pinned_config
 from tltool.runtime import make_runtime
-from tltool.workflows.common import checkpoint_payload, log, new_run, pin_config
-from tltool.workflows.routes import (
-    InputCache,
-    backbone_features,
-    build,
-    check_built,
-    describe_route,
-    prepare,
-    train_route,
-)
-from tltool.workflows.train import write_outputs
+from tltool.select.candidates import Facts
+from tltool.select.criteria import ensv_scores, estimate
+from tltool.task import CLASSIFICATION, Task
+from tltool.workflows.outputs import Scoring, checkpoint_saver, write_outputs
+
+log = logging.getLogger("tltool")
 
 METHODS = ("none", "coral", "mmd", "dann")
 
@@ -49,15 +48,15 @@ def _candidates(cfg: ExperimentConfig) -> list[tuple[str, dict[str, Any], bool]]
             for m in METHODS]
 
 
-def select_unsupervised(cfg: ExperimentConfig, argv, cache: InputCache,
-                        facts: dict[str, Any]) -> dict[str, Any]:
+def _checked(cfg: ExperimentConfig, found: Facts) -> list[tuple[str, ExperimentConfig, bool]]:
+    """The candidates' configs (all problems in one error)."""
     if cfg.source is None:
         raise ConfigError("select.target_labels: false chooses among models trained on the "
                           "source's labels; the config needs a `source` section")
-    if facts["task"] != "classification":
+    if found.task != CLASSIFICATION:
         raise ConfigError("select.target_labels: false is for single-label classification "
-                          "(domain adaptation); this target is " + facts["task"])
-    if not facts["same_classes"]:
+                          "(domain adaptation); this target is " + found.task)
+    if not found.same_classes:
         raise ConfigError("select.target_labels: false trains on the source's labels and "
                           "predicts them on the target, so the target's classes must be the "
                           "source's (same values of the label)")
@@ -66,7 +65,6 @@ def select_unsupervised(cfg: ExperimentConfig, argv, cache: InputCache,
     if dup:
         raise ConfigError(f"select.candidates: name(s) {', '.join(dup)} given twice; each "
                           f"candidate needs its own name")
-    crit = cfg.select.criterion
     configs, problems = [], []
     for i, (name, changes, default) in enumerate(_candidates(cfg)):
         where = f"select.candidates.{i} ({name})"
@@ -77,67 +75,84 @@ def select_unsupervised(cfg: ExperimentConfig, argv, cache: InputCache,
             problems.append(str(exc))
     if problems:
         raise ConfigError("\n".join(problems))
-    rows, kept, timing, notes, probas = [], {}, {}, [], {}
-    with new_run(cfg.output.root, cfg.name, "select", argv, cfg.seed, cfg) as run:
+    return configs
+
+
+def _train_all(configs, cache: InputCache, notes: list[str]) -> tuple[list, dict, dict]:
+    """Every candidate pretrained on the source and scored without a target label."""
+    rows, kept, timing, probas = [], {}, {}, {}
+    for name, ccfg, default in configs:
+        start = time.perf_counter()
+        try:
+            route = prepare(ccfg, "pretrain", cache)
+        except (ConfigError, DataError) as exc:
+            if not default:
+                raise
+            notes.append(f"{name}: left out ({str(exc).splitlines()[0]})")
+            continue
+        model = build(route, ccfg.seed)
+        check_built(route, model)
+        rt = make_runtime(ccfg.train, route.spec.input == "image")
+        report = train_route(route, model, TrainingData(route.inputs.train, route.inputs.val),
+                             Sink(lambda *_: None), rt)
+        risk, probas[name] = _risk(route, model, rt, cache, ccfg)
+        timing[name] = round(time.perf_counter() - start, 3)
+        rows.append({"name": name, **risk, "route": describe_route(route),
+                     "best_epoch": report.best_epoch})
+        kept[name] = (route, model, rt, report)
+        log.info("select: %-14s dev %.4f, iwcv %.4f (source val loss %.4f, %.1f s)", name,
+                 risk["dev"], risk["iwcv"], risk["source_val_loss"], timing[name])
+    if not rows:
+        raise ConfigError("select: no candidate applies; " + "; ".join(notes))
+    for row, (_name, agree) in zip(rows, ensv_scores(probas).items(), strict=True):
+        row["ensv"] = agree
+    return rows, kept, timing
+
+
+def _rank(run: RunFolder, rows: list[dict], crit: str) -> str:
+    """Order the candidates by the criterion, write the leaderboard; returns the winner."""
+    lower = crit != "ensv"  # ensv is an agreement: higher is better
+    # ties: the earlier candidate (the default list starts with no adaptation at all)
+    order = {r["name"]: i for i, r in enumerate(rows)}
+    rows.sort(key=lambda r: (r[crit] if lower else -r[crit], order[r["name"]]))
+    winner = rows[0]["name"]
+    for rank, r in enumerate(rows, start=1):
+        r["rank"], r["chosen"] = rank, r["name"] == winner
+    write_json(run.file("leaderboard.json"), {
+        "criterion": crit, "lower_is_better": lower, "target_labels": False,
+        "note": "no target label was read: ensv scores agreement with the candidates' "
+                "averaged predictions on unlabelled target rows; dev and iwcv estimate the "
+                "target risk from source validation rows re-weighted towards the target",
+        "candidates": rows})
+    _write_csv(run, rows, crit)
+    return winner
+
+
+def select_unsupervised(cfg: ExperimentConfig, argv, cache: InputCache,
+                        found: Facts) -> dict[str, Any]:
+    """select.target_labels false: see the module docstring."""
+    configs = _checked(cfg, found)
+    crit = cfg.select.criterion
+    notes: list[str] = []
+    with new_run(RunPlace(cfg.output.root, cfg.name), "select", argv, cfg.seed, cfg) as run:
         write_text(run.file("select_config.yaml"), dump_config(cfg))
-        for name, ccfg, default in configs:
-            start = time.perf_counter()
-            try:
-                route = prepare(ccfg, "pretrain", cache)
-            except (ConfigError, DataError) as exc:
-                if not default:
-                    raise
-                notes.append(f"{name}: left out ({str(exc).splitlines()[0]})")
-                continue
-            model = build(route, ccfg.seed)
-            check_built(route, model)
-            rt = make_runtime(ccfg.train, route.spec.input == "image")
-            summary = train_route(route, model, route.inputs.train, route.inputs.val,
-                                  lambda *_: None, "/dev/null", rt)
-            risk, probas[name] = _risk(route, model, rt, cache, ccfg)
-            timing[name] = round(time.perf_counter() - start, 3)
-            rows.append({"name": name, **risk, "route": describe_route(route),
-                         "best_epoch": summary["best_epoch"]})
-            kept[name] = (route, model, rt, summary)
-            log.info("select: %-14s dev %.4f, iwcv %.4f (source val loss %.4f, %.1f s)", name,
-                     risk["dev"], risk["iwcv"], risk["source_val_loss"], timing[name])
-        if not rows:
-            raise ConfigError("select: no candidate applies; " + "; ".join(notes))
-        for row, (_name, agree) in zip(rows, ensv_scores(probas).items(), strict=True):
-            row["ensv"] = agree
-        lower = crit != "ensv"  # ensv is an agreement: higher is better
-        # ties: the earlier candidate (the default list starts with no adaptation at all)
-        order = {r["name"]: i for i, r in enumerate(rows)}
-        rows.sort(key=lambda r: (r[crit] if lower else -r[crit], order[r["name"]]))
-        winner = rows[0]["name"]
-        for rank, r in enumerate(rows, start=1):
-            r["rank"], r["chosen"] = rank, r["name"] == winner
-        write_json(run.file("leaderboard.json"), {
-            "criterion": crit, "lower_is_better": lower, "target_labels": False,
-            "note": "no target label was read: ensv scores agreement with the candidates' "
-                    "averaged predictions on unlabelled target rows; dev and iwcv estimate the "
-                    "target risk from source validation rows re-weighted towards the target",
-            "candidates": rows})
-        _write_csv(run, rows, crit)
+        rows, kept, timing = _train_all(configs, cache, notes)
+        winner = _rank(run, rows, crit)
         # ---- the choice is made; the test split may be read now
-        route, model, rt, summary = kept[winner]
-
-        def save(file: str, epoch: int) -> None:
-            run.save_checkpoint(file, checkpoint_payload(model, route.inputs.state,
-                                                         route.classes, route.label,
-                                                         route.multilabel, "select", epoch))
-
-        save("best.pt", summary["best_epoch"])
-        write_text(run.file("config.yaml"), dump_config(pin_config(route.cfg, route.weights)))
+        route, model, rt, report = kept[winner]
+        checkpoint_saver(run, route, model, "select")("best.pt", report.best_epoch)
+        write_text(run.file("config.yaml"), dump_config(pinned_config(route.cfg,
+                                                                      route.weights.path)))
         target = _target_inputs(cache, route)
-        metrics = write_outputs(run, route, model, summary, rt, route.inputs.val, target.test,
-                                extra={"select": {"winner": winner, "criterion": crit,
-                                                  "target_labels": False, "notes": notes},
-                                       "evaluated_on": "target test split"})
+        summary = write_outputs(run, route, model, report, rt, Scoring(
+            route.inputs.val, target.test,
+            extra={"select": {"winner": winner, "criterion": crit, "target_labels": False,
+                              "notes": notes}, "evaluated_on": "target test split"}))
         if cfg.select.research:
             _research(run, kept, winner, cache, crit)
         write_json(run.file("timing.json"), {"candidates": timing})
-    return {"run": str(run.path), "metrics": metrics, "unsupervised": True,
+    return {"run": str(run.path), "metrics": summary.to_dict(), "summary": summary,
+            "unsupervised": True,
             "leaderboard": [{"rank": r["rank"], "name": r["name"], "chosen": r["chosen"],
                              "metric": crit, "mean": r[crit], "se": None,
                              "within_one_se": False, "complexity": 0} for r in rows]}
@@ -195,7 +210,7 @@ def _research(run, kept: dict, winner: str, cache: InputCache, crit: str) -> Non
         target = _target_inputs(cache, route)
         proba = predict_proba(model, target.test, rt=rt)
         y = target.test.y.numpy()
-        rep = report(y, proba, route.classes, {"threshold": None})
+        rep = Decision.argmax().report(y, proba, route.classes)
         out.append({"name": name, "chosen": name == winner,
                     "test": {k: rep[k] for k in ("accuracy", "auroc", "f1")}})
     key = "auroc" if len(next(iter(kept.values()))[0].classes) == 2 else "accuracy"
