@@ -1,0 +1,5 @@
+"""`python -m tltool.cli`: the same program as `tltool`."""
+
+from tltool.cli import main
+
+main()
