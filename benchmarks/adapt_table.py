@@ -29,8 +29,8 @@ from pathlib import Path
 from tables import Scores, machine_line
 
 from tltool.config import load_config
-from tltool.workflows.infer import evaluate
-from tltool.workflows.select import select
+from tltool.select.workflow import select
+from tltool.workflows.evaluate import evaluate
 from tltool.workflows.train import freeze_finetune, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,22 +65,22 @@ def main() -> None:
                 plain = None
                 for method in METHODS:  # "none" first: the plain source model
                     sets = common + [f"adapt.method={method}"]
-                    src = pretrain(load_config(adapt_cfg, sets))["run"]
+                    src = pretrain(load_config(adapt_cfg, sets)).run
                     plain = plain or src
-                    test = evaluate(src, on="target")["metrics"]["test"]
+                    test = evaluate(src, on="target").summary.test
                     scores.add(method, unsup, test[metric])
                     # few labels: the plain source model, fine-tuned with the same method
                     ft = freeze_finetune(load_config(finetune_cfg, sets + [
                         f"model.weights={plain}", f"target.n_train={n}",
                         f"target.n_val={n // 2}"]))
-                    scores.add(method, few, ft["metrics"]["test"][metric])
+                    scores.add(method, few, ft.summary.test[metric])
                 # the choice without any target label: tltool select, target_labels false
                 chosen = select(load_config(adapt_cfg, common + [
                     "select.target_labels=false", "select.research=true",
                     f"select.seed={seed}"]))
-                run = Path(chosen["run"])
+                run = Path(chosen.run)
                 scores.add("select, no target labels (ensv)", unsup,
-                           chosen["metrics"]["test"][metric])
+                           chosen.summary.test[metric])
                 board = json.loads((run / "leaderboard.json").read_text())["candidates"]
                 best = json.loads((run / "research.json").read_text())["best_on_test"]
                 for crit, lower in (("ensv", False), ("dev", True), ("iwcv", True)):

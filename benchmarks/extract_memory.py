@@ -38,7 +38,7 @@ def one_case(folder: str, weights: str, size: int, lazy: bool, root: str) -> dic
         "extract": {"heads": ["logistic_regression"]}}, "extract_memory")
     start = time.perf_counter()
     res = extract(cfg)
-    return {"seconds": time.perf_counter() - start, "images_per_second": res["rows_per_second"],
+    return {"seconds": time.perf_counter() - start, "images_per_second": res.rows_per_second,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

@@ -48,7 +48,7 @@ def main() -> None:
             start = time.perf_counter()
             res = extract(cfg)
             wall = time.perf_counter() - start
-            timing = json.loads((Path(res["run"]) / "timing.json").read_text())
+            timing = json.loads((Path(res.run) / "timing.json").read_text())
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             asked = (precision if precision == timing["precision"]
                      else f"{precision} -> {timing['precision']}")

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from tltool.config import load_config
-from tltool.workflows.select import select
+from tltool.select.workflow import select
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {
@@ -59,8 +59,8 @@ def separate_commands(config: Path, run: Path, root: str) -> float:
 
 
 def _candidate_changes(base, name: str, run: Path) -> dict:
-    from tltool.workflows.candidates import default_grid, facts, source_plan
-    from tltool.workflows.routes import InputCache
+    from tltool.routes.route import InputCache
+    from tltool.select.candidates import default_grid, facts, source_plan
 
     if base.select.candidates is not None:
         changes = next(c.set for c in base.select.candidates if c.name == name)
@@ -94,9 +94,9 @@ def main() -> None:
             times["shared"].append(t)
             times["unshared"].append(timed_select(CASES[args.case], False, tmp)[0])
             times["separate"].append(separate_commands(CASES[args.case],
-                                                       Path(result["run"]), tmp))
+                                                       Path(result.run), tmp))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"case {args.case}: {len(result['leaderboard'])} candidates, 2x5-fold CV + refit")
+    print(f"case {args.case}: {len(result.leaderboard)} candidates, 2x5-fold CV + refit")
     for k, v in times.items():
         print(f"  {k:<9} " + ", ".join(f"{x:.1f} s" for x in v) + f"  (median {med[k]:.1f} s)")
     print(f"  select with sharing / without: {med['shared'] / med['unshared']:.2f} "

@@ -30,7 +30,7 @@ from pathlib import Path
 from tables import machine_line
 
 from tltool.config import load_config
-from tltool.cv import Scored, choose
+from tltool.select.rules import Scored, choose
 
 # tltool's own name of the averaged candidate (tltool.workflows.select.ENSEMBLE, which imports
 # torch: this module's tables and overrides are also used without it, by autogluon_peer.py)
@@ -120,8 +120,8 @@ def main() -> None:
                     "split: the means then average over test sets too, so a route that is "
                     "lucky on one test split does not decide the comparison")
     args = ap.parse_args()
-    from tltool.workflows.select import ENSEMBLE as NAME
-    from tltool.workflows.select import select
+    from tltool.select.leaderboard import ENSEMBLE as NAME
+    from tltool.select.workflow import select
 
     assert NAME == ENSEMBLE
     case = CASES[args.case]
@@ -139,7 +139,7 @@ def main() -> None:
                 cfg = load_config(ROOT / case["config"], overrides(n, seed, tmp, args.vary_split))
                 tick = time.time()
                 result = select(cfg)
-                run = Path(result["run"])
+                run = Path(result.run)
                 research = json.loads((run / "research.json").read_text())
                 metrics = json.loads((run / "metrics.json").read_text())
                 board = json.loads((run / "leaderboard.json").read_text())

@@ -71,9 +71,12 @@ def resnet_case(mode: str, size: int, n: int, epochs: int, who: str, precision: 
     import torchvision
 
     from tltool.config import TrainConfig
-    from tltool.engine import Phase, Tensors, fit
+    from tltool.engine.drive import fit
+    from tltool.engine.plan import Round, Sink, TrainingData, TrainingPlan
     from tltool.models import build_model, model_spec
     from tltool.runtime import Runtime
+    from tltool.task import Task
+    from tltool.tensors import Tensors
 
     x, y = synthetic(n, size)
     xv, yv = x[:BATCH], y[:BATCH]
@@ -116,9 +119,9 @@ def resnet_case(mode: str, size: int, n: int, epochs: int, who: str, precision: 
             if frozen else 0.0
     else:
         model = build_model(model_spec("resnet18", {}, 3, "linear", 32, 0.0, 10))
-        phase = {"full": Phase(0, "full", epochs, 0.01, 1.0),
-                 "frozen3": Phase(4, "freeze", epochs, 0.01, 1.0),
-                 "probe": Phase(0, "linear_probe", epochs, 0.01, 1.0)}[mode]
+        rnd = {"full": Round(0, "full", epochs, 0.01, 1.0),
+               "frozen3": Round(4, "freeze", epochs, 0.01, 1.0),
+               "probe": Round(0, "linear_probe", epochs, 0.01, 1.0)}[mode]
         cfg = TrainConfig(epochs=epochs, batch_size=BATCH, lr=0.01, optimizer="sgd",
                           early_stopping={"patience": None})
         from tltool.runtime import cpu_supports_bf16
@@ -126,12 +129,12 @@ def resnet_case(mode: str, size: int, n: int, epochs: int, who: str, precision: 
         rt = Runtime(layout="auto", dtype=dtype,
                      probe_precision=precision == "auto" and cpu_supports_bf16())
         start = time.perf_counter()
-        summary = fit(model, Tensors(x, y), Tensors(xv, yv), [phase], cfg, [str(i) for i in
-                      range(10)], 0, save=lambda *_: None, metrics_csv="/dev/null",
-                      log=lambda _: None, rt=rt)
+        summary = fit(model, TrainingData(Tensors(x, y), Tensors(xv, yv)),
+                      TrainingPlan([rnd], cfg, 0, Task(), [str(i) for i in range(10)], rt=rt),
+                      Sink(lambda *_: None, log=lambda _: None))
         out["seconds"] = time.perf_counter() - start
-        out["cache_build"] = summary["timing"]["cache_build_seconds"][0]
-        out["cached_blocks"] = summary["cache"][0]["cached_blocks"]
+        out["cache_build"] = summary.timing["cache_build_seconds"][0]
+        out["cached_blocks"] = summary.cache[0]["cached_blocks"]
         out["chosen"] = rt.describe()
     return out
 
@@ -177,10 +180,13 @@ def hand_cache(model: nn.Module, frozen: list[str], x, y, epochs: int, dtype, fm
 def mlp_case(mode: str, epochs: int, who: str) -> dict:
     from tltool.config import TrainConfig, validate_config
     from tltool.data.tabular import load_tabular
-    from tltool.engine import Phase, fit
-    from tltool.inputs import Weights, load_inputs
+    from tltool.engine.drive import fit
+    from tltool.engine.plan import Round, Sink, TrainingData, TrainingPlan
+    from tltool.inputs import load_inputs
     from tltool.models import build_model, model_spec
     from tltool.models.backbones import get_spec
+    from tltool.task import Task
+    from tltool.weights import Weights
 
     cfg = validate_config({"source": {"name": "credit_data", "where": {"Job": "fixed"}}}, "b")
     inputs = load_inputs(cfg.source, "source", 0, get_spec("mlp"), Weights("none"))
@@ -208,10 +214,11 @@ def mlp_case(mode: str, epochs: int, who: str) -> dict:
             with torch.no_grad():
                 model(inputs.val.x)
     else:
-        phase = Phase(1 if mode == "frozen1" else 0, "freeze", epochs, 1e-3, 1.0)
+        rnd = Round(1 if mode == "frozen1" else 0, "freeze", epochs, 1e-3, 1.0)
         tcfg = TrainConfig(epochs=epochs, batch_size=BATCH, early_stopping={"patience": None})
-        fit(model, inputs.train, inputs.val, [phase], tcfg, ["good", "bad"], 0,
-            save=lambda *_: None, metrics_csv="/dev/null", log=lambda _: None)
+        fit(model, TrainingData(inputs.train, inputs.val),
+            TrainingPlan([rnd], tcfg, 0, Task(), ["good", "bad"]),
+            Sink(lambda *_: None, log=lambda _: None))
     return {"seconds": time.perf_counter() - start, "rows": len(x)}
 
 

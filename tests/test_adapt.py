@@ -14,8 +14,11 @@ import yaml
 from tltool.adapt import Adaptation, coral, dann_scale, mmd
 from tltool.config import TrainConfig, validate_config
 from tltool.data.tabular import load_tabular
-from tltool.engine import Phase, Tensors, fit
+from tltool.engine.drive import fit
+from tltool.engine.plan import Round, Sink, TrainingData, TrainingPlan
 from tltool.models import build_model, model_spec
+from tltool.task import Task
+from tltool.tensors import Tensors
 
 
 def _shifted(n: int, shift: float, seed: int) -> torch.Tensor:
@@ -89,9 +92,9 @@ def _train_gap(method: str) -> float:
     adapt = (None if method == "none" else
              Adaptation(method, 1.0, target=Tensors(xt, torch.full((256,), -1))))
     cfg = TrainConfig(epochs=15, batch_size=64, lr=0.01, early_stopping={"patience": None})
-    fit(model, Tensors(xs, ys), Tensors(xs[:64], ys[:64]), [Phase(0, "full", 15, 0.01, 1.0)],
-        cfg, ["a", "b"], 0, save=lambda *_: None, metrics_csv="/dev/null",
-        log=lambda _: None, adapt=adapt)
+    fit(model, TrainingData(Tensors(xs, ys), Tensors(xs[:64], ys[:64]), adapt=adapt),
+        TrainingPlan([Round(0, "full", 15, 0.01, 1.0)], cfg, 0, Task(), ["a", "b"]),
+        Sink(lambda *_: None, log=lambda _: None))
     with torch.no_grad():
         model.eval()
         return float(coral(model.backbone(xs), model.backbone(xt)))

@@ -7,11 +7,14 @@ import pytest
 import torch
 
 from tltool.config import TrainConfig
-from tltool.engine import Phase, Tensors, fit
+from tltool.engine.drive import fit
+from tltool.engine.plan import Round, Sink, TrainingData, TrainingPlan
 from tltool.errors import ConfigError
 from tltool.freeze import apply_freeze, snapshot_frozen, verify_unchanged
 from tltool.models import build_model, model_spec
 from tltool.models.backbones import BACKBONES
+from tltool.task import Task
+from tltool.tensors import Tensors
 
 
 def _mlp(batch_norm=False):
@@ -86,12 +89,13 @@ def test_frozen_tensors_are_bit_identical_after_training(name, strategy, frozen)
     x, y = torch.randn(96, 10), torch.randint(0, 3, (96,))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = TrainConfig(epochs=3, batch_size=16, lr=0.05)
-    summary = fit(model, Tensors(x, y), Tensors(x[:32], y[:32]),
-                  [Phase(frozen, strategy, 3, 0.05, 1.0)], cfg, ["a", "b", "c"], 0,
-                  save=lambda *_: None, metrics_csv="/dev/null", log=lambda _: None)
-    assert summary["freeze_check"]["unchanged"]
+    summary = fit(model, TrainingData(Tensors(x, y), Tensors(x[:32], y[:32])),
+                  TrainingPlan([Round(frozen, strategy, 3, 0.05, 1.0)], cfg, 0, Task(),
+                               ["a", "b", "c"]),
+                  Sink(lambda *_: None, log=lambda _: None))
+    assert summary.freeze_check["unchanged"]
     after = model.state_dict()
-    n_frozen = summary["plans"][0]["frozen_layers"]
+    n_frozen = summary.plans[0]["frozen_layers"]
     frozen_prefixes = [f"backbone.blocks.{i}." for i in range(n_frozen)]
     for key, value in before.items():
         if any(key.startswith(p) for p in frozen_prefixes):
@@ -145,10 +149,11 @@ def test_prefix_cache_trains_the_same_model(strategy, frozen):
         torch.manual_seed(0)
         model = build_model(model_spec("mlp", {"hidden": [16, 8]}, 10, "linear", 8, 0.0, 2))
         cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05, cache=cache)
-        summary = fit(model, Tensors(x, y), Tensors(x[:50], y[:50]),
-                      [Phase(frozen, strategy, 3, 0.05, 1.0)], cfg, ["a", "b"], 0,
-                      save=lambda *_: None, metrics_csv="/dev/null", log=lambda _: None)
-        results[cache] = (model.state_dict(), summary["cache"][0]["cached_blocks"])
+        summary = fit(model, TrainingData(Tensors(x, y), Tensors(x[:50], y[:50])),
+                      TrainingPlan([Round(frozen, strategy, 3, 0.05, 1.0)], cfg, 0, Task(),
+                                   ["a", "b"]),
+                      Sink(lambda *_: None, log=lambda _: None))
+        results[cache] = (model.state_dict(), summary.cache[0]["cached_blocks"])
     assert results["auto"][1] == (2 if strategy == "linear_probe" else 1)
     assert results["off"][1] == 0
     for key, value in results["off"][0].items():

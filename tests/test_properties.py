@@ -90,15 +90,16 @@ def test_csv_reader_never_raises_anything_else(n, tmp_path):
 
 
 def _good_checkpoint() -> dict:
+    from tltool.checkpoint import Checkpoint
     from tltool.models import build_model, model_spec
-    from tltool.workflows.common import checkpoint_payload
 
     spec = model_spec("mlp", {"hidden": [4], "activation": "relu", "batch_norm": False,
                               "dropout": 0.0}, 3, "linear", 8, 0.0, 2)
     model = build_model(spec)
     pre = {"kind": "tabular", "numeric": [{"name": c, "median": 0.0, "mean": 0.0, "std": 1.0}
                                           for c in "abc"], "categorical": [], "dropped": []}
-    return checkpoint_payload(model, pre, ["no", "yes"], "y", False, "pretrain", 1)
+    like = Checkpoint("pretrain", 1, spec, ["no", "yes"], "y", "classification", pre, {})
+    return Checkpoint.of_model(model, like, 1).payload()
 
 
 PATHS = [("spec", "backbone"), ("spec", "in_features"), ("spec", "n_outputs"),
@@ -109,8 +110,8 @@ PATHS = [("spec", "backbone"), ("spec", "in_features"), ("spec", "n_outputs"),
 
 @pytest.mark.parametrize("n", [pytest.param(FAST), pytest.param(SLOW, marks=pytest.mark.slow)])
 def test_checkpoint_loader_never_raises_anything_else(n, tmp_path):
-    from tltool.runs import load_checkpoint
-    from tltool.workflows.common import load_trained
+    from tltool.checkpoint import Checkpoint
+    from tltool.models.loading import load_trained
 
     good = _good_checkpoint()
     replacement = st.one_of(values, st.just(torch.zeros(2, 2)), st.just([10**9, 10**9]))
@@ -132,7 +133,7 @@ def test_checkpoint_loader_never_raises_anything_else(n, tmp_path):
         file = tmp_path / "best.pt"
         file.write_bytes(buf.getvalue())
         try:
-            load_trained(load_checkpoint(file))
+            load_trained(Checkpoint.load(file))
         except TLError:
             pass
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import tltool.runs as runs
+import tltool.runs.folder as runs
+from tltool.runs.status import run_status
 
 CASES = {
     # several rounds (head only -> top block -> everything), early stopping in play
@@ -88,7 +89,7 @@ def test_a_killed_run_is_stale_not_running(cli, write_config, tmp_path):
     proc.wait()
     run = next(folder.iterdir())
     assert json.loads((run / "run.json").read_text())["status"] == "running"
-    assert runs.run_status(run)["status"] == "stale"
+    assert run_status(run)["status"] == "stale"
     res = cli("evaluate", str(run))
     assert res.code == 2 and "'stale'" in res.err and "tltool resume" in res.err
 

@@ -13,8 +13,11 @@ import pytest
 import torch
 
 from tltool.config import TrainConfig
-from tltool.engine import Phase, Tensors, Trainer, l2sp_penalty
+from tltool.engine.loop import Trainer, l2sp_penalty
+from tltool.engine.plan import Round, TrainingData, TrainingPlan
 from tltool.models import build_model, model_spec
+from tltool.task import Task
+from tltool.tensors import Tensors
 
 NEW_ROWS = Path(__file__).resolve().parents[1] / "configs" / "credit" / "new_applicants.csv"
 RAW = {"backbone": "raw", "backbone_args": {}, "weights": "none"}
@@ -97,8 +100,8 @@ def test_l2sp_pulls_weights_towards_the_pretrained_ones():
         start = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
         x, y = torch.randn(64, 6), torch.randint(0, 2, (64,))
         cfg = TrainConfig(epochs=5, batch_size=16, lr=0.05, l2sp={"alpha": alpha, "beta": 0.0})
-        t = Trainer(model, Tensors(x, y), None, [Phase(0, "full", 5, 0.05, 1.0)], cfg,
-                    ["a", "b"], 0)
+        t = Trainer(model, TrainingData(Tensors(x, y), None),
+                    TrainingPlan([Round(0, "full", 5, 0.05, 1.0)], cfg, 0, Task(), ["a", "b"]))
         t.start_round(1)
         for _ in range(5):
             t.run_epoch()
@@ -209,8 +212,8 @@ def test_sample_seed_draws_other_labelled_rows_only_when_asked(cli, write_config
 def test_a_prior_of_several_source_models_averages_their_log_probabilities(
         pretrained, cli, write_config, tmp_path):
     """model.prior_weights as a list: the prior's signal is the mean of the models' own."""
-    from tltool.runs import load_checkpoint
-    from tltool.workflows.common import load_trained
+    from tltool.checkpoint import Checkpoint
+    from tltool.models.loading import load_trained
 
     lr = _run(cli, tmp_path, "pretrain", write_config("src-lr", {"model": {
         **RAW, "head": "logistic_regression"}}))
@@ -219,8 +222,8 @@ def test_a_prior_of_several_source_models_averages_their_log_probabilities(
     run = _run(cli, tmp_path, "freeze-finetune", write_config("avg", {"model": {
         **RAW, "head": "logistic_regression", "prior": "offset",
         "prior_weights": [str(lr), str(gb)], "head_args": {"C": 1e-6}}}))
-    model = load_trained(load_checkpoint(run / "checkpoints" / "best.pt"))
-    members = [load_trained(load_checkpoint(r / "checkpoints" / "best.pt")) for r in (lr, gb)]
+    model = load_trained(Checkpoint.load(run / "checkpoints" / "best.pt"))
+    members = [load_trained(Checkpoint.load(r / "checkpoints" / "best.pt")) for r in (lr, gb)]
     x = torch.randn(9, model.spec["in_features"])
     with torch.no_grad():
         mean = torch.stack([torch.log_softmax(m(x), 1) for m in members]).mean(0)

@@ -8,10 +8,14 @@ import pytest
 import torch
 
 from tltool.config import TrainConfig
-from tltool.engine import Phase, Tensors, fit, predict_logits
+from tltool.engine.drive import fit
+from tltool.engine.plan import Round, Sink, TrainingData, TrainingPlan
+from tltool.engine.predict import predict_logits
 from tltool.errors import ConfigError
 from tltool.models import build_model, model_spec
 from tltool.runtime import Runtime, make_runtime
+from tltool.task import Task
+from tltool.tensors import Tensors
 
 
 def test_impossible_requests_are_config_errors():
@@ -37,9 +41,10 @@ def test_bf16_training_runs_and_keeps_fp32_weights():
     model = build_model(model_spec("small_cnn", {}, 3, "linear", 8, 0.0, 2))
     x, y = torch.randn(32, 3, 28, 28), torch.randint(0, 2, (32,))
     cfg = TrainConfig(epochs=2, batch_size=16, precision="bf16")
-    fit(model, Tensors(x, y), Tensors(x[:8], y[:8]), [Phase(1, "freeze", 2, 0.01, 1)], cfg,
-        ["a", "b"], 0, save=lambda *_: None, metrics_csv="/dev/null", log=lambda _: None,
-        rt=make_runtime(cfg, image_model=True))
+    fit(model, TrainingData(Tensors(x, y), Tensors(x[:8], y[:8])),
+        TrainingPlan([Round(1, "freeze", 2, 0.01, 1)], cfg, 0, Task(), ["a", "b"],
+                     rt=make_runtime(cfg, image_model=True)),
+        Sink(lambda *_: None, log=lambda _: None))
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
@@ -137,9 +142,10 @@ def test_a_fixed_layout_trains_reproducibly():
         for _ in range(2):
             model = _resnet()
             cfg = TrainConfig(epochs=1, batch_size=16, channels_last=layout, optimizer="sgd")
-            fit(model, Tensors(x, y), Tensors(x[:16], y[:16]), [Phase(3, "freeze", 1, 0.01, 1)],
-                cfg, ["a", "b", "c"], 0, save=lambda *_: None, metrics_csv="/dev/null",
-                log=lambda _: None, rt=make_runtime(cfg, image_model=True))
+            fit(model, TrainingData(Tensors(x, y), Tensors(x[:16], y[:16])),
+                TrainingPlan([Round(3, "freeze", 1, 0.01, 1)], cfg, 0, Task(), ["a", "b", "c"],
+                             rt=make_runtime(cfg, image_model=True)),
+                Sink(lambda *_: None, log=lambda _: None))
             logits.append(predict_logits(model, Tensors(x, y)))
         assert torch.equal(logits[0], logits[1]), layout
 
@@ -152,9 +158,10 @@ def test_compiled_forward_trains_like_the_eager_one():
         model = build_model(model_spec("mlp", {"hidden": [16]}, 8, "linear", 8, 0.0, 2))
         x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
         cfg = TrainConfig(epochs=2, batch_size=16, compile=compiled)
-        fit(model, Tensors(x, y), Tensors(x[:16], y[:16]), [Phase(0, "full", 2, 0.01, 1)], cfg,
-            ["a", "b"], 0, save=lambda *_: None, metrics_csv="/dev/null", log=lambda _: None,
-            rt=make_runtime(cfg, image_model=False))
+        fit(model, TrainingData(Tensors(x, y), Tensors(x[:16], y[:16])),
+            TrainingPlan([Round(0, "full", 2, 0.01, 1)], cfg, 0, Task(), ["a", "b"],
+                         rt=make_runtime(cfg, image_model=False)),
+            Sink(lambda *_: None, log=lambda _: None))
         results.append(model.state_dict())
     for key, value in results[0].items():
         assert torch.allclose(results[1][key], value, atol=1e-5), key

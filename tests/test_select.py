@@ -15,8 +15,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from tltool.config import validate_config
-from tltool.cv import Scored, choose, make_folds
 from tltool.datasets import load_table
+from tltool.select.rules import Scored, choose
+from tltool.select.scoring import make_folds
 
 NEW_ROWS = Path(__file__).resolve().parents[1] / "configs" / "credit" / "new_applicants.csv"
 
@@ -161,12 +162,12 @@ def test_changing_the_test_labels_leaves_the_choice_unchanged(pretrained, cli, w
 def test_cross_validation_of_a_classic_route_matches_scikit_learn(pretrained, write_config):
     """target-lr's fold scores are those of a plain scikit-learn LogisticRegression fitted on
     the same encoded rows of the same folds."""
+    from tltool.cache import PrefixStore
     from tltool.config import load_config
-    from tltool.cv import fold_scores
-    from tltool.engine import PrefixStore
-    from tltool.workflows.candidates import Candidate
-    from tltool.workflows.crossval import cross_validate, labelled_rows
-    from tltool.workflows.routes import prepare
+    from tltool.routes.route import prepare
+    from tltool.select.candidates import Candidate
+    from tltool.select.crossval import CrossValidation, cross_validate, labelled_rows
+    from tltool.select.scoring import fold_scores
 
     cfg = load_config(_select_cfg(write_config, pretrained), [
         "model.backbone=raw", "model.backbone_args={}", "model.weights=none",
@@ -175,14 +176,16 @@ def test_cross_validation_of_a_classic_route_matches_scikit_learn(pretrained, wr
     cand = Candidate("target-lr", {}, None, False)
     rows = labelled_rows([(cand, route)])
     folds = make_folds(rows.y, "classification", 3, 2, seed=1)
-    scored, oof = cross_validate(route, cand, rows.of(route), folds, PrefixStore(), "auroc", 1)
+    scored, oof = cross_validate(route, cand, CrossValidation(rows, folds, "auroc",
+                                                              PrefixStore()))
     x = rows.of(route).x.numpy().astype(np.float64)
     expected = []
     for train, held in folds.splits:
         lr = LogisticRegression(max_iter=5000).fit(x[train], rows.y[train])
         expected.append(roc_auc_score(rows.y[held], lr.predict_proba(x[held])[:, 1]))
     assert np.allclose(scored.scores, expected, atol=1e-6)
-    assert np.allclose(fold_scores("auroc", rows.y, oof, folds, None), expected, atol=1e-6)
+    assert np.allclose(fold_scores("auroc", rows.y, oof, folds, (cfg.decision, route.kind)),
+                       expected, atol=1e-6)
     assert scored.complexity == 3  # a linear model on the raw table
 
 
@@ -216,17 +219,17 @@ def test_select_refuses_unknown_sources_and_bad_candidates(cli, write_config):
 def test_prior_offset_starts_at_the_source_answer(pretrained):
     """A network with a prior offset and a zero-initialised head predicts exactly the prior's
     log-probabilities before training."""
+    from tltool.checkpoint import Checkpoint
     from tltool.models import build_model
-    from tltool.runs import load_checkpoint
-    from tltool.workflows.common import load_trained
+    from tltool.models.loading import load_trained
 
-    ckpt = load_checkpoint(pretrained / "checkpoints" / "best.pt")
+    ckpt = Checkpoint.load(pretrained / "checkpoints" / "best.pt")
     source = load_trained(ckpt)
-    spec = dict(ckpt["spec"], prior={"mode": "offset", "specs": [ckpt["spec"]],
-                                     "classes": ckpt["classes"], "binary": True})
+    spec = dict(ckpt.spec, prior={"mode": "offset", "specs": [ckpt.spec],
+                                  "classes": ckpt.classes, "binary": True})
     model = build_model(spec)
     model.prior.models[0].load_state_dict(source.state_dict())
-    x = torch.randn(7, ckpt["spec"]["in_features"])
+    x = torch.randn(7, ckpt.spec["in_features"])
     with torch.no_grad():
         assert torch.allclose(torch.softmax(model(x), 1), torch.softmax(source(x), 1),
                               atol=1e-6)
@@ -260,7 +263,7 @@ def test_select_without_target_labels_chooses_by_an_unsupervised_criterion(
 
 
 def test_ensv_agreement_and_dev_control_variate():
-    from tltool.criteria import dev_risk, ensv_scores, iwcv_risk
+    from tltool.select.criteria import dev_risk, ensv_scores, iwcv_risk
 
     a = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
     b = np.array([[0.8, 0.2], [0.3, 0.7], [0.1, 0.9]])
@@ -299,13 +302,13 @@ def test_default_grid_offers_every_family_that_applies(write_config):
     """Tables with a source section: reference models, source models as is / averaged / as a
     prior, fine-tunes, L2-SP, pooled, adapt; each candidate a valid config."""
     from tltool.config import load_config
-    from tltool.workflows.candidates import candidate_list, facts, source_plan
-    from tltool.workflows.routes import InputCache
+    from tltool.routes.route import InputCache
+    from tltool.select.candidates import candidate_list, facts, source_plan
 
     cfg = load_config(write_config("g", {"target": {"n_train": 60, "n_val": 30}}))
     found = facts(cfg, InputCache("labelled"))
     sources = source_plan(cfg, found)
-    assert set(sources) == {"net", "lr", "gb"} and found["same_classes"] and found["pool"]
+    assert set(sources) == {"net", "lr", "gb"} and found.same_classes and found.pool
     names = [c.name for c in candidate_list(cfg, found, sources)]
     for expected in ("target-lr", "target-gb", "pooled-lr", "pooled-gb", "source-only-lr",
                      "source-only-gb", "source-only", "source-avg", "prior-avg", "prior-gb",

@@ -159,10 +159,10 @@ def load(config: str, overrides: list[str] | None):
     return load_config(config, overrides or [])
 
 
-def finish(result: dict[str, Any], lines: list[str], session: Session | None = None) -> None:
+def finish(result, lines: list[str], session: Session | None = None) -> None:
     """A finished command's answer: its summary lines on stderr, then the run folder on stdout
     (or, with --json, one JSON object with the headline metrics; nothing on ranks other than 0
-    under torchrun)."""
+    under torchrun). `result`: what the command returned (tltool.runs.summary.Result)."""
     from tltool import distributed
 
     distributed.finish()  # every rank done (torchrun), before rank 0 answers
@@ -172,39 +172,37 @@ def finish(result: dict[str, Any], lines: list[str], session: Session | None = N
     for line in lines:
         typer.echo(line, err=True)
     if session is not None and session.as_json:
-        session.emit({"status": "complete", "run": result["run"],
-                      "metrics": _headline(result)})
+        session.emit({"status": "complete", "run": str(result.run),
+                      "metrics": _headline(result.summary)})
         return
     if session is not None:
         session.close()
-    typer.echo(result["run"])
+    typer.echo(str(result.run))
 
 
-def _headline(result: dict[str, Any]) -> dict[str, Any]:
+def _headline(summary) -> dict[str, Any]:
     """The numbers a CI job checks: each split's headline metrics (and select's choice)."""
-    metrics = result.get("metrics") or {}
     keep = ("n", "accuracy", "f1", "auroc", "average_precision", "brier", "map", "macro_f1",
             "exact_match", "rmse", "mae", "r2")
     out: dict[str, Any] = {}
-    for split in ("val", "test"):
-        if isinstance(metrics.get(split), dict):
-            out[split] = {k: metrics[split][k] for k in keep if k in metrics[split]}
-    if "heads" in metrics:
+    for split, report in (("val", summary.val), ("test", summary.test)):
+        if isinstance(report, dict):
+            out[split] = {k: report[k] for k in keep if k in report}
+    if summary.heads is not None:
         out["heads"] = {h: {k: r["test"].get(k) for k in keep if k in r["test"]}
-                        for h, r in metrics["heads"].items()}
-    if "select" in metrics:
-        out["select"] = {k: metrics["select"].get(k) for k in ("winner", "cv")}
-    if "summary" in result:
-        out["predict"] = {k: result["summary"].get(k) for k in
+                        for h, r in summary.heads.items()}
+    if summary.choice is not None:
+        out["select"] = {k: summary.choice.get(k) for k in ("winner", "cv")}
+    if summary.prediction is not None:
+        out["predict"] = {k: summary.prediction.get(k) for k in
                           ("rows", "predicted_counts", "predicted")}
     return out
 
 
-def score_lines(metrics: dict[str, Any]) -> list[str]:
+def score_lines(val: dict[str, Any] | None, test: dict[str, Any] | None) -> list[str]:
     """One line per split (val, test) with its headline metrics, as training commands print."""
     out = []
-    for split in ("val", "test"):
-        m = metrics.get(split)
+    for split, m in (("val", val), ("test", test)):
         if m and "rmse" in m:
             r2 = "n/a" if m["r2"] is None else f"{m['r2']:.4f}"
             out.append(f"{split:<5} rmse {m['rmse']:.4g}  mae {m['mae']:.4g}  r2 {r2}  "

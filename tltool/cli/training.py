@@ -38,7 +38,7 @@ def pretrain(
     from tltool.workflows.train import pretrain as run
 
     result = call(lambda: run(cfg, sys.argv), session)
-    finish(result, score_lines(result["metrics"]), session)
+    finish(result, score_lines(result.summary.val, result.summary.test), session)
 
 
 @app.command("freeze-finetune")
@@ -59,7 +59,7 @@ def freeze_finetune(
     from tltool.workflows.train import freeze_finetune as run
 
     result = call(lambda: run(cfg, sys.argv), session)
-    finish(result, score_lines(result["metrics"]), session)
+    finish(result, score_lines(result.summary.val, result.summary.test), session)
 
 
 @app.command()
@@ -79,8 +79,8 @@ def extract(
     from tltool.workflows.extract import extract as run
 
     result = call(lambda: run(cfg, sys.argv), session)
-    lines = [f"{kind:<20} " + " ".join(score_lines(r)[-1:])
-             for kind, r in result["metrics"]["heads"].items()]
+    lines = [f"{kind:<20} " + " ".join(score_lines(r.get("val"), r.get("test"))[-1:])
+             for kind, r in result.summary.heads.items()]
     finish(result, lines, session)
 
 
@@ -105,21 +105,21 @@ def select_(
     """
     session = Session("select", as_json, quiet)
     cfg = call(lambda: load(config, set_), session)  # config errors answer before torch loads
-    from tltool.workflows.select import select as run
+    from tltool.select.workflow import select as run
 
     result = call(lambda: run(cfg, sys.argv), session)
-    unsupervised = bool(result.get("unsupervised"))
+    unsupervised = result.unsupervised
     lines = [f"{'':2}{'rank':>4}  {'candidate':<22} "
              f"{(row['metric'] if unsupervised else 'cv ' + row['metric']):>14}  "
-             f"{'± se':>7}  complexity" for row in result["leaderboard"][:1]]
-    for row in result["leaderboard"]:
+             f"{'± se':>7}  complexity" for row in result.leaderboard[:1]]
+    for row in result.leaderboard:
         mean = "n/a" if row["mean"] is None else f"{row['mean']:.4f}"
         se = "" if row["se"] is None else f"{row['se']:.4f}"
         mark = "->" if row["chosen"] else (" +" if row.get("averaged") else
                                            " ~" if row["within_one_se"] else "  ")
         lines.append(f"{mark}{row['rank']:>4}  {row['name']:<22} {mean:>14}  {se:>7}  "
                      f"{row['complexity']}")
-    finish(result, lines + score_lines(result["metrics"]), session)
+    finish(result, lines + score_lines(result.summary.val, result.summary.test), session)
 
 
 @app.command()
@@ -139,4 +139,4 @@ def resume(
 
     session = Session("resume", as_json, quiet)
     result = call(lambda: run_resume(run, sys.argv), session)
-    finish(result, score_lines(result["metrics"]), session)
+    finish(result, score_lines(result.summary.val, result.summary.test), session)

@@ -27,7 +27,7 @@ def evaluate(
 
     Example: tltool evaluate runs/credit-finetune/latest
     """
-    from tltool.workflows.infer import evaluate as run_eval
+    from tltool.workflows.evaluate import evaluate as run_eval
 
     session = Session("evaluate", as_json, quiet)
     if csv is not None and on is not None:
@@ -36,7 +36,7 @@ def evaluate(
     if on not in (None, "source", "target"):
         reject(f"--on: got {on!r}; allowed: source, target", session)
     result = call(lambda: run_eval(run, on, csv, sys.argv, recompute), session)
-    finish(result, [result["table"]], session)
+    finish(result, [result.table], session)
 
 
 @app.command()
@@ -68,7 +68,7 @@ def ensemble(
         if value is not None and value not in allowed:
             reject(f"{key}: got {value!r}; allowed: {', '.join(allowed)}", session)
     result = call(lambda: run_ensemble(runs, name, rule, optimize, sys.argv), session)
-    finish(result, [result["table"]], session)
+    finish(result, [result.table], session)
 
 
 @app.command()
@@ -91,7 +91,7 @@ def predict(
 
     Example: tltool predict runs/credit-finetune/latest new_rows.csv --out preds.csv
     """
-    from tltool.workflows.infer import predict as run_predict
+    from tltool.workflows.predict import predict as run_predict
 
     session = Session("predict", as_json, quiet)
     if out == "-" and as_json:
@@ -99,7 +99,7 @@ def predict(
                "--json", session)
     result = call(lambda: run_predict(run, input_csv, out, id_column, sys.argv, force),
                    session)
-    s = result["summary"]
+    s = result.summary.prediction
     if "predicted" in s:  # regression: the predicted values' summary
         p = s["predicted"]
         what = f"mean {p['mean']:.4g}, min {p['min']:.4g}, max {p['max']:.4g}"
@@ -108,10 +108,10 @@ def predict(
     lines = [f"{s['rows']} rows predicted: {what}" + (
         f"; written to {out}" if out and out != "-" else "")]
     if out == "-":  # the predictions are standard output; the run folder goes to stderr
-        for line in lines + [result["run"]]:
+        for line in lines + [str(result.run)]:
             typer.echo(line, err=True)
         session.close()
-        typer.echo(result["csv"], nl=False)
+        typer.echo(result.csv, nl=False)
         return
     finish(result, lines, session)
 
@@ -137,7 +137,7 @@ def runs_(
     """
     import json
 
-    from tltool.workflows.listing import diff_runs, format_diff, format_table, list_runs
+    from tltool.runs.listing import diff_runs, format_diff, format_table, list_runs
 
     args = list(args or [])
     if status is not None and status not in ("complete", "failed", "running", "stale"):

@@ -14,6 +14,7 @@ import yaml
 
 from tltool.errors import RunError
 from tltool.runs.status import STATUS_FILE, run_status
+from tltool.runs.summary import StoredSummary
 
 COLUMNS = ["name", "run", "command", "status", "started", "data", "backbone", "frozen",
            "strategy", "metric", "value", "val_value"]
@@ -43,15 +44,14 @@ def list_runs(root: str | Path, name: str | None = None, command: str | None = N
 
 def _row(folder: Path, info: dict[str, Any]) -> dict[str, Any]:
     cfg = _read(folder / "config.yaml", yaml.safe_load)
-    metrics = _read(folder / "metrics.json", json.loads)
+    stored = StoredSummary.read(folder)
     cfg = cfg if isinstance(cfg, dict) else {}  # a damaged file: listed without it
-    metrics = metrics if isinstance(metrics, dict) else {}
     model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
     section = "source" if info.get("command") == "pretrain" else "target"
     data = cfg.get(section) if isinstance(cfg.get(section), dict) else {}
-    metric, value = _headline(metrics.get("test"))
-    _, val_value = _headline(metrics.get("val"), metric)
-    route = metrics.get("route") if isinstance(metrics.get("route"), dict) else {}
+    metric, value = _headline(stored.test)
+    _, val_value = _headline(stored.val, metric)
+    route = stored.route
     if isinstance(route.get("average_of"), list):  # a select ensemble: no one backbone
         route = {"backbone": f"ensemble of {len(route['average_of'])}", "frozen_layers": None,
                  "strategy": None}
@@ -105,8 +105,7 @@ def diff_runs(a: str | Path, b: str | Path) -> dict[str, Any]:
             raise RunError(f"{ref}: not a tltool run folder ({STATUS_FILE} missing or damaged)")
         folders.append(folder)
     cfgs = [_flat(_read(f / "config.yaml", yaml.safe_load) or {}) for f in folders]
-    mets = [_flat({k: v for k, v in (_read(f / "metrics.json", json.loads) or {}).items()
-                   if k in ("val", "test")}) for f in folders]
+    mets = [_flat(StoredSummary.read(f).scores()) for f in folders]
     # A key only one run has comes from a newer tltool; the older run ran with its default.
     defaults = _defaults()
     config = {}

@@ -27,6 +27,7 @@ from tltool.routes.route import InputCache, describe_route, prepare
 from tltool.routes.training import backbone_features, build, check_built, train_route
 from tltool.runs.files import write_json, write_text
 from tltool.runs.folder import RunFolder, RunPlace, new_run, pinned_config
+from tltool.runs.summary import Result
 from tltool.runtime import make_runtime
 from tltool.select.candidates import Facts
 from tltool.select.criteria import ensv_scores, estimate
@@ -129,7 +130,7 @@ def _rank(run: RunFolder, rows: list[dict], crit: str) -> str:
 
 
 def select_unsupervised(cfg: ExperimentConfig, argv, cache: InputCache,
-                        found: Facts) -> dict[str, Any]:
+                        found: Facts) -> Result:
     """select.target_labels false: see the module docstring."""
     configs = _checked(cfg, found)
     crit = cfg.select.criterion
@@ -151,11 +152,10 @@ def select_unsupervised(cfg: ExperimentConfig, argv, cache: InputCache,
         if cfg.select.research:
             _research(run, kept, winner, cache, crit)
         write_json(run.file("timing.json"), {"candidates": timing})
-    return {"run": str(run.path), "metrics": summary.to_dict(), "summary": summary,
-            "unsupervised": True,
-            "leaderboard": [{"rank": r["rank"], "name": r["name"], "chosen": r["chosen"],
-                             "metric": crit, "mean": r[crit], "se": None,
-                             "within_one_se": False, "complexity": 0} for r in rows]}
+    board = [{"rank": r["rank"], "name": r["name"], "chosen": r["chosen"], "metric": crit,
+              "mean": r[crit], "se": None, "within_one_se": False, "complexity": 0}
+             for r in rows]
+    return Result(run.path, summary, unsupervised=True, leaderboard=board)
 
 
 def _target_inputs(cache: InputCache, route):

@@ -32,6 +32,7 @@ from tltool.routes.route import InputCache, Route, prepare
 from tltool.routes.training import build, check_built
 from tltool.runs.files import write_json, write_text
 from tltool.runs.folder import RunFolder, RunPlace, check_output_root, new_run
+from tltool.runs.summary import Result
 from tltool.select.candidates import (
     Candidate,
     Facts,
@@ -58,7 +59,7 @@ ALLOWED_METRICS = {REGRESSION: ("rmse", "mae", "r2"), MULTILABEL: ("map",),
                                     "log_loss")}
 
 
-def select(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, Any]:
+def select(cfg: ExperimentConfig, argv: list[str] | None = None) -> Result:
     """Choose the route to the target model by cross-validation; see the module docstring."""
     if cfg.target is None:
         raise ConfigError("target: select needs a `target` data section (and, for transfer "
@@ -105,8 +106,7 @@ def select(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, An
     summary = outcome.summary
     log.info("select: chose %s (cv %s %.4f); test: %s", outcome.winner.name, metric,
              outcome.winner.mean, _headline(summary.test))
-    return {"run": str(run.path), "metrics": summary.to_dict(), "summary": summary,
-            "leaderboard": board}
+    return Result(run.path, summary, leaderboard=board)
 
 
 def _cross_validate_all(routes: list[tuple[Candidate, Route]], cv: CrossValidation,
@@ -187,7 +187,7 @@ def _pretrain_sources(cfg: ExperimentConfig, sources: dict[str, dict[str, Any]],
         src_cfg = validate_config(raw, origin=where)
         start = time.perf_counter()
         done = train_run(TrainRequest(src_cfg, "pretrain", cache=cache, select_source=True))
-        made[name] = Path(done["run"])
+        made[name] = done.run
         timing["sources"][name] = round(time.perf_counter() - start, 3)
         log.info("select: source model %s pretrained (%s)", name, made[name])
     return made

@@ -26,7 +26,7 @@ from tltool.models.backbones import get_spec
 from tltool.runs.folder import RunPlace, experiment_home, new_run
 from tltool.runs.opening import TrainedRun, ensemble_members, open_run
 from tltool.runs.out_of_fold import read_out_of_fold
-from tltool.runs.summary import EnsembleSummary, StoredSummary
+from tltool.runs.summary import EnsembleSummary, Result, StoredSummary
 from tltool.task import CLASSIFICATION, MULTILABEL, REGRESSION
 from tltool.weights import Weights
 from tltool.workflows.averaging import Average, AverageRun, write_average
@@ -149,7 +149,7 @@ def _proba(member: TrainedRun, data) -> np.ndarray:
 
 
 def ensemble(refs: list[str], name: str | None = None, rule: str = "auto",
-             optimize: str | None = None, argv: list[str] | None = None) -> dict[str, Any]:
+             optimize: str | None = None, argv: list[str] | None = None) -> Result:
     """Average the members' probabilities, choose the decision rule on their held-out rows,
     score the test split once, into a new run folder."""
     if len(refs) < 2:
@@ -219,5 +219,4 @@ def _write(members: list[TrainedRun], name: str | None, summary: EnsembleSummary
                  summary.labelled["val_rows"])
     else:
         log.info("ensemble of %d runs (%s)", len(members), summary.decision.rule)
-    return {"run": str(out.path), "metrics": summary.to_dict(), "summary": summary,
-            "table": table}
+    return Result(out.path, summary, table=table)

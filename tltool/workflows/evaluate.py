@@ -20,7 +20,7 @@ from tltool.models.backbones import get_spec
 from tltool.runs.files import write_text
 from tltool.runs.folder import experiment_home, new_run
 from tltool.runs.opening import TrainedRun, open_members
-from tltool.runs.summary import EvaluationSummary, StoredSummary
+from tltool.runs.summary import EvaluationSummary, Result, StoredSummary
 from tltool.tensors import Tensors
 from tltool.weights import Weights
 from tltool.workflows.averaging import Average, member_proba
@@ -40,7 +40,7 @@ class EvaluationRows:
 
 
 def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
-             argv: list[str] | None = None, recompute: bool = False) -> dict[str, Any]:
+             argv: list[str] | None = None, recompute: bool = False) -> Result:
     """Metrics on the test split of the run's data (or of `on`, or a labelled CSV).
 
     An ensemble run averages its members' probabilities and applies its own decision rule.
@@ -81,8 +81,7 @@ def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
         write_text(out.file("report.txt"), f"{opened.path} on {last.origin} (test split)\n"
                                            f"{table}\n")
         _plots(out, (y, proba, last.ids), summary, str(last.origin))
-    return {"run": str(out.path), "metrics": summary.to_dict(), "summary": summary,
-            "table": table}
+    return Result(out.path, summary, table=table)
 
 
 def _plots(out, test: tuple, summary: EvaluationSummary, origin: str) -> None:

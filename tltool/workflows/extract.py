@@ -24,7 +24,7 @@ from tltool.models.loading import load_trained
 from tltool.routes.checks import check_input_fits
 from tltool.runs.files import write_json, writing
 from tltool.runs.folder import RunPlace, new_run, pinned_config
-from tltool.runs.summary import ExtractionSummary
+from tltool.runs.summary import ExtractionSummary, Result
 from tltool.runtime import Runtime, make_runtime
 from tltool.task import CLASSIFICATION
 from tltool.weights import Weights, load_backbone_weights, resolve_weights
@@ -190,7 +190,7 @@ def _runtime(cfg: ExperimentConfig, model, spec: BackboneSpec,
     return rt
 
 
-def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, Any]:
+def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> Result:
     """Features of every split of source and target, then sklearn heads on `fit_on`."""
     model, spec, weights = _network(cfg)
     n_blocks = len(model.backbone.blocks)
@@ -221,8 +221,7 @@ def extract(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, A
         write_json(run.file("timing.json"), {"images_or_rows": done.rows,
                                              "seconds": done.seconds,
                                              "rows_per_second": done.rate} | rt.describe())
-    return {"run": str(run.path), "metrics": summary.to_dict(), "summary": summary,
-            "rows_per_second": done.rate}
+    return Result(run.path, summary, rows_per_second=done.rate)
 
 
 def _fit(kind: str, cfg: ExperimentConfig, feats, inputs: Inputs) -> dict[str, Any]:

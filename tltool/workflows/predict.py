@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,7 +17,7 @@ from tltool.inputs import encode_images, encoder_from_state
 from tltool.runs.files import write_text
 from tltool.runs.folder import check_output_file, experiment_home, new_run
 from tltool.runs.opening import TrainedRun, open_members
-from tltool.runs.summary import PredictionSummary
+from tltool.runs.summary import PredictionSummary, Result
 from tltool.tensors import Tensors
 from tltool.workflows.averaging import Average, member_proba
 
@@ -27,7 +26,7 @@ log = logging.getLogger("tltool")
 
 def predict(ref: str | Path, input_path: str, out_csv: str | None = None,
             id_column: str | None = None, argv: list[str] | None = None,
-            force: bool = False) -> dict[str, Any]:
+            force: bool = False) -> Result:
     """Probabilities and decisions for new rows (or images: a folder, or a CSV of paths).
 
     An ensemble run averages its members' probabilities and applies its own decision rule."""
@@ -59,8 +58,7 @@ def predict(ref: str | Path, input_path: str, out_csv: str | None = None,
         summary.write(out.path)
         if out_path is not None and distributed.is_main():  # torchrun: rank 0 writes it
             write_text(out_path, preds.to_csv(index=False))
-    return {"run": str(out.path), "summary": summary, "out": out_csv,
-            "csv": preds.to_csv(index=False) if out_csv == "-" else None}
+    return Result(out.path, summary, csv=preds.to_csv(index=False) if out_csv == "-" else None)
 
 
 def _new_inputs(member: TrainedRun, path: Path, id_column: str | None):

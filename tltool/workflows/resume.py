@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import logging
 from pathlib import Path
-from typing import Any
 
 from tltool.checkpoint import Checkpoint
 from tltool.engine.drive import Resume
@@ -22,6 +21,7 @@ from tltool.engine.state import TrainState
 from tltool.errors import RunError
 from tltool.runs.opening import last_checkpoint_path, run_config
 from tltool.runs.status import run_status
+from tltool.runs.summary import Result
 from tltool.workflows.train import ResumeFrom, TrainRequest, train_run
 
 log = logging.getLogger("tltool")
@@ -46,7 +46,7 @@ def _resumable(ref: str | Path) -> tuple[Path, str]:
     return run, command
 
 
-def resume(ref: str | Path, argv: list[str] | None = None) -> dict[str, Any]:
+def resume(ref: str | Path, argv: list[str] | None = None) -> Result:
     """Continue the run folder `ref` into a new run; returns the new run's result."""
     run, command = _resumable(ref)
     cfg = run_config(run)

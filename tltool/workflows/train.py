@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tltool.checkpoint import Checkpoint
 from tltool.config import ExperimentConfig
@@ -20,6 +19,7 @@ from tltool.routes.route import InputCache, Route, prepare
 from tltool.routes.training import build, check_built, train_route
 from tltool.runs.files import write_json
 from tltool.runs.folder import RunFolder, RunPlace, new_run, pinned_config
+from tltool.runs.summary import Result
 from tltool.runtime import Runtime, make_runtime
 from tltool.tensors import concat_tensors
 from tltool.tracking import tracking
@@ -52,21 +52,21 @@ class TrainRequest:
     select_source: bool = False
 
 
-def pretrain(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, Any]:
+def pretrain(cfg: ExperimentConfig, argv: list[str] | None = None) -> Result:
     """Train backbone + head on the source data (optionally starting from weights)."""
     if cfg.source is None:
         raise ConfigError("source: pretrain needs a `source` data section")
     return train_run(TrainRequest(cfg, "pretrain", argv))
 
 
-def freeze_finetune(cfg: ExperimentConfig, argv: list[str] | None = None) -> dict[str, Any]:
+def freeze_finetune(cfg: ExperimentConfig, argv: list[str] | None = None) -> Result:
     """Transfer: source backbone + new head, freeze per the config, train on the target."""
     if cfg.target is None:
         raise ConfigError("target: freeze-finetune needs a `target` data section")
     return train_run(TrainRequest(cfg, "freeze-finetune", argv))
 
 
-def train_run(req: TrainRequest) -> dict[str, Any]:
+def train_run(req: TrainRequest) -> Result:
     """Prepare, build and train the request's route into a new run folder; returns the run
     folder and its summary."""
     cfg = req.cfg
@@ -86,7 +86,7 @@ def train_run(req: TrainRequest) -> dict[str, Any]:
     with new_run(place, req.command, req.argv, cfg.seed,
                  pinned_config(cfg, route.weights.path, route.prior_path)) as run:
         summary = _train_into(run, req, route, model, rt, resume)
-    return {"run": str(run.path), "metrics": summary.to_dict(), "summary": summary}
+    return Result(run.path, summary)
 
 
 def _train_into(run: RunFolder, req: TrainRequest, route: Route, model, rt: Runtime,
