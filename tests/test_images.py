@@ -11,13 +11,9 @@ import torch
 from PIL import Image
 
 from tltool.config import DataConfig
-from tltool.data.images import (
-    ImageData,
-    is_image_config,
-    load_image_files,
-    load_images,
-    make_prepare,
-)
+from tltool.data.images.dataset import ImageData, is_image_config, load_images
+from tltool.data.images.decoding import load_image_files
+from tltool.data.images.prepare import make_prepare
 from tltool.datasets.images import FASHION_DIR, IMAGE_SETS, describe, load_image_set
 from tltool.errors import DataError
 

@@ -46,7 +46,7 @@ class Folds:
 def strata_of(y: np.ndarray, task: str) -> np.ndarray:
     """What a stratified fold keeps in proportion."""
     if task == "regression":
-        from tltool.data.tabular import strata
+        from tltool.data.splits import strata
 
         return strata(y, True)
     if task == "multilabel":

@@ -192,8 +192,10 @@ def _warn_if_changed(run: Path, inputs) -> None:
 def _labelled_csv(path: Path, label: str, classes: list[str], state: dict,
                   regression: bool = False,
                   id_column: str | None = None) -> tuple[Tensors, np.ndarray]:
+    from tltool.data.csv import read_csv
     from tltool.data.preprocess import value_text
-    from tltool.data.tabular import Split, _numeric_label, read_csv
+    from tltool.data.splits import Split
+    from tltool.data.tabular import numeric_label
 
     frame = read_csv(path, text_columns=[id_column] if id_column else [])
     has_ids = id_column is not None and id_column in frame.columns
@@ -206,7 +208,7 @@ def _labelled_csv(path: Path, label: str, classes: list[str], state: dict,
     ids = (frame[id_column].fillna("").astype(str).to_numpy() if has_ids
            else frame.index.astype(str).to_numpy())
     if regression:
-        split = Split(frame, _numeric_label(frame[label], label, str(path), training=False),
+        split = Split(frame, numeric_label(frame[label], label, str(path), training=False),
                       ids)
         return encode_tabular(encoder_from_state(state), split, str(path)), split.ids
     text = frame[label].map(value_text)
@@ -264,7 +266,7 @@ def predict(ref: str | Path, input_path: str, out_csv: str | None = None,
 
 
 def _new_rows(path: Path, state, cfg, ckpt, id_column):
-    from tltool.data.tabular import read_csv
+    from tltool.data.csv import read_csv
 
     data_cfg = _data_section(cfg, ckpt)
     frame = read_csv(path, text_columns=[c for c in (id_column, getattr(data_cfg, "id_column",
@@ -304,7 +306,8 @@ def _data_section(cfg, ckpt):
 def _new_images(path: Path, state, id_column, data_cfg):
     """A folder of images (searched recursively), one image file, or a CSV of image paths
     (the column and root the run trained with, as for kind image_csv)."""
-    from tltool.data.images import IMAGE_EXTENSIONS, load_image_files, walk_files
+    from tltool.data.images.decoding import IMAGE_EXTENSIONS, load_image_files
+    from tltool.data.images.sources import walk_files
 
     if not path.exists():
         raise DataError(f"{path}: not found; give a folder of images, an image file or a CSV "
@@ -337,7 +340,7 @@ def _new_images(path: Path, state, id_column, data_cfg):
 def _image_paths(path: Path, id_column: str | None, data_cfg) -> tuple[list[str], list[str]]:
     """Image files listed in a CSV, and the id of each row (the path as written, or
     --id-column)."""
-    from tltool.data.tabular import read_csv
+    from tltool.data.csv import read_csv
 
     frame = read_csv(path)
     trained = getattr(data_cfg, "kind", None) == "image_csv"

@@ -235,7 +235,7 @@ def concat_tensors(parts: list[Tensors]) -> Tensors:
     """Rows of several splits of one data set as one Tensors."""
     first = parts[0]
     if hasattr(first.x, "materialize"):
-        from tltool.data.images import LazyImages
+        from tltool.data.images.decoding import LazyImages
 
         x = LazyImages([f for p in parts for f in p.x.files], first.x.size)
     else:
