@@ -35,6 +35,7 @@ class CsvRules:
     strict: bool = True
 
 
+# A table (training data, evaluate --csv, predict): the defaults.
 TABLE = CsvRules()
 
 
@@ -60,9 +61,9 @@ def _check_file(path: Path, rules: CsvRules) -> None:
         raise DataError(f"{path}: is not a regular file; {rules.expects}")
 
 
-def _parse(path: Path, text_columns: list[str], rules: CsvRules) -> tuple[pd.DataFrame, str,
-                                                                             str]:
-    """The frame, its encoding and its separator."""
+def _parse(path: Path, text_columns: list[str],
+           rules: CsvRules) -> tuple[pd.DataFrame, str, str]:
+    """The frame, the encoding it was read with and its separator."""
     dtype = str if rules.all_text else ({c: str for c in text_columns} or None)
     for encoding in ("utf-8-sig", "latin-1"):
         try:
