@@ -100,7 +100,7 @@ def test_transform_rejects_text_and_missing_columns():
 
 
 def test_read_csv_takes_semicolons_decimal_commas_latin1_and_text_ids(tmp_path):
-    from tltool.data.tabular import read_csv
+    from tltool.data.csv import read_csv
 
     (tmp_path / "semi.csv").write_text("id;income;city\n00101;1,5;Köln\n00102;2,25;Graz\n",
                                        encoding="latin-1")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from tltool.config import DataConfig
 from tltool.data import decoded
-from tltool.data.images import _store
+from tltool.data.images.decoding import read_pixels
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def _read(folder: Path, size: int = 16, **kw):
     files = sorted(folder.rglob("*.png"))
     cfg = DataConfig(kind="image_folder", path=str(folder), **kw)
     notes: list[str] = []
-    x, kept, bad = _store(cfg, files, size, [str(f) for f in files], notes)
+    x, kept, bad = read_pixels(cfg, files, size, [str(f) for f in files], notes)
     return x, kept, bad, notes
 
 

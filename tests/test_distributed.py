@@ -188,7 +188,7 @@ import torch
 torch.distributed.init_process_group("gloo")
 from tltool import distributed
 from tltool.cache import build_prefix_cache
-from tltool.data import images
+from tltool.data.images import decoding as images
 from tltool.errors import DataError
 from tltool.tensors import Tensors
 
@@ -230,7 +230,7 @@ def test_each_rank_decodes_and_caches_its_share_and_every_rank_holds_all(tmp_pat
     process computes, each having done only its share."""
     from PIL import Image
 
-    from tltool.data import images
+    from tltool.data.images import decoding as images
 
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -235,7 +235,7 @@ def test_image_size_the_backbone_cannot_take_is_a_config_error(cli, write_config
 
 def test_stored_features_key_changes_with_rows_weights_preparation_and_precision():
     from tltool import features
-    from tltool.data.images import make_prepare
+    from tltool.data.images.prepare import make_prepare
     from tltool.models import build_model, model_spec
     from tltool.runtime import Runtime
     from tltool.tensors import Tensors

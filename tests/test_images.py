@@ -11,13 +11,9 @@ import torch
 from PIL import Image
 
 from tltool.config import DataConfig
-from tltool.data.images import (
-    ImageData,
-    is_image_config,
-    load_image_files,
-    load_images,
-    make_prepare,
-)
+from tltool.data.images.dataset import ImageData, is_image_config, load_images
+from tltool.data.images.decoding import load_image_files
+from tltool.data.images.prepare import make_prepare
 from tltool.datasets.images import FASHION_DIR, IMAGE_SETS, describe, load_image_set
 from tltool.errors import DataError
 
@@ -238,6 +234,25 @@ def test_csv_missing_column_and_empty_csv(multilabel_csv, tmp_path):
     header.write_text("file,tags\n")
     with pytest.raises(DataError, match="header.csv: the CSV file has a header but no rows"):
         load_images(_csv_cfg(header), seed=0, size=8)
+
+
+def test_an_image_csv_goes_through_the_shared_csv_reader(multilabel_csv, tmp_path):
+    """Ids stay text (007), a ';'-separated copy reads as the comma file does, and a folder
+    given as the CSV keeps the image wording."""
+    text = multilabel_csv.read_text().replace(",k1\n", ",007\n")
+    multilabel_csv.write_text(text)
+    comma = load_images(_csv_cfg(multilabel_csv, label_sep="|", id_column="key"), seed=0,
+                        size=8)
+    assert "007" in _all_ids(comma)
+    semi = tmp_path / "semi.csv"
+    semi.write_text(text.replace(",", ";"))
+    again = load_images(_csv_cfg(semi, label_sep="|", id_column="key"), seed=0, size=8)
+    assert _all_ids(again) == _all_ids(comma) and again.classes == comma.classes
+    assert np.array_equal(again.train.y, comma.train.y)
+    with pytest.raises(DataError) as exc:
+        load_images(_csv_cfg(tmp_path / "imgs"), seed=0, size=8)
+    assert str(exc.value) == (f"{tmp_path / 'imgs'}: is a folder; kind image_csv expects a CSV "
+                              f"file (for one sub-folder per class use kind image_folder)")
 
 
 def test_load_image_files_for_prediction(folder, tmp_path):

@@ -87,7 +87,7 @@ def test_symlinked_images_keep_one_class(tmp_path):
     from PIL import Image
 
     from tltool.config import DataConfig
-    from tltool.data.images import _from_folder
+    from tltool.data.images.sources import from_folder
     from tltool.errors import DataError
 
     img = tmp_path / "img"
@@ -98,13 +98,13 @@ def test_symlinked_images_keep_one_class(tmp_path):
                 img / c / f"{i}.png")
     (img / "a" / "again.png").symlink_to(img / "a" / "0.png")
     notes: list[str] = []
-    x, *_ = _from_folder(DataConfig(kind="image_folder", path=str(img), decode_cache=False),
-                         8, notes)
-    assert len(x) == 6 and any("used once" in n for n in notes)
+    found = from_folder(DataConfig(kind="image_folder", path=str(img), decode_cache=False),
+                        8, notes)
+    assert len(found.x) == 6 and any("used once" in n for n in notes)
     (img / "b" / "x.png").symlink_to(img / "a" / "1.png")
     with pytest.raises(DataError, match="an image needs one class"):
-        _from_folder(DataConfig(kind="image_folder", path=str(img)), 8, [])
+        from_folder(DataConfig(kind="image_folder", path=str(img)), 8, [])
     (img / "b" / "x.png").unlink()
     (img / "a" / "loop").symlink_to(img)  # a link back to the top folder
     with pytest.raises(DataError, match="an image needs one class"):
-        _from_folder(DataConfig(kind="image_folder", path=str(img)), 8, [])
+        from_folder(DataConfig(kind="image_folder", path=str(img)), 8, [])

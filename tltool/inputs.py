@@ -1,7 +1,7 @@
 """From a data section and the chosen weights to model-ready tensors, and back from a checkpoint.
 
 Tabular rows go through a `TabularPreprocessor`; images are stored as uint8 tensors and turned
-into model input batch by batch (`tltool.data.images.make_prepare`). What a trained model needs
+into model input batch by batch (`tltool.data.images.prepare.make_prepare`). What a trained model needs
 to treat new data the same way is the *input state*, a plain dict saved in every checkpoint.
 """
 
@@ -61,7 +61,7 @@ class Inputs:
 
 def is_image_data(cfg: DataConfig) -> bool:
     """Image folders/CSVs and built-in image sets; an unknown built-in name lists all."""
-    from tltool.data.images import is_image_config
+    from tltool.data.images.dataset import is_image_config
     from tltool.datasets.images import IMAGE_SETS
 
     if cfg.kind == "builtin" and cfg.name not in TABLES and cfg.name not in IMAGE_SETS:
@@ -111,7 +111,7 @@ def unlabelled_rows(inputs: Inputs) -> Tensors | None:
     if inputs.state["kind"] == "tabular":
         x = torch.from_numpy(encoder_from_state(inputs.state).transform(rest.frame, data.origin))
     elif hasattr(train.x, "materialize"):
-        from tltool.data.images import LazyImages
+        from tltool.data.images.decoding import LazyImages
 
         x = LazyImages(list(rest.x.files), train.x.size)
     else:
@@ -129,7 +129,7 @@ def pool_of(inputs: Inputs) -> Tensors:
         x = torch.cat([train.x, torch.from_numpy(
             encoder_from_state(inputs.state).transform(rest.frame, data.origin))])
     elif hasattr(train.x, "materialize"):  # images decoded on demand
-        from tltool.data.images import LazyImages
+        from tltool.data.images.decoding import LazyImages
 
         x = LazyImages([*train.x.files, *rest.x.files], train.x.size)
     else:
@@ -179,7 +179,7 @@ def encode_tabular(pre: TabularPreprocessor, split, origin: str) -> Tensors:
 
 def _image_inputs(cfg: DataConfig, seed: int, spec: BackboneSpec, weights: Weights,
                   source_state: dict | None) -> Inputs:
-    from tltool.data.images import load_images
+    from tltool.data.images.dataset import load_images
 
     if source_state is not None and source_state.get("kind") == "image":
         size = cfg.image_size or source_state["size"]
@@ -197,7 +197,7 @@ def _image_inputs(cfg: DataConfig, seed: int, spec: BackboneSpec, weights: Weigh
 
 def encode_images(state: dict[str, Any], x: torch.Tensor, y: np.ndarray) -> Tensors:
     """uint8 images + targets; prepare() resizes, normalises (and augments when training)."""
-    from tltool.data.images import make_prepare
+    from tltool.data.images.prepare import make_prepare
 
     prepare = make_prepare(state["size"], state["mean"], state["std"], state["channels"],
                            state.get("augment", "none"))

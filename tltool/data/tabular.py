@@ -1,42 +1,30 @@
-"""Tabular data: read a CSV or built-in table, select a population, split, sub-sample.
+"""Tabular data: a CSV file or built-in table -> a selected population, its label, features
+and splits (the CSV reader is `tltool.data.csv`, the splits `tltool.data.splits`).
 
 Everything here validates the user's data and says which file, column or row is wrong.
 """
 
 from __future__ import annotations
 
-import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from tltool.config import DataConfig
+from tltool.data.csv import read_csv
 from tltool.data.preprocess import csv_line, infer_numeric, value_text
+from tltool.data.splits import Split, left_out, partition, small_split_notes, subsample
 from tltool.datasets import TABLES, load_table
 from tltool.errors import DataError
 from tltool.suggest import did_you_mean
 
-log = logging.getLogger("tltool")
-
-
-@dataclass
-class Split:
-    """Raw feature rows, labels (class indices; float values for regression) and row ids."""
-
-    frame: pd.DataFrame
-    y: np.ndarray
-    ids: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.y)
-
 
 @dataclass
 class TabularData:
+    """A table loaded for training: its label, classes, feature columns and splits."""
+
     origin: str
     label: str
     classes: list[str]
@@ -71,68 +59,6 @@ def read_frame(cfg: DataConfig) -> pd.DataFrame:
     if cfg.kind == "builtin":
         return load_table(cfg.name)
     return read_csv(Path(cfg.path), text_columns=[cfg.id_column] if cfg.id_column else [])
-
-
-def _separator(path: Path, encoding: str) -> str:
-    """Comma, or the semicolon / tab / pipe that the header line uses instead (a semicolon
-    is the usual separator where the decimal mark is a comma)."""
-    with open(path, encoding=encoding, errors="replace") as fh:
-        header = fh.readline()
-    if "," in header:
-        return ","
-    counts = {sep: header.count(sep) for sep in (";", "\t", "|")}
-    best = max(counts, key=counts.get)
-    return best if counts[best] else ","
-
-
-def read_csv(path: Path, text_columns: list[str] | None = None) -> pd.DataFrame:
-    """A CSV file as written: comma, semicolon, tab or pipe separated; UTF-8 (with or
-    without BOM), else Latin-1 with a warning. `text_columns` (ids) are kept as text, so
-    00101 stays 00101."""
-    if not path.exists():
-        raise DataError(f"{path}: CSV file not found (relative paths are taken from the "
-                        f"current folder {Path.cwd()})")
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder; expected a CSV file")
-    if not path.is_file():  # a FIFO, device or socket would block or never end
-        raise DataError(f"{path}: is not a regular file; expected a CSV file")
-    dtype = {c: str for c in text_columns or []}
-    for encoding in ("utf-8-sig", "latin-1"):
-        try:
-            sep = _separator(path, encoding)
-            # ';'-separated files come from locales whose decimal mark is a comma
-            with warnings.catch_warnings():
-                # rows with more fields than the header: pandas would drop them (ParserWarning)
-                warnings.simplefilter("error", pd.errors.ParserWarning)
-                frame = pd.read_csv(path, sep=sep, encoding=encoding, dtype=dtype or None,
-                                    decimal="," if sep == ";" else ".", index_col=False)
-            break
-        except pd.errors.ParserWarning:
-            raise DataError(f"{path}: some rows have more fields than the header (separator "
-                            f"{sep!r}); every row needs one value per column") from None
-        except pd.errors.EmptyDataError:
-            raise DataError(f"{path}: the CSV file is empty") from None
-        except UnicodeDecodeError:
-            continue
-        except pd.errors.ParserError as exc:
-            raise DataError(f"{path}: not a readable CSV file (separator {sep!r}): "
-                            f"{str(exc).splitlines()[0]}") from None
-    header = pd.read_csv(path, sep=sep, encoding=encoding, header=None, nrows=1,
-                         dtype=str).iloc[0].tolist()
-    seen: set[str] = set()
-    for name in header:
-        if name in seen:
-            raise DataError(f"{path}: column {name!r} appears twice in the header; give each "
-                            f"column its own name")
-        seen.add(name)
-    if encoding != "utf-8-sig":
-        log.warning("%s: not UTF-8; read as Latin-1 (save it as UTF-8 if accents look wrong)",
-                    path)
-    if sep != ",":
-        log.info("%s: %r-separated", path, sep)
-    if frame.empty:
-        raise DataError(f"{path}: the CSV file has a header but no rows")
-    return frame
 
 
 def _check_columns(frame: pd.DataFrame, names: list[str], what: str, origin: str) -> None:
@@ -173,6 +99,17 @@ def select_population(frame: pd.DataFrame, where: dict, origin: str) -> pd.DataF
     return out
 
 
+@dataclass
+class _Section:
+    """The data section being loaded, where it comes from, its label column and the notes
+    gathered so far: what every step of `load_tabular` reads."""
+
+    cfg: DataConfig
+    origin: str
+    label: str
+    notes: list[str] = field(default_factory=list)
+
+
 def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
     """Load, filter, label, split (fixed by split.seed) and sub-sample (by sample_seed)."""
     origin = origin_of(cfg)
@@ -184,6 +121,19 @@ def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
     label = cfg.label or (TABLES[cfg.name].label if cfg.kind == "builtin" else None)
     if label is None:
         raise DataError(f"{origin}: set `label` to the column that holds the class")
+    section = _Section(cfg, origin, label)
+    _check_section(frame, section)
+    frame, unlabeled_frame = _labelled_rows(frame, section)
+    if cfg.task == "regression":
+        return _finish(section, frame, unlabeled_frame, [label],
+                       numeric_label(frame[label], label, origin))
+    classes, y = _class_indices(frame[label], section)
+    return _finish(section, frame, unlabeled_frame, classes, y)
+
+
+def _check_section(frame: pd.DataFrame, section: _Section) -> None:
+    """The label and every column the section names exist, and the label is only a label."""
+    cfg, origin, label = section.cfg, section.origin, section.label
     if cfg.label_sep is not None:
         raise DataError(f"{origin}: label_sep (multi-label) applies to image data (kind "
                         f"image_csv); a table holds one label per row")
@@ -197,7 +147,12 @@ def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
                         ("dropped column", cfg.drop),
                         ("id column", [cfg.id_column] if cfg.id_column else [])):
         _check_columns(frame, names, what, origin)
-    notes = []
+
+
+def _labelled_rows(frame: pd.DataFrame,
+                   section: _Section) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The selected rows (`where`) that hold a label, and those that do not."""
+    cfg, origin, label, notes = section.cfg, section.origin, section.label, section.notes
     if cfg.where:
         frame = select_population(frame, cfg.where, origin)
         notes.append(f"where {cfg.where}: {len(frame)} rows")
@@ -211,15 +166,36 @@ def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
         notes.append(f"{int(no_label.sum())} rows with no label: not trained on (domain "
                      f"adaptation may use them as unlabelled rows)")
         frame = frame[~no_label]
-    if cfg.task == "regression":
-        return _finish(frame, unlabeled_frame, cfg, seed, origin, label, [label],
-                       _numeric_label(frame[label], label, origin), notes)
-    labels = frame[label].map(value_text)
+    return frame, unlabeled_frame
+
+
+def _class_indices(values: pd.Series, section: _Section) -> tuple[list[str], np.ndarray]:
+    """The class names (sorted; a binary label's positive class last) and each row's index."""
+    origin, label = section.origin, section.label
+    labels = values.map(value_text)
     classes = sorted(labels.unique().tolist())
     if len(classes) < 2:
         raise DataError(f"{origin}: label {label!r} has a single class {classes[0]!r} in the "
-                        f"{len(frame)} selected rows; a classifier needs at least 2 classes")
-    _check_classifiable(frame[label], classes, label, origin)
+                        f"{len(values)} selected rows; a classifier needs at least 2 classes")
+    _check_classifiable(values, classes, label, origin)
+    positive = _positive(section, classes)
+    if positive is not None:
+        if len(classes) != 2:
+            raise DataError(f"{origin}: `positive` only applies to a binary label; "
+                            f"{label!r} has {len(classes)} classes")
+        if str(positive) not in classes:
+            raise DataError(f"{origin}: positive class {positive!r} is not a value of "
+                            f"{label!r}; values: {', '.join(classes)}")
+        # The positive class goes last, so column 1 of the probabilities is P(positive).
+        classes = [c for c in classes if c != str(positive)] + [str(positive)]
+    y = labels.map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
+    return classes, y
+
+
+def _positive(section: _Section, classes: list[str]) -> str | None:
+    """The positive class as spelled in the data: the configured one, else a built-in
+    table's own (with its own label)."""
+    cfg, origin, label = section.cfg, section.origin, section.label
     positive = cfg.positive
     if positive is None and cfg.kind == "builtin" and cfg.name in TABLES and \
             label == TABLES[cfg.name].label:  # the built-in default goes with its own label
@@ -233,24 +209,16 @@ def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
                             f"yes/no/true/false/on/off as a boolean; quote it, e.g. "
                             f"positive: \"yes\") is not a value of {label!r}; values: "
                             f"{', '.join(classes)}")
-        positive = spelled[0]
-    elif positive is not None:
-        positive = value_text(positive)
+        return spelled[0]
     if positive is not None:
-        if len(classes) != 2:
-            raise DataError(f"{origin}: `positive` only applies to a binary label; "
-                            f"{label!r} has {len(classes)} classes")
-        if str(positive) not in classes:
-            raise DataError(f"{origin}: positive class {positive!r} is not a value of "
-                            f"{label!r}; values: {', '.join(classes)}")
-        # The positive class goes last, so column 1 of the probabilities is P(positive).
-        classes = [c for c in classes if c != str(positive)] + [str(positive)]
-    y = labels.map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
-    return _finish(frame, unlabeled_frame, cfg, seed, origin, label, classes, y, notes)
+        return value_text(positive)
+    return None
 
 
-def _numeric_label(values: pd.Series, label: str, origin: str,
-                   training: bool = True) -> np.ndarray:
+def numeric_label(values: pd.Series, label: str, origin: str,
+                  training: bool = True) -> np.ndarray:
+    """A regression label as float64: every cell a finite number (the first bad row named);
+    `training` also refuses a label that never varies."""
     numbers = pd.to_numeric(values, errors="coerce")
     bad = numbers.isna() | ~np.isfinite(numbers.astype(float))
     if bad.any():
@@ -265,48 +233,58 @@ def _numeric_label(values: pd.Series, label: str, origin: str,
     return numbers.to_numpy(np.float64)
 
 
-def _finish(frame, unlabeled_frame, cfg: DataConfig, seed: int, origin: str, label: str,
-            classes: list[str], y: np.ndarray, notes: list[str]) -> TabularData:
-    """Features, type checks, the fixed split, sub-samples and the unlabelled pool."""
-    regression = cfg.task == "regression"
+def _ids(frame: pd.DataFrame, cfg: DataConfig) -> np.ndarray:
+    """Row ids: the id column as text, else the 0-based data row of the file."""
+    return (frame[cfg.id_column].astype(str).to_numpy() if cfg.id_column
+            else frame.index.astype(str).to_numpy())
+
+
+def _features(frame: pd.DataFrame, section: _Section) -> list[str]:
+    """The configured features, else every column but the label, ids, dropped columns and
+    row-number-like columns (with a note)."""
+    cfg, label = section.cfg, section.label
     reserved = {label, *cfg.drop, *([cfg.id_column] if cfg.id_column else [])}
     features = cfg.features or [c for c in frame.columns if c not in reserved]
     if not cfg.features:
         counters = [c for c in features if looks_like_row_number(frame[c])]
         if counters:
             features = [c for c in features if c not in counters]
-            notes.append(f"column(s) {', '.join(map(repr, counters))} left out of the features: "
-                         f"whole numbers, unique and increasing row after row, like a row "
-                         f"number (set id_column, or list the column under features to use it)")
+            section.notes.append(
+                f"column(s) {', '.join(map(repr, counters))} left out of the features: "
+                f"whole numbers, unique and increasing row after row, like a row "
+                f"number (set id_column, or list the column under features to use it)")
     if label in features:
-        raise DataError(f"{origin}: the label {label!r} is also listed as a feature")
+        raise DataError(f"{section.origin}: the label {label!r} is also listed as a feature")
+    return features
+
+
+def _finish(section: _Section, frame: pd.DataFrame, unlabeled_frame: pd.DataFrame,
+            classes: list[str], y: np.ndarray) -> TabularData:
+    """Features, type checks, the fixed split, sub-samples and the unlabelled pool."""
+    cfg, origin, notes = section.cfg, section.origin, section.notes
+    regression = cfg.task == "regression"
+    features = _features(frame, section)
     # Type check over every selected row, so a typo is reported whatever split it lands in.
     infer_numeric(frame, list(features), list(cfg.categorical), origin)
     if len(unlabeled_frame):
         infer_numeric(unlabeled_frame, list(features), list(cfg.categorical), origin)
-    ids = (frame[cfg.id_column].astype(str).to_numpy() if cfg.id_column
-           else frame.index.astype(str).to_numpy())
-    whole = Split(frame[features], y, ids)
-    train, val, test = _partition(whole, cfg, origin, classes, regression)
-    pool = train
-    draw = sample_seed(cfg)
-    train = _subsample(train, cfg.n_train, draw, "n_train", origin, cfg, regression)
-    val = _subsample(val, cfg.n_val, draw + 1, "n_val", origin, cfg, regression)
+    whole = Split(frame[features], y, _ids(frame, cfg))
+    pool, val, test = partition(whole, cfg.split, origin, classes, regression)
+    train, val = subsample(pool, val, cfg, origin, regression)
     if not regression and len(np.unique(train.y)) < 2:
         raise DataError(f"{origin}: the {len(train)} training row(s) hold only class "
                         f"{classes[int(train.y[0])]!r}; a classifier needs rows of at least 2 "
                         f"classes (raise n_train to {len(classes)} or more)")
     notes += small_split_notes({"validation": val.y, "test": test.y},
                                None if regression else classes)
-    blank_ids = (unlabeled_frame[cfg.id_column].astype(str).to_numpy() if cfg.id_column
-                 else unlabeled_frame.index.astype(str).to_numpy())
+    # Unlabelled: the training rows n_train left out, then the rows with an empty label.
     blank = Split(unlabeled_frame[features], np.full(len(unlabeled_frame), -1, np.int64),
-                  blank_ids)
+                  _ids(unlabeled_frame, cfg))
     rest = left_out(pool, train)
     unlabeled = Split(pd.concat([rest.frame, blank.frame]),
                       np.concatenate([np.full(len(rest), -1, np.int64), blank.y]),
                       np.concatenate([rest.ids, blank.ids]))
-    return TabularData(origin, label, classes, list(features), list(cfg.categorical),
+    return TabularData(origin, section.label, classes, list(features), list(cfg.categorical),
                        train, val, test, notes, unlabeled, cfg.task)
 
 
@@ -338,99 +316,3 @@ def looks_like_row_number(values: pd.Series) -> bool:
         return False
     numbers = values.to_numpy(dtype=np.float64)
     return bool(np.all(numbers == np.round(numbers)) and np.all(np.diff(numbers) > 0))
-
-
-def sample_seed(cfg: DataConfig) -> int:
-    """Seed of the n_train / n_val draws: fixed by the data section (sample_seed, else
-    split.seed), not by the training seed, so several training seeds (an ensemble) see the same
-    labelled rows unless a config asks for other ones."""
-    return cfg.split.seed if cfg.sample_seed is None else cfg.sample_seed
-
-
-def take(split: Split, idx: np.ndarray) -> Split:
-    return Split(split.frame.iloc[idx], split.y[idx], split.ids[idx])
-
-
-def left_out(pool: Split, kept: Split) -> Split:
-    """The rows of `pool` that a sub-sample `kept` of it does not hold (labels hidden: -1)."""
-    position = {row: i for i, row in enumerate(pool.frame.index)} \
-        if isinstance(pool.frame, pd.DataFrame) and pool.frame.index.is_unique else None
-    if position is None:  # fall back on ids
-        chosen = set(kept.ids.tolist())
-        idx = np.array([i for i, r in enumerate(pool.ids) if r not in chosen], dtype=np.int64)
-    else:
-        mask = np.ones(len(pool), dtype=bool)
-        mask[[position[r] for r in kept.frame.index]] = False
-        idx = np.flatnonzero(mask)
-    rest = take(pool, idx)
-    return Split(rest.frame, np.full(len(idx), -1, np.int64), rest.ids)
-
-
-def small_split_notes(splits: dict[str, np.ndarray], classes: list[str] | None) -> list[str]:
-    """Warnings for splits too small to trust: scores on a handful of rows (or with a class
-    missing) swing by chance."""
-    notes = []
-    for name, y in splits.items():
-        if len(y) < 10:
-            notes.append(f"only {len(y)} {name} row(s): scores on it are unreliable; raise "
-                         f"n_val or the split fraction")
-        elif classes is not None and np.asarray(y).ndim == 1:
-            absent = [c for i, c in enumerate(classes) if not (np.asarray(y) == i).any()]
-            if absent:
-                notes.append(f"the {name} split holds no row of class(es) {absent}")
-    return notes
-
-
-def strata(y: np.ndarray, regression: bool) -> np.ndarray:
-    """What a stratified split keeps in proportion: the class, or the quintile of a number."""
-    if not regression:
-        return y
-    bins = min(5, max(len(y) // 10, 1))
-    return pd.qcut(pd.Series(y).rank(method="first"), bins, labels=False).to_numpy(np.int64)
-
-
-def _partition(whole: Split, cfg: DataConfig, origin: str, classes: list[str],
-               regression: bool = False):
-    n = len(whole)
-    s = cfg.split
-    idx = np.arange(n)
-    strat = strata(whole.y, regression) if s.stratify else None
-    if s.stratify and not regression:
-        counts = np.bincount(whole.y, minlength=len(classes))
-        if counts.min() < 3:
-            rare = classes[int(counts.argmin())]
-            raise DataError(f"{origin}: class {rare!r} has only {counts.min()} row(s); a "
-                            f"stratified train/val/test split needs at least 3 per class "
-                            f"(add rows or set split.stratify: false)")
-    try:
-        rest, test_idx = train_test_split(idx, test_size=s.test, random_state=s.seed,
-                                          stratify=strat)
-        val_share = s.val / (1 - s.test)
-        train_idx, val_idx = train_test_split(
-            rest, test_size=val_share, random_state=s.seed,
-            stratify=None if strat is None else strat[rest])
-    except ValueError as exc:
-        raise DataError(f"{origin}: cannot split {n} rows into train/val/test "
-                        f"(val {s.val}, test {s.test}): {exc}") from None
-    return take(whole, np.sort(train_idx)), take(whole, np.sort(val_idx)), \
-        take(whole, np.sort(test_idx))
-
-
-def _subsample(split: Split, n: int | None, seed: int, key: str, origin: str,
-               cfg: DataConfig, regression: bool = False) -> Split:
-    if n is None:
-        return split
-    if n > len(split):
-        which = "training" if key == "n_train" else "validation"
-        raise DataError(f"{origin}: {key} = {n} but the {which} split has only {len(split)} rows "
-                        f"(after the `where` filter and split val {cfg.split.val} / "
-                        f"test {cfg.split.test}); use at most {len(split)} or leave it unset")
-    if n == len(split):
-        return split
-    idx = np.arange(len(split))
-    groups = strata(split.y, regression)
-    n_classes = len(np.unique(groups))
-    stratify = groups if n >= n_classes and len(split) - n >= n_classes and \
-        np.bincount(groups).min() >= 2 else None
-    chosen, _ = train_test_split(idx, train_size=n, random_state=seed, stratify=stratify)
-    return take(split, np.sort(chosen))

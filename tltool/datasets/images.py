@@ -2,8 +2,8 @@
 
 Each set is an `ImageSet` in `IMAGE_SETS`; its loader takes the validated options and returns
 `(x, y, classes, multilabel)`: x uint8 (N, C, H, W) at the set's native size, y int64 (N,)
-class indices or float32 (N, L) multi-hot rows. `tltool.data.images.load_images` resizes and
-splits them. Every loader is deterministic: the same options give the same arrays.
+class indices or float32 (N, L) multi-hot rows. `tltool.data.images.dataset.load_images`
+resizes and splits them. Every loader is deterministic: the same options give the same arrays.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn import metrics as skm
 
-from tltool.data.tabular import strata
+from tltool.data.splits import strata
 from tltool.decision import fold_threshold
 from tltool.errors import DataError
 from tltool.task import CLASSIFICATION, MULTILABEL, REGRESSION

@@ -165,8 +165,10 @@ def _warn_if_changed(run: Path, inputs) -> None:
 
 def _labelled_csv(path: Path, ckpt, id_column: str | None) -> tuple[Tensors, np.ndarray]:
     """Labelled rows of a CSV, encoded like the model's training rows."""
+    from tltool.data.csv import read_csv
     from tltool.data.preprocess import value_text
-    from tltool.data.tabular import Split, _numeric_label, read_csv
+    from tltool.data.splits import Split
+    from tltool.data.tabular import numeric_label
 
     label, classes = ckpt.label, ckpt.classes
     frame = read_csv(path, text_columns=[id_column] if id_column else [])
@@ -180,7 +182,7 @@ def _labelled_csv(path: Path, ckpt, id_column: str | None) -> tuple[Tensors, np.
     ids = (frame[id_column].fillna("").astype(str).to_numpy() if has_ids
            else frame.index.astype(str).to_numpy())
     if ckpt.regression:
-        y = _numeric_label(frame[label], label, str(path), training=False)
+        y = numeric_label(frame[label], label, str(path), training=False)
     else:
         text = frame[label].map(value_text)
         unknown = sorted(set(text) - set(classes))

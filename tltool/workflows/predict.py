@@ -84,7 +84,7 @@ def _row_ids(frame: pd.DataFrame, path: Path, id_col: str | None) -> np.ndarray:
 
 
 def _new_rows(path: Path, state, data_cfg, id_column):
-    from tltool.data.tabular import read_csv
+    from tltool.data.csv import read_csv
 
     frame = read_csv(path, text_columns=[c for c in (id_column, getattr(data_cfg, "id_column",
                                                                         None)) if c])
@@ -109,7 +109,8 @@ def _new_rows(path: Path, state, data_cfg, id_column):
 def _new_images(path: Path, state, id_column, data_cfg):
     """A folder of images (searched recursively), one image file, or a CSV of image paths
     (the column and root the run trained with, as for kind image_csv)."""
-    from tltool.data.images import IMAGE_EXTENSIONS, load_image_files, walk_files
+    from tltool.data.images.decoding import IMAGE_EXTENSIONS, load_image_files
+    from tltool.data.images.sources import walk_files
 
     if not path.exists():
         raise DataError(f"{path}: not found; give a folder of images, an image file or a CSV "
@@ -142,7 +143,7 @@ def _new_images(path: Path, state, id_column, data_cfg):
 def _image_paths(path: Path, id_column: str | None, data_cfg) -> tuple[list[str], list[str]]:
     """Image files listed in a CSV, and the id of each row (the path as written, or
     --id-column)."""
-    from tltool.data.tabular import read_csv
+    from tltool.data.csv import read_csv
 
     frame = read_csv(path)
     trained = getattr(data_cfg, "kind", None) == "image_csv"
