@@ -20,7 +20,7 @@ from tltool.data.preprocess import TabularPreprocessor
 from tltool.datasets import TABLES
 from tltool.engine import Tensors
 from tltool.errors import ConfigError, DataError
-from tltool.models.backbones import BackboneSpec
+from tltool.models.base import BackboneSpec
 from tltool.suggest import did_you_mean
 
 log = logging.getLogger("tltool")

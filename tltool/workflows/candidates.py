@@ -11,8 +11,8 @@ from typing import Any
 from tltool.config import ExperimentConfig, candidate_raw, validate_config
 from tltool.errors import ConfigError
 from tltool.inputs import Weights, is_image_data
-from tltool.models import CLASSIC_HEADS
 from tltool.models.backbones import get_spec
+from tltool.models.classic import CLASSIC_HEADS
 from tltool.workflows.routes import InputCache, Route
 
 SOURCE_REF = "source:"

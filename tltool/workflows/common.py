@@ -15,7 +15,7 @@ from tltool.config import ExperimentConfig, dump_config, validate_config
 from tltool.errors import CheckpointError, ConfigError, RunError
 from tltool.inputs import Weights
 from tltool.models import TransferModel, build_model
-from tltool.models.backbones import BackboneSpec
+from tltool.models.base import BackboneSpec
 from tltool.runs import RunFolder, load_checkpoint, load_weights_file, resolve_run, write_text
 
 log = logging.getLogger("tltool")
@@ -113,7 +113,7 @@ def load_backbone_weights(model: TransferModel, spec: BackboneSpec, weights: Wei
         load_state(model.backbone, state, f"model.weights {weights.ref}")
     elif weights.state is not None:
         if hasattr(model.backbone, "source_keys"):  # a file in the original library's layout
-            from tltool.models.vision import load_library_state
+            from tltool.models.library import load_library_state
 
             load_library_state(model.backbone, weights.state, f"model.weights {weights.ref}")
         else:
@@ -133,7 +133,7 @@ def load_trained(ckpt: dict[str, Any]) -> TransferModel:
             raise CheckpointError(f"checkpoint: tensor {name} holds NaN or infinite values; "
                                   f"the model cannot give meaningful answers (retrain it)")
     _check_head_width(model)
-    from tltool.models import CLASSIC_HEADS
+    from tltool.models.classic import CLASSIC_HEADS
 
     if any(s.get("head") in CLASSIC_HEADS for s in (ckpt["spec"],
                                                      (ckpt["spec"].get("prior") or {}).get(

@@ -9,8 +9,9 @@ from tltool.adapt import Adaptation
 from tltool.config import ExperimentConfig
 from tltool.errors import CheckpointError, ConfigError, DataError
 from tltool.inputs import Inputs, Weights, load_inputs, pool_of
-from tltool.models import CLASSIC_HEADS
-from tltool.models.backbones import BackboneSpec, resolve_args
+from tltool.models.backbones import resolve_args
+from tltool.models.base import BackboneSpec
+from tltool.models.classic import CLASSIC_HEADS
 from tltool.workflows.common import log, resolve_checkpoint
 
 

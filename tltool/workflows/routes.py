@@ -23,8 +23,10 @@ from tltool.engine import Phase, Pooled, fit, seed_everything
 from tltool.errors import ConfigError
 from tltool.freeze import check_frozen_layers
 from tltool.inputs import Inputs, Weights, is_image_data, load_inputs
-from tltool.models import CLASSIC_HEADS, TransferModel, build_model, model_spec
-from tltool.models.backbones import BackboneSpec, get_spec, resolve_args
+from tltool.models import HeadSettings, TransferModel, build_model, model_spec
+from tltool.models.backbones import get_spec, resolve_args
+from tltool.models.base import BackboneSpec
+from tltool.models.classic import CLASSIC_HEADS
 from tltool.runtime import Runtime
 from tltool.task import Task
 from tltool.tensors import Tensors
@@ -204,7 +206,7 @@ def prepare(cfg: ExperimentConfig, command: str, cache: InputCache | None = None
     args = (inherit_args(cfg, weights.ckpt, weights.path) if weights.ckpt
             else resolve_args(m.backbone, m.backbone_args))
     if m.head in CLASSIC_HEADS:
-        from tltool.models.classic import classic_args
+        from tltool.models.classic_args import classic_args
 
         classic_args(m.head, m.head_args)
     pooled_table = (cfg.train.source_weight > 0 and cfg.source is not None
@@ -258,8 +260,8 @@ def build(route: Route, seed: int) -> TransferModel:
         load_state(model, state, f"model.weights {route.weights.ref}")
         return model
     n_out = 1 if route.regression else len(route.classes)
-    spec = model_spec(m.backbone, route.args, inputs.n_inputs, m.head, m.head_hidden,
-                      m.dropout, n_out, inputs.target_scale)
+    spec = model_spec(m.backbone, route.args, inputs.n_inputs,
+                      HeadSettings(m.head, m.head_hidden, m.dropout), n_out, inputs.target_scale)
     if route.prior is not None:
         p = route.prior[0]
         binary = len(p["classes"]) == 2 and not p.get("multilabel") and \
@@ -347,14 +349,15 @@ def backbone_features(model: TransferModel, data: Tensors, rt: Runtime,
         raise ConfigError(f"train.cache_max_gb: the features of {len(data)} rows exceed "
                           f"{max_gb} GB")
     return model.backbone.forward_from(z.x, n).float().cpu() if n else \
-        model.backbone._pool(z.x).float().cpu()
+        model.backbone.pool(z.x).float().cpu()
 
 
 def fit_classic(route: Route, model: TransferModel, train: Tensors, pooled: Tensors | None,
                 seed: int, rt: Runtime, store: PrefixStore | None) -> dict[str, Any]:
     """Fit the classic head on the frozen backbone's features (+ the prior's signal)."""
     from tltool.models import prior_columns
-    from tltool.models.classic import classic_shape, fit_classic_head
+    from tltool.models.classic import classic_shape
+    from tltool.models.classic_fit import ClassicRows, ClassicSettings, fit_classic_head
 
     cfg = route.cfg
     rows = [train] if pooled is None else [train, pooled]
@@ -369,7 +372,7 @@ def fit_classic(route: Route, model: TransferModel, train: Tensors, pooled: Tens
     if model.prior is not None:
         signal = torch.cat(priors)
         if model.prior_mode == "input":
-            x = torch.cat([x, prior_columns(signal, model._binary_prior)], dim=1)
+            x = torch.cat([x, prior_columns(signal, model.binary_prior)], dim=1)
         else:
             offset = signal.double().numpy()
     task = "regression" if route.regression else "classification"
@@ -384,12 +387,13 @@ def fit_classic(route: Route, model: TransferModel, train: Tensors, pooled: Tens
         weight = np.concatenate([np.ones(n_t), np.full(n_s, cfg.train.source_weight)])
         if cfg.train.domain_offset:
             domain = np.concatenate([np.ones(n_t), np.zeros(n_s)])
-    head = fit_classic_head(cfg.model.head, x.numpy(), y, task=task,
-                            n_classes=1 if route.regression else len(route.classes),
-                            args=cfg.model.head_args, seed=seed, sample_weight=weight,
-                            offset=offset, domain=domain,
-                            class_weight="balanced" if cfg.train.class_weights == "balanced"
-                            else None)
+    head = fit_classic_head(
+        ClassicRows(x.numpy(), y, sample_weight=weight, offset=offset, domain=domain),
+        ClassicSettings(cfg.model.head, task,
+                        n_classes=1 if route.regression else len(route.classes),
+                        args=cfg.model.head_args, seed=seed,
+                        class_weight="balanced" if cfg.train.class_weights == "balanced"
+                        else None))
     model.head = head
     model.spec["head_shape"] = classic_shape(head)
     return {"best_epoch": 0, "best_round": 0, "epochs_run": 0, "monitor": None,
