@@ -104,6 +104,7 @@ class TransferModel(nn.Module):
         return self.spec.get("head") in CLASSIC_HEADS
 
     def prior_signal(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The prior's signal for inputs x (None without a prior)."""
         return None if self.prior is None else self.prior(x)
 
     def from_features(self, f: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:

@@ -34,6 +34,7 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "gelu": nn.
 
 
 def build_mlp(args: MLPArgs, in_features: int) -> Backbone:
+    """hidden1..hiddenK: Linear -> [BatchNorm1d] -> activation -> [Dropout] each."""
     blocks, width = [], in_features
     for units in args.hidden:
         layers: list[nn.Module] = [nn.Linear(width, units)]
@@ -68,6 +69,8 @@ class _Residual(nn.Module):
 
 
 def build_resmlp(args: ResMLPArgs, in_features: int) -> Backbone:
+    """stem (Linear -> ReLU), res1..resD (residual blocks); the last ends with LayerNorm ->
+    ReLU."""
     blocks: list[nn.Module] = [nn.Sequential(nn.Linear(in_features, args.width), nn.ReLU())]
     blocks += [_Residual(args.width, args.dropout) for _ in range(args.depth)]
     tail = nn.Sequential(nn.LayerNorm(args.width), nn.ReLU())

@@ -55,6 +55,7 @@ def _timm():
 
 
 def is_timm(name: str) -> bool:
+    """`name` asks for a timm model (timm:NAME)."""
     return isinstance(name, str) and name.startswith(PREFIX)
 
 
