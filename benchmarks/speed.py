@@ -73,7 +73,7 @@ def resnet_case(mode: str, size: int, n: int, epochs: int, who: str, precision: 
     from tltool.config import TrainConfig
     from tltool.engine.drive import fit
     from tltool.engine.plan import Round, Sink, TrainingData, TrainingPlan
-    from tltool.models import build_model, model_spec
+    from tltool.models import HeadSettings, build_model, model_spec
     from tltool.runtime import Runtime
     from tltool.task import Task
     from tltool.tensors import Tensors
@@ -118,7 +118,7 @@ def resnet_case(mode: str, size: int, n: int, epochs: int, who: str, precision: 
         out["flops_prefix"] = forward_flops(split_resnet(full, frozen)[0], x[:2]) \
             if frozen else 0.0
     else:
-        model = build_model(model_spec("resnet18", {}, 3, "linear", 32, 0.0, 10))
+        model = build_model(model_spec("resnet18", {}, 3, HeadSettings("linear", 32, 0.0), 10))
         rnd = {"full": Round(0, "full", epochs, 0.01, 1.0),
                "frozen3": Round(4, "freeze", epochs, 0.01, 1.0),
                "probe": Round(0, "linear_probe", epochs, 0.01, 1.0)}[mode]
@@ -183,7 +183,7 @@ def mlp_case(mode: str, epochs: int, who: str) -> dict:
     from tltool.engine.drive import fit
     from tltool.engine.plan import Round, Sink, TrainingData, TrainingPlan
     from tltool.inputs import load_inputs
-    from tltool.models import build_model, model_spec
+    from tltool.models import HeadSettings, build_model, model_spec
     from tltool.models.backbones import get_spec
     from tltool.task import Task
     from tltool.weights import Weights
@@ -193,8 +193,8 @@ def mlp_case(mode: str, epochs: int, who: str) -> dict:
     del load_tabular
     x, y = inputs.train.x, inputs.train.y
     torch.manual_seed(0)
-    model = build_model(model_spec("mlp", {"hidden": [64, 32]}, x.shape[1], "linear", 32, 0.0,
-                                   2))
+    model = build_model(model_spec("mlp", {"hidden": [64, 32]}, x.shape[1],
+                                   HeadSettings("linear", 32, 0.0), 2))
     start = time.perf_counter()
     if who == "reference":
         if mode == "frozen1":

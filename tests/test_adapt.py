@@ -16,7 +16,7 @@ from tltool.config import TrainConfig, validate_config
 from tltool.data.tabular import load_tabular
 from tltool.engine.drive import fit
 from tltool.engine.plan import Round, Sink, TrainingData, TrainingPlan
-from tltool.models import build_model, model_spec
+from tltool.models import HeadSettings, build_model, model_spec
 from tltool.task import Task
 from tltool.tensors import Tensors
 
@@ -88,7 +88,8 @@ def _train_gap(method: str) -> float:
     xs = torch.randn(256, 6, generator=g)
     ys = (xs[:, 0] > 0).long()
     xt = torch.randn(256, 6, generator=g) * 2 + 1.5  # shifted target
-    model = build_model(model_spec("mlp", {"hidden": [16, 8]}, 6, "linear", 8, 0.0, 2))
+    model = build_model(model_spec("mlp", {"hidden": [16, 8]}, 6, HeadSettings("linear", 8, 0.0),
+                                   2))
     adapt = (None if method == "none" else
              Adaptation(method, 1.0, target=Tensors(xt, torch.full((256,), -1))))
     cfg = TrainConfig(epochs=15, batch_size=64, lr=0.01, early_stopping={"patience": None})

@@ -10,7 +10,7 @@ from tltool.config import TrainConfig
 from tltool.engine.drive import fit
 from tltool.engine.plan import Round, Sink, TrainingData, TrainingPlan
 from tltool.engine.predict import predict_logits
-from tltool.models import build_model, model_spec
+from tltool.models import HeadSettings, build_model, model_spec
 from tltool.task import Task
 from tltool.tensors import Tensors
 
@@ -19,7 +19,7 @@ from tltool.tensors import Tensors
 def test_cached_prefix_gives_bit_identical_fp32_logits(name, n):
     torch.manual_seed(0)
     inputs = 3 if name != "mlp" else 12
-    model = build_model(model_spec(name, {}, inputs, "linear", 8, 0.0, 5)).eval()
+    model = build_model(model_spec(name, {}, inputs, HeadSettings("linear", 8, 0.0), 5)).eval()
     x = torch.randn(16, 3, 32, 32) if name != "mlp" else torch.randn(16, 12)
     data = Tensors(x, torch.zeros(16, dtype=torch.long))
     cache = build_prefix_cache(model, data, n, batch_size=16, max_bytes=1e9)
@@ -31,7 +31,7 @@ def test_cached_prefix_gives_bit_identical_fp32_logits(name, n):
 
 def test_cache_over_budget_falls_back_and_says_so():
     torch.manual_seed(0)
-    model = build_model(model_spec("small_cnn", {}, 3, "linear", 8, 0.0, 2))
+    model = build_model(model_spec("small_cnn", {}, 3, HeadSettings("linear", 8, 0.0), 2))
     x, y = torch.randn(40, 3, 28, 28), torch.randint(0, 2, (40,))
     cfg = TrainConfig(epochs=1, batch_size=20, cache_max_gb=1e-6)
     summary = fit(model, TrainingData(Tensors(x, y), Tensors(x[:8], y[:8])),
@@ -43,7 +43,7 @@ def test_cache_over_budget_falls_back_and_says_so():
 
 def test_random_augmentation_disables_the_cache():
     torch.manual_seed(0)
-    model = build_model(model_spec("small_cnn", {}, 3, "linear", 8, 0.0, 2))
+    model = build_model(model_spec("small_cnn", {}, 3, HeadSettings("linear", 8, 0.0), 2))
     x, y = torch.randn(20, 3, 28, 28), torch.randint(0, 2, (20,))
     aug = Tensors(x, y, prepare=lambda b, train: b.flip(-1) if train else b, augments=True)
     summary = fit(model, TrainingData(aug, Tensors(x[:8], y[:8])),
@@ -56,7 +56,7 @@ def test_random_augmentation_disables_the_cache():
 
 def test_augmented_views_are_cached_when_asked():
     torch.manual_seed(0)
-    model = build_model(model_spec("small_cnn", {}, 3, "linear", 8, 0.0, 2))
+    model = build_model(model_spec("small_cnn", {}, 3, HeadSettings("linear", 8, 0.0), 2))
     x, y = torch.randn(20, 3, 28, 28), torch.randint(0, 2, (20,))
     calls = []
 

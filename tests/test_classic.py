@@ -4,7 +4,6 @@ weights-only checkpoints and the checks on untrusted shapes and states."""
 from __future__ import annotations
 
 import json
-import pickle
 
 import numpy as np
 import pytest
@@ -14,23 +13,33 @@ from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostin
 from sklearn.linear_model import LogisticRegression, Ridge, RidgeCV
 from sklearn.preprocessing import StandardScaler
 
-from tltool.errors import CheckpointError, ConfigError
+from tltool.errors import CheckpointError, ConfigError, RunError
 from tltool.models.classic import (
-    CLASSIC_ARGS,
     CLASSIC_HEADS,
-    LOGISTIC_TOL,
-    RIDGE_ALPHAS,
     build_classic_head,
     check_classic_state,
-    classic_args,
     classic_shape,
-    fit_classic_head,
     load_classic_head,
 )
+from tltool.models.classic_args import CLASSIC_ARGS, LOGISTIC_TOL, classic_args
+from tltool.models.classic_fit import (
+    RIDGE_ALPHAS,
+    ClassicRows,
+    ClassicSettings,
+    fit_classic_head,
+)
+from tltool.runs import load_checkpoint, load_weights_file
 
 # scikit-learn's default tolerance (1e-4) stops short of the optimum; parity tests need 1e-8.
 TIGHT = {"tol": LOGISTIC_TOL}
 FAST_GB = {"max_iter": 30}  # multiclass boosting grows one tree per class and iteration
+
+
+def fit(kind, x, y, *, task, n_classes, sample_weight=None, offset=None, domain=None,
+        **settings):
+    """fit_classic_head, its rows and settings given as keywords."""
+    return fit_classic_head(ClassicRows(x, y, sample_weight, offset, domain),
+                            ClassicSettings(kind, task, n_classes, **settings))
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +91,8 @@ def test_gradient_boosting_classification_matches_sklearn(data, request):
     x, y = request.getfixturevalue(data)
     x = with_nan(x)  # float32 with missing cells, in training and at prediction
     k = int(y.max()) + 1
-    head = fit_classic_head("gradient_boosting", x, y, task="classification", n_classes=k,
-                            args=FAST_GB, seed=3)
+    head = fit("gradient_boosting", x, y, task="classification", n_classes=k,
+               args=FAST_GB, seed=3)
     est = HistGradientBoostingClassifier(**FAST_GB, random_state=3).fit(x, y)
     x_new = with_nan(request.getfixturevalue(data)[0], seed=1)
     for rows in (x, x_new):
@@ -101,8 +110,8 @@ def test_fixed_step_tree_traversal_equals_the_adaptive_one(data, request):
     a trace of it on 3 rows holds for 500 rows."""
     x, y = request.getfixturevalue(data)
     x = with_nan(x)
-    head = fit_classic_head("gradient_boosting", x, y, task="classification",
-                            n_classes=int(y.max()) + 1, args=FAST_GB, seed=3)
+    head = fit("gradient_boosting", x, y, task="classification",
+               n_classes=int(y.max()) + 1, args=FAST_GB, seed=3)
     rows = torch.as_tensor(with_nan(request.getfixturevalue(data)[0], seed=2))
     adaptive = head.raw(rows)
     depth = head.static_traversal()
@@ -116,8 +125,8 @@ def test_gradient_boosting_regression_matches_sklearn(regression):
     x, y = regression
     x = with_nan(x)
     weight = np.random.default_rng(0).uniform(0.2, 2.0, len(y))
-    head = fit_classic_head("gradient_boosting", x, y, task="regression", n_classes=0,
-                            sample_weight=weight, args={"max_depth": 3, "learning_rate": 0.05})
+    head = fit("gradient_boosting", x, y, task="regression", n_classes=0,
+               sample_weight=weight, args={"max_depth": 3, "learning_rate": 0.05})
     est = HistGradientBoostingRegressor(max_depth=3, learning_rate=0.05, random_state=0)
     est.fit(x, y, sample_weight=weight)
     np.testing.assert_allclose(preds(head, x), est.predict(x), rtol=0, atol=1e-9)
@@ -128,8 +137,8 @@ def test_gradient_boosting_weights_match_sklearn(binary):
     # Eight features: with weights, sklearn bins each feature in a joblib task (~60 ms each).
     x, y = binary[0][:, :8], binary[1]
     weight = np.random.default_rng(1).uniform(0.5, 3.0, len(y))
-    head = fit_classic_head("gradient_boosting", x, y, task="classification", n_classes=2,
-                            sample_weight=weight, class_weight="balanced", args=FAST_GB)
+    head = fit("gradient_boosting", x, y, task="classification", n_classes=2,
+               sample_weight=weight, class_weight="balanced", args=FAST_GB)
     est = HistGradientBoostingClassifier(**FAST_GB, random_state=0, class_weight="balanced")
     est.fit(x, y, sample_weight=weight)
     np.testing.assert_allclose(probs(head, x), est.predict_proba(x), rtol=0, atol=1e-9)
@@ -144,8 +153,8 @@ def test_logistic_regression_matches_sklearn(data, variant, request):
     kw = {"sample_weight": weight} if variant == "sample_weight" else {}
     cw = "balanced" if variant == "balanced" else None
     x_in = x.astype(np.float32) if variant == "float32" else x
-    head = fit_classic_head("logistic_regression", x_in, y, task="classification", n_classes=k,
-                            args={"C": 0.5, **TIGHT}, class_weight=cw, **kw)
+    head = fit("logistic_regression", x_in, y, task="classification", n_classes=k,
+               args={"C": 0.5, **TIGHT}, class_weight=cw, **kw)
     # Linear heads are fitted in float64 whatever the input dtype.
     est = sk_logistic(x_in.astype(np.float64), y, C=0.5, class_weight=cw, **kw)
     np.testing.assert_allclose(probs(head, x_in), est.predict_proba(x_in), rtol=0, atol=1e-6)
@@ -154,8 +163,8 @@ def test_logistic_regression_matches_sklearn(data, variant, request):
 def test_logistic_regression_unseen_class_gets_no_probability(multiclass):
     x, y = multiclass
     keep = y < 3
-    head = fit_classic_head("logistic_regression", x[keep], y[keep], task="classification",
-                            n_classes=5, args=TIGHT)
+    head = fit("logistic_regression", x[keep], y[keep], task="classification",
+               n_classes=5, args=TIGHT)
     p = probs(head, x)
     np.testing.assert_allclose(p[:, :3], sk_logistic(x[keep], y[keep]).predict_proba(x),
                                rtol=0, atol=1e-6)
@@ -166,8 +175,8 @@ def test_logistic_regression_unseen_class_gets_no_probability(multiclass):
 def test_ridge_matches_sklearn(regression, alpha):
     x, y = regression
     weight = np.random.default_rng(3).uniform(0.5, 2.0, len(y))
-    head = fit_classic_head("ridge", x, y, task="regression", n_classes=0, sample_weight=weight,
-                            args={"alpha": alpha})
+    head = fit("ridge", x, y, task="regression", n_classes=0, sample_weight=weight,
+               args={"alpha": alpha})
     est = RidgeCV(alphas=RIDGE_ALPHAS) if alpha == "auto" else Ridge(alpha=alpha)
     est.fit(x, y, sample_weight=weight)
     np.testing.assert_allclose(preds(head, x), est.predict(x), rtol=0, atol=1e-6)
@@ -182,7 +191,7 @@ def test_domain_column_predicts_target_rows(kind, binary, regression):
     task = "regression" if kind == "ridge" else "classification"
     x, y = regression if task == "regression" else binary
     domain = (np.random.default_rng(4).random(len(y)) < 0.4).astype(np.int64)
-    head = fit_classic_head(kind, x, y, task=task, n_classes=2, domain=domain, args=(
+    head = fit(kind, x, y, task=task, n_classes=2, domain=domain, args=(
         FAST_GB if kind == "gradient_boosting" else TIGHT if kind == "logistic_regression"
         else None))
     x_dom = np.hstack([x, domain[:, None]])
@@ -207,8 +216,8 @@ def test_domain_column_predicts_target_rows(kind, binary, regression):
 def test_logistic_regression_zero_offset_is_sklearn(data, request):
     x, y = request.getfixturevalue(data)
     k = int(y.max()) + 1
-    head = fit_classic_head("logistic_regression", x, y, task="classification", n_classes=k,
-                            offset=np.zeros((len(y), k)), args=TIGHT)
+    head = fit("logistic_regression", x, y, task="classification", n_classes=k,
+               offset=np.zeros((len(y), k)), args=TIGHT)
     np.testing.assert_allclose(probs(head, x), sk_logistic(x, y).predict_proba(x), rtol=0,
                                atol=1e-4)
 
@@ -217,8 +226,8 @@ def test_logistic_regression_constant_offset_is_absorbed_by_intercepts(multiclas
     # An offset equal on every row only shifts the (unpenalised) intercepts: same probabilities.
     x, y = multiclass
     offset = np.tile(np.log(np.linspace(0.05, 0.2, 10)), (len(y), 1))
-    head = fit_classic_head("logistic_regression", x, y, task="classification", n_classes=10,
-                            offset=offset, args=TIGHT)
+    head = fit("logistic_regression", x, y, task="classification", n_classes=10,
+               offset=offset, args=TIGHT)
     np.testing.assert_allclose(probs(head, x, offset), sk_logistic(x, y).predict_proba(x),
                                rtol=0, atol=1e-4)
 
@@ -239,8 +248,8 @@ def test_logistic_regression_offset_reaches_the_optimum(data, request):
     k, c = int(y.max()) + 1, 2.0
     weight = np.random.default_rng(5).uniform(0.5, 2.0, len(y))
     offset = source_log_probs(x, y, k)
-    head = fit_classic_head("logistic_regression", x, y, task="classification", n_classes=k,
-                            offset=offset, sample_weight=weight, args={"C": c, **TIGHT})
+    head = fit("logistic_regression", x, y, task="classification", n_classes=k,
+               offset=offset, sample_weight=weight, args={"C": c, **TIGHT})
     w = head.weight.clone().requires_grad_(True)
     b = head.bias.clone().requires_grad_(True)
     logits = torch.as_tensor(x) @ w.T + b + torch.as_tensor(offset)
@@ -250,8 +259,8 @@ def test_logistic_regression_offset_reaches_the_optimum(data, request):
     free = slice(1, 2) if k == 2 else slice(None)  # binary: class 0's logit is fixed at 0
     scale = weight.sum()
     assert w.grad[free].abs().max() / scale < 1e-6 and b.grad[free].abs().max() / scale < 1e-6
-    plain = fit_classic_head("logistic_regression", x, y, task="classification", n_classes=k,
-                             sample_weight=weight, args={"C": c, **TIGHT})
+    plain = fit("logistic_regression", x, y, task="classification", n_classes=k,
+                sample_weight=weight, args={"C": c, **TIGHT})
     assert not torch.allclose(head.weight, plain.weight, atol=1e-3)  # the prior mattered
 
 
@@ -259,8 +268,8 @@ def test_logistic_regression_offset_reaches_the_optimum(data, request):
 def test_ridge_offset_fits_the_residual(regression, alpha):
     x, y = regression
     offset = 0.5 * x[:, 2] - 0.1
-    head = fit_classic_head("ridge", x, y, task="regression", n_classes=0,
-                            offset=offset[:, None], args={"alpha": alpha})
+    head = fit("ridge", x, y, task="regression", n_classes=0,
+               offset=offset[:, None], args={"alpha": alpha})
     est = RidgeCV(alphas=RIDGE_ALPHAS) if alpha == "auto" else Ridge(alpha=alpha)
     np.testing.assert_allclose(preds(head, x), est.fit(x, y - offset).predict(x), rtol=0,
                                atol=1e-6)
@@ -269,8 +278,8 @@ def test_ridge_offset_fits_the_residual(regression, alpha):
 def test_gradient_boosting_refuses_an_offset(binary):
     x, y = binary
     with pytest.raises(ConfigError, match=r"model\.prior: input"):
-        fit_classic_head("gradient_boosting", x, y, task="classification", n_classes=2,
-                         offset=np.zeros((len(y), 2)))
+        fit("gradient_boosting", x, y, task="classification", n_classes=2,
+            offset=np.zeros((len(y), 2)))
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -278,22 +287,22 @@ def test_gradient_boosting_refuses_an_offset(binary):
 
 def fitted(name: str, binary, multiclass, regression):
     if name == "lr_binary":
-        return fit_classic_head("logistic_regression", *binary, task="classification",
-                                n_classes=2), binary[0]
+        return fit("logistic_regression", *binary, task="classification",
+                   n_classes=2), binary[0]
     if name == "lr_multi_domain":
         x, y = multiclass
-        return fit_classic_head("logistic_regression", x, y, task="classification",
-                                n_classes=10, domain=np.arange(len(y)) % 2), x
+        return fit("logistic_regression", x, y, task="classification",
+                   n_classes=10, domain=np.arange(len(y)) % 2), x
     if name == "ridge":
-        return fit_classic_head("ridge", *regression, task="regression", n_classes=0), \
+        return fit("ridge", *regression, task="regression", n_classes=0), \
             regression[0]
     if name == "gb_regression":
         x = with_nan(regression[0])
-        return fit_classic_head("gradient_boosting", x, regression[1], task="regression",
-                                n_classes=0, args=FAST_GB), x
+        return fit("gradient_boosting", x, regression[1], task="regression",
+                   n_classes=0, args=FAST_GB), x
     x = with_nan(multiclass[0])
-    return fit_classic_head("gradient_boosting", x, multiclass[1], task="classification",
-                            n_classes=10, args=FAST_GB, domain=np.arange(len(x)) % 2), x
+    return fit("gradient_boosting", x, multiclass[1], task="classification",
+               n_classes=10, args=FAST_GB, domain=np.arange(len(x)) % 2), x
 
 
 @pytest.mark.parametrize("name", ["lr_binary", "lr_multi_domain", "ridge", "gb_regression",
@@ -315,8 +324,8 @@ def test_weights_only_round_trip(name, binary, multiclass, regression, tmp_path)
 
 @pytest.fixture(scope="module")
 def small_trees(binary):
-    head = fit_classic_head("gradient_boosting", *binary, task="classification", n_classes=2,
-                            args={"max_iter": 5})
+    head = fit("gradient_boosting", *binary, task="classification", n_classes=2,
+               args={"max_iter": 5})
     return classic_shape(head), head.state_dict()
 
 
@@ -402,12 +411,15 @@ class Payload:
         return touch, (self.marker,)
 
 
-def test_pickled_object_is_refused_by_weights_only_load(tmp_path):
+@pytest.mark.parametrize("load", [load_weights_file, load_checkpoint])
+def test_a_pickled_object_in_a_checkpoint_is_refused_unrun(tmp_path, load):
     marker = tmp_path / "ran.txt"
     path = tmp_path / "evil.pt"
-    torch.save({"shape": {"kind": "ridge"}, "state": Payload(str(marker))}, path)
-    with pytest.raises(pickle.UnpicklingError):
-        torch.load(path, weights_only=True)
+    torch.save({"format": "tltool-checkpoint", "spec": {"head": "ridge"},
+                "state_dict": {"head.weight": torch.zeros(1, 2)},
+                "head_shape": Payload(str(marker))}, path)
+    with pytest.raises(RunError, match="holds pickled Python objects"):
+        load(path)
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the full unpickler would have run it
     assert marker.exists()
@@ -453,5 +465,5 @@ def test_head_args_must_be_a_mapping():
 def test_wrong_head_for_task(kind, task, allowed, regression):
     x, y = regression
     with pytest.raises(ConfigError, match=r"model\.head") as info:
-        fit_classic_head(kind, x, y, task=task, n_classes=2)
+        fit(kind, x, y, task=task, n_classes=2)
     assert kind in str(info.value) and allowed in str(info.value)

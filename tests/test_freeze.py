@@ -11,15 +11,15 @@ from tltool.engine.drive import fit
 from tltool.engine.plan import Round, Sink, TrainingData, TrainingPlan
 from tltool.errors import ConfigError
 from tltool.freeze import apply_freeze, snapshot_frozen, verify_unchanged
-from tltool.models import build_model, model_spec
+from tltool.models import HeadSettings, build_model, model_spec
 from tltool.models.backbones import BACKBONES
 from tltool.task import Task
 from tltool.tensors import Tensors
 
 
 def _mlp(batch_norm=False):
-    spec = model_spec("mlp", {"hidden": [64, 32], "batch_norm": batch_norm}, 23, "linear",
-                      32, 0.0, 2)
+    spec = model_spec("mlp", {"hidden": [64, 32], "batch_norm": batch_norm}, 23,
+                      HeadSettings("linear", 32, 0.0), 2)
     return build_model(spec)
 
 
@@ -82,7 +82,7 @@ def _args_for(name):
                                               ("linear_probe", 0)])
 def test_frozen_tensors_are_bit_identical_after_training(name, strategy, frozen):
     torch.manual_seed(0)
-    model = build_model(model_spec(name, _args_for(name), 10, "linear", 8, 0.0, 3))
+    model = build_model(model_spec(name, _args_for(name), 10, HeadSettings("linear", 8, 0.0), 3))
     if frozen > len(model.backbone.blocks) or (strategy == "bias_only"
                                                and not model.backbone.blocks):
         pytest.skip(f"{name} has {len(model.backbone.blocks)} blocks")
@@ -124,7 +124,7 @@ def test_balanced_class_weights_are_inverse_frequencies():
 
 
 def test_layer_decay_gives_earlier_blocks_smaller_rates():
-    spec = model_spec("mlp", {"hidden": [8, 8, 8]}, 5, "linear", 8, 0.0, 2)
+    spec = model_spec("mlp", {"hidden": [8, 8, 8]}, 5, HeadSettings("linear", 8, 0.0), 2)
     plan, groups = apply_freeze(build_model(spec), 0, "full", lr=1.0, backbone_lr_mult=0.5,
                                 layer_decay=0.1)
     lrs = {g["name"]: g["lr"] for g in groups}
@@ -147,7 +147,8 @@ def test_prefix_cache_trains_the_same_model(strategy, frozen):
     results = {}
     for cache in ("auto", "off"):
         torch.manual_seed(0)
-        model = build_model(model_spec("mlp", {"hidden": [16, 8]}, 10, "linear", 8, 0.0, 2))
+        model = build_model(model_spec("mlp", {"hidden": [16, 8]}, 10,
+                                       HeadSettings("linear", 8, 0.0), 2))
         cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05, cache=cache)
         summary = fit(model, TrainingData(Tensors(x, y), Tensors(x[:50], y[:50])),
                       TrainingPlan([Round(frozen, strategy, 3, 0.05, 1.0)], cfg, 0, Task(),

@@ -236,14 +236,15 @@ def test_image_size_the_backbone_cannot_take_is_a_config_error(cli, write_config
 def test_stored_features_key_changes_with_rows_weights_preparation_and_precision():
     from tltool import features
     from tltool.data.images.prepare import make_prepare
-    from tltool.models import build_model, model_spec
+    from tltool.models import HeadSettings, build_model, model_spec
     from tltool.runtime import Runtime
     from tltool.tensors import Tensors
 
     torch.manual_seed(0)
     x = torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8)
     data = Tensors(x, torch.zeros(6, dtype=torch.long), prepare=make_prepare(28, [0.5], [0.5], 1))
-    model = build_model(model_spec("small_cnn", {"hidden": 8}, 1, "linear", 0, 0.0, 3))
+    model = build_model(model_spec("small_cnn", {"hidden": 8}, 1, HeadSettings("linear", 0, 0.0),
+                                   3))
     rt = Runtime()
     k = features.key(model, data, rt)
     assert features.usable(model, data) and features.key(model, data, rt) == k

@@ -91,10 +91,10 @@ def test_csv_reader_never_raises_anything_else(n, tmp_path):
 
 def _good_checkpoint() -> dict:
     from tltool.checkpoint import Checkpoint
-    from tltool.models import build_model, model_spec
+    from tltool.models import HeadSettings, build_model, model_spec
 
     spec = model_spec("mlp", {"hidden": [4], "activation": "relu", "batch_norm": False,
-                              "dropout": 0.0}, 3, "linear", 8, 0.0, 2)
+                              "dropout": 0.0}, 3, HeadSettings("linear", 8, 0.0), 2)
     model = build_model(spec)
     pre = {"kind": "tabular", "numeric": [{"name": c, "median": 0.0, "mean": 0.0, "std": 1.0}
                                           for c in "abc"], "categorical": [], "dropped": []}

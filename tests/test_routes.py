@@ -15,7 +15,7 @@ import torch
 from tltool.config import TrainConfig
 from tltool.engine.loop import Trainer, l2sp_penalty
 from tltool.engine.plan import Round, TrainingData, TrainingPlan
-from tltool.models import build_model, model_spec
+from tltool.models import HeadSettings, build_model, model_spec
 from tltool.task import Task
 from tltool.tensors import Tensors
 
@@ -77,7 +77,7 @@ def test_pooled_training_uses_the_source_rows(cli, write_config, tmp_path):
 
 def test_l2sp_penalty_equals_its_formula():
     torch.manual_seed(0)
-    model = build_model(model_spec("mlp", {"hidden": [6, 4]}, 5, "linear", 8, 0.0, 2))
+    model = build_model(model_spec("mlp", {"hidden": [6, 4]}, 5, HeadSettings("linear", 8, 0.0), 2))
     anchor = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
     with torch.no_grad():
         for p in model.parameters():
@@ -96,7 +96,8 @@ def test_l2sp_penalty_equals_its_formula():
 def test_l2sp_pulls_weights_towards_the_pretrained_ones():
     def train(alpha: float) -> float:
         torch.manual_seed(0)
-        model = build_model(model_spec("mlp", {"hidden": [8]}, 6, "linear", 8, 0.0, 2))
+        model = build_model(model_spec("mlp", {"hidden": [8]}, 6, HeadSettings("linear", 8, 0.0),
+                                       2))
         start = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
         x, y = torch.randn(64, 6), torch.randint(0, 2, (64,))
         cfg = TrainConfig(epochs=5, batch_size=16, lr=0.05, l2sp={"alpha": alpha, "beta": 0.0})

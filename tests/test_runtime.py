@@ -12,7 +12,7 @@ from tltool.engine.drive import fit
 from tltool.engine.plan import Round, Sink, TrainingData, TrainingPlan
 from tltool.engine.predict import predict_logits
 from tltool.errors import ConfigError
-from tltool.models import build_model, model_spec
+from tltool.models import HeadSettings, build_model, model_spec
 from tltool.runtime import Runtime, make_runtime
 from tltool.task import Task
 from tltool.tensors import Tensors
@@ -38,7 +38,7 @@ def test_defaults_and_auto():
 
 def test_bf16_training_runs_and_keeps_fp32_weights():
     torch.manual_seed(0)
-    model = build_model(model_spec("small_cnn", {}, 3, "linear", 8, 0.0, 2))
+    model = build_model(model_spec("small_cnn", {}, 3, HeadSettings("linear", 8, 0.0), 2))
     x, y = torch.randn(32, 3, 28, 28), torch.randint(0, 2, (32,))
     cfg = TrainConfig(epochs=2, batch_size=16, precision="bf16")
     fit(model, TrainingData(Tensors(x, y), Tensors(x[:8], y[:8])),
@@ -50,7 +50,7 @@ def test_bf16_training_runs_and_keeps_fp32_weights():
 
 def _resnet(n_classes: int = 3):
     torch.manual_seed(0)
-    return build_model(model_spec("resnet18", {}, 3, "linear", 8, 0.0, n_classes))
+    return build_model(model_spec("resnet18", {}, 3, HeadSettings("linear", 8, 0.0), n_classes))
 
 
 def test_any_mix_of_block_layouts_computes_the_same_function():
@@ -92,7 +92,7 @@ def test_tuning_touches_no_state_and_records_its_choices():
     if rt.chosen.get("precision_probe"):
         assert rt.chosen["precision_probe"]["chose"] == rt.precision
     # tabular models and fixed layouts: nothing to measure
-    mlp = build_model(model_spec("mlp", {"hidden": [8]}, 5, "linear", 8, 0.0, 2))
+    mlp = build_model(model_spec("mlp", {"hidden": [8]}, 5, HeadSettings("linear", 8, 0.0), 2))
     Runtime(layout="auto").tune(mlp, torch.randn(4, 5))
     off = Runtime(layout="off")
     off.tune(model, torch.randn(4, 3, 32, 32))
@@ -155,7 +155,8 @@ def test_compiled_forward_trains_like_the_eager_one():
     results = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        model = build_model(model_spec("mlp", {"hidden": [16]}, 8, "linear", 8, 0.0, 2))
+        model = build_model(model_spec("mlp", {"hidden": [16]}, 8,
+                                       HeadSettings("linear", 8, 0.0), 2))
         x, y = torch.randn(64, 8), torch.randint(0, 2, (64,))
         cfg = TrainConfig(epochs=2, batch_size=16, compile=compiled)
         fit(model, TrainingData(Tensors(x, y), Tensors(x[:16], y[:16])),

@@ -14,7 +14,7 @@ timm = pytest.importorskip("timm")
 
 from tltool.errors import ConfigError  # noqa: E402
 from tltool.freeze import apply_freeze, snapshot_frozen, verify_unchanged  # noqa: E402
-from tltool.models import build_model, model_spec  # noqa: E402
+from tltool.models import HeadSettings, build_model, model_spec  # noqa: E402
 from tltool.models.backbones import build_backbone, get_spec  # noqa: E402
 
 # name -> (block names, feature width, side used in tests)
@@ -33,7 +33,7 @@ def test_blocks_reproduce_timms_own_features(arch):
     backbone = build_backbone(f"timm:{arch}", {}, 3)
     assert backbone.block_names == names and backbone.out_features == width
     # the same random weights in both: load timm's state through the key mapping
-    from tltool.models.vision import load_library_state
+    from tltool.models.library import load_library_state
 
     load_library_state(backbone, ref.state_dict(), "test")
     backbone.eval()
@@ -53,7 +53,7 @@ def test_blocks_reproduce_timms_own_features(arch):
 def test_frozen_blocks_stay_bit_identical(arch):
     names, _, side = FAMILIES[arch]
     torch.manual_seed(0)
-    spec = model_spec(f"timm:{arch}", {}, 3, "linear", 8, 0.0, 3)
+    spec = model_spec(f"timm:{arch}", {}, 3, HeadSettings("linear", 8, 0.0), 3)
     model = build_model(spec)
     k = len(names) // 2
     _, groups = apply_freeze(model, frozen_layers=k, strategy="freeze", lr=0.05,

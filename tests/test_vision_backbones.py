@@ -14,17 +14,18 @@ from torch import nn
 
 from tltool.errors import CheckpointError, ConfigError
 from tltool.freeze import apply_freeze, snapshot_frozen, verify_unchanged
-from tltool.models import build_model, model_spec
-from tltool.models.backbones import BACKBONES, resolve_args
-from tltool.models.vision import (
-    IMAGE_BACKBONES,
+from tltool.models import HeadSettings, build_model, model_spec
+from tltool.models.backbones import BACKBONES, IMAGE_BACKBONES, resolve_args
+from tltool.models.efficientnet_lite import (
+    imagenet_categories,
+    lite0_imagenet_classifier,
+    lite0_weights_file,
+)
+from tltool.models.torchvision_backbones import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     TORCHVISION_WEIGHTS,
     from_torchvision,
-    imagenet_categories,
-    lite0_imagenet_classifier,
-    lite0_weights_file,
 )
 
 STAGES4 = ["stem", "stage1", "stage2", "stage3", "stage4"]
@@ -66,8 +67,8 @@ def _side(name: str) -> int:
 
 
 def _model(name: str, n_outputs: int = 3):
-    return build_model(model_spec(name, resolve_args(name, _args(name)), 3, "linear", 8, 0.0,
-                                  n_outputs))
+    return build_model(model_spec(name, resolve_args(name, _args(name)), 3,
+                                  HeadSettings("linear", 8, 0.0), n_outputs))
 
 
 def test_every_image_backbone_is_registered_and_tested():

@@ -23,6 +23,7 @@ def load() -> dict[str, dict[str, Any]]:
 
 
 def params(block: dict[str, Any], inputs: int) -> int:
+    """Parameters of a catalog block for a table of `inputs` features."""
     return int(block["base"] + block.get("per_input", 0) * inputs)
 
 

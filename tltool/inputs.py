@@ -1,8 +1,9 @@
 """From a data section and the chosen weights to model-ready tensors, and back from a checkpoint.
 
 Tabular rows go through a `TabularPreprocessor`; images are stored as uint8 tensors and turned
-into model input batch by batch (`tltool.data.images.prepare.make_prepare`). What a trained model needs
-to treat new data the same way is the *input state*, a plain dict saved in every checkpoint.
+into model input batch by batch (`tltool.data.images.prepare.make_prepare`). What a trained
+model needs to treat new data the same way is the *input state*, a plain dict saved in every
+checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tltool.config import DataConfig
 from tltool.data.preprocess import TabularPreprocessor
 from tltool.datasets import TABLES
 from tltool.errors import ConfigError, DataError
-from tltool.models.backbones import BackboneSpec
+from tltool.models.base import BackboneSpec
 from tltool.suggest import did_you_mean
 from tltool.task import CLASSIFICATION, MULTILABEL, REGRESSION
 from tltool.tensors import Tensors

@@ -12,7 +12,7 @@ import torch
 from tltool.checkpoint import Checkpoint, load_weights_file
 from tltool.errors import RunError
 from tltool.models import TransferModel
-from tltool.models.backbones import BackboneSpec
+from tltool.models.base import BackboneSpec
 from tltool.models.loading import load_state
 from tltool.runs.opening import TRAINING_COMMANDS, best_checkpoint
 from tltool.runs.status import resolve_run
@@ -89,7 +89,7 @@ def load_backbone_weights(model: TransferModel, spec: BackboneSpec, weights: Wei
                    f"model.weights {weights.ref}")
     elif weights.state is not None:
         if hasattr(model.backbone, "source_keys"):  # a file in the original library's layout
-            from tltool.models.vision import load_library_state
+            from tltool.models.library import load_library_state
 
             load_library_state(model.backbone, weights.state, f"model.weights {weights.ref}")
         else:

@@ -1,8 +1,8 @@
 """Models: a backbone (freezable blocks) + a head, rebuilt from a plain-dict spec.
 
 Optional parts, each recorded in the spec so a checkpoint rebuilds the same network:
-- a classic head (logistic regression, ridge, gradient boosting) fitted by scikit-learn and
-  stored as plain tensors (tltool.models.classic);
+- a classic head (logistic regression, ridge, gradient boosting) fitted by scikit-learn
+  (tltool.models.classic_fit) and stored as plain tensors (tltool.models.classic);
 - a prior: a frozen source model whose output is added to this model's logits (`offset`) or fed
   to its head as extra inputs (`input`);
 - a domain offset: a learned output offset for source rows during pooled training (the saved
@@ -11,14 +11,15 @@ Optional parts, each recorded in the spec so a checkpoint rebuilds the same netw
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from tltool.models.backbones import Backbone, build_backbone
-
-CLASSIC_HEADS = ("logistic_regression", "ridge", "gradient_boosting")
+from tltool.models.backbones import build_backbone
+from tltool.models.base import Backbone
+from tltool.models.classic import CLASSIC_HEADS, build_classic_head
 
 
 def build_head(kind: str, in_features: int, n_outputs: int, hidden: int,
@@ -103,6 +104,7 @@ class TransferModel(nn.Module):
         return self.spec.get("head") in CLASSIC_HEADS
 
     def prior_signal(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The prior's signal for inputs x (None without a prior)."""
         return None if self.prior is None else self.prior(x)
 
     def from_features(self, f: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
@@ -116,7 +118,7 @@ class TransferModel(nn.Module):
 
     @property
     def binary_prior(self) -> bool:
-        """The prior is a two-class model: its signal enters the head as one log-odds column."""
+        """The prior is a two-class classifier, given to the head as one log-odds column."""
         return bool((self.spec.get("prior") or {}).get("binary"))
 
     def forward(self, x: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,12 +146,24 @@ class TransferModel(nn.Module):
         return self
 
 
-def model_spec(backbone: str, backbone_args: dict[str, Any], in_features: int, head: str,
-               head_hidden: int, dropout: float, n_outputs: int,
+@dataclass(frozen=True)
+class HeadSettings:
+    """The head of a model spec: `kind` (model.head: linear, mlp, multilabel or a classic
+    head), the hidden units of an mlp head (model.head_hidden) and the dropout before it
+    (model.dropout)."""
+
+    kind: str
+    hidden: int
+    dropout: float
+
+
+def model_spec(backbone: str, backbone_args: dict[str, Any], in_features: int,
+               head: HeadSettings, n_outputs: int,
                target_scale: tuple[float, float] | None = None) -> dict[str, Any]:
     """Everything needed to rebuild the architecture; stored in every checkpoint."""
     spec = {"backbone": backbone, "backbone_args": backbone_args, "in_features": in_features,
-            "head": head, "head_hidden": head_hidden, "dropout": dropout, "n_outputs": n_outputs}
+            "head": head.kind, "head_hidden": head.hidden, "dropout": head.dropout,
+            "n_outputs": n_outputs}
     if target_scale is not None:
         spec["target_scale"] = [float(v) for v in target_scale]
     return spec
@@ -183,8 +197,6 @@ def build_model(spec: dict[str, Any], _depth: int = 0) -> TransferModel:
                       bool(p.get("multilabel")))
         extra = prior_width(p) if p["mode"] == "input" else 0
     if spec["head"] in CLASSIC_HEADS:
-        from tltool.models.classic import build_classic_head
-
         head = build_classic_head(spec["head_shape"]) if spec.get("head_shape") else \
             nn.Identity()  # replaced once fitted
     else:

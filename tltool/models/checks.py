@@ -51,8 +51,8 @@ def _int(spec: dict, key: str, where: str, low: int, high: int) -> int:
 
 
 def _check_spec(spec: Any, where: str, depth: int = 0) -> None:
-    from tltool.models import CLASSIC_HEADS
     from tltool.models.backbones import BACKBONES
+    from tltool.models.classic import CLASSIC_HEADS, build_classic_head
 
     if not isinstance(spec, dict):
         raise _fail(where, "expected a mapping")
@@ -84,8 +84,6 @@ def _check_spec(spec: Any, where: str, depth: int = 0) -> None:
             isinstance(v, (int, float)) and math.isfinite(v) for v in scale) and scale[1] > 0):
         raise _fail(f"{where}.target_scale", "expected [mean, positive standard deviation]")
     if head in CLASSIC_HEADS and spec.get("head_shape") is not None:
-        from tltool.models.classic import build_classic_head
-
         with _meta():
             build_classic_head(spec["head_shape"])  # its own checks, named by field
     prior = spec.get("prior")

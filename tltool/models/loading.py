@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from tltool.errors import CheckpointError
-from tltool.models import CLASSIC_HEADS, TransferModel, build_model, prior_width
+from tltool.models import TransferModel, build_model, prior_width
+from tltool.models.classic import CLASSIC_HEADS
 
 if TYPE_CHECKING:
     from tltool.checkpoint import Checkpoint

@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from tltool.errors import CheckpointError, ConfigError
-from tltool.models.backbones import Backbone, BackboneSpec
+from tltool.models.base import Backbone, BackboneSpec, require_rgb
+from tltool.models.library import load_library_state
 from tltool.suggest import did_you_mean
 
 PREFIX = "timm:"
@@ -54,6 +55,7 @@ def _timm():
 
 
 def is_timm(name: str) -> bool:
+    """`name` asks for a timm model (timm:NAME)."""
     return isinstance(name, str) and name.startswith(PREFIX)
 
 
@@ -73,9 +75,7 @@ def timm_spec(name: str) -> BackboneSpec:
     std = [float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))]
 
     def build(args: BaseModel, n_inputs: int = 3) -> Backbone:
-        if n_inputs != 3:
-            raise ConfigError(f"model.backbone {name} takes 3-channel (RGB) images, got "
-                              f"{n_inputs} input channels")
+        require_rgb(name, n_inputs)
         return regroup(timm.create_model(arch, pretrained=False), arch, size)
 
     return BackboneSpec(
@@ -98,8 +98,6 @@ def _pretrained_cfg(arch: str) -> dict[str, Any]:
 
 def _load(backbone: Backbone, arch: str) -> None:
     """timm's pretrained weights of `arch`, through its hub cache, into `backbone`."""
-    from tltool.models.vision import load_library_state
-
     timm = _timm()
     try:
         model = timm.create_model(arch, pretrained=True)
@@ -130,18 +128,17 @@ class _Seq(nn.Module):
 
 class _ViTEmbed(nn.Module):
     """Patch embedding, class/register tokens, position embedding: the transformer's model
-    object without its blocks, norm and head (timm's own _pos_embed is used)."""
+    object without its blocks, norm and head. Its own public forward_features runs them
+    (patch_embed, the position embedding, patch_drop, norm_pre), then the emptied blocks and
+    the identity norm left in place by `_regroup_vit`, which pass the tokens through as they
+    are."""
 
     def __init__(self, vit: nn.Module):
         super().__init__()
         self.vit = vit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        v = self.vit
-        x = v.patch_embed(x)
-        x = v._pos_embed(x)
-        x = v.patch_drop(x)
-        return v.norm_pre(x)
+        return self.vit.forward_features(x)
 
 
 class _TokenPool(nn.Module):
@@ -199,6 +196,8 @@ def regroup(model: nn.Module, arch: str, size: int) -> Backbone:
 
 
 def _is_vit(model: nn.Module) -> bool:
+    # A method named _pos_embed is what marks timm's VisionTransformer family (its relatives
+    # with patch_embed, blocks and norm lack it); it is only probed for, never called.
     return all(hasattr(model, a) for a in ("patch_embed", "_pos_embed", "blocks", "norm")) \
         and isinstance(model.blocks, nn.Sequential)
 

@@ -12,7 +12,7 @@ from tltool.checkpoint import Checkpoint
 from tltool.config import ExperimentConfig
 from tltool.errors import ConfigError
 from tltool.inputs import Inputs
-from tltool.models import CLASSIC_HEADS
+from tltool.models.classic import CLASSIC_HEADS
 from tltool.task import REGRESSION
 from tltool.weights import Weights
 

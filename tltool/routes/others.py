@@ -14,7 +14,8 @@ from tltool.checkpoint import Checkpoint
 from tltool.config import ExperimentConfig
 from tltool.errors import CheckpointError, ConfigError, DataError
 from tltool.inputs import Inputs, load_inputs, pool_of
-from tltool.models.backbones import BackboneSpec, resolve_args
+from tltool.models.backbones import resolve_args
+from tltool.models.base import BackboneSpec
 from tltool.routes.checks import saw_this_target
 from tltool.weights import Weights, trained_checkpoint
 

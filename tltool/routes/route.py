@@ -21,8 +21,9 @@ from tltool.checkpoint import Checkpoint
 from tltool.config import DataConfig, ExperimentConfig
 from tltool.errors import ConfigError
 from tltool.inputs import Inputs, is_image_data, load_inputs
-from tltool.models import CLASSIC_HEADS
-from tltool.models.backbones import BackboneSpec, get_spec, resolve_args
+from tltool.models.backbones import get_spec, resolve_args
+from tltool.models.base import BackboneSpec
+from tltool.models.classic import CLASSIC_HEADS
 from tltool.routes.checks import (
     check_combinations,
     check_keep_head,
@@ -193,7 +194,7 @@ def prepare(cfg: ExperimentConfig, command: str, cache: InputCache | None = None
     args = (inherit_args(cfg, weights.ckpt, weights.path) if weights.ckpt
             else resolve_args(m.backbone, m.backbone_args))
     if m.head in CLASSIC_HEADS:
-        from tltool.models.classic import classic_args
+        from tltool.models.classic_args import classic_args
 
         classic_args(m.head, m.head_args)
     pooled_table = (cfg.train.source_weight > 0 and cfg.source is not None

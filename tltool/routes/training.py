@@ -15,7 +15,7 @@ from tltool.engine.drive import Resume, fit
 from tltool.engine.plan import PooledRows, Sink, TrainingData, TrainingPlan, rounds_of
 from tltool.engine.state import TrainingReport
 from tltool.errors import ConfigError
-from tltool.models import TransferModel, build_model, model_spec, prior_columns
+from tltool.models import HeadSettings, TransferModel, build_model, model_spec, prior_columns
 from tltool.models.loading import load_state
 from tltool.routes.checks import check_input_fits
 from tltool.routes.route import Route
@@ -66,8 +66,8 @@ def build(route: Route, seed: int) -> TransferModel:
     if m.keep_head:
         return _kept(route)
     n_out = 1 if route.regression else len(route.classes)
-    spec = model_spec(m.backbone, route.args, inputs.n_inputs, m.head, m.head_hidden,
-                      m.dropout, n_out, inputs.target_scale)
+    spec = model_spec(m.backbone, route.args, inputs.n_inputs,
+                      HeadSettings(m.head, m.head_hidden, m.dropout), n_out, inputs.target_scale)
     if route.prior is not None:
         spec["prior"] = _prior_spec(route)
     if route.pooled is not None and route.cfg.train.domain_offset and not route.classic:
@@ -182,17 +182,18 @@ def fit_classic(route: Route, model: TransferModel, data: TrainingData,
                 rt: Runtime) -> TrainingReport:
     """Fit the classic head on the frozen backbone's features (+ the prior's signal) of
     `data.train` (and `data.pooled`'s rows)."""
-    from tltool.models.classic import classic_shape, fit_classic_head
+    from tltool.models.classic import classic_shape
+    from tltool.models.classic_fit import ClassicRows, ClassicSettings, fit_classic_head
 
     cfg = route.cfg
     x, y, offset, weight, domain = _classic_rows(route, model, data, rt)
-    head = fit_classic_head(cfg.model.head, x.numpy(), y,
-                            task="regression" if route.regression else "classification",
-                            n_classes=1 if route.regression else len(route.classes),
-                            args=cfg.model.head_args, seed=cfg.seed, sample_weight=weight,
-                            offset=offset, domain=domain,
-                            class_weight="balanced" if cfg.train.class_weights == "balanced"
-                            else None)
+    head = fit_classic_head(
+        ClassicRows(x.numpy(), y, sample_weight=weight, offset=offset, domain=domain),
+        ClassicSettings(cfg.model.head, "regression" if route.regression else "classification",
+                        n_classes=1 if route.regression else len(route.classes),
+                        args=cfg.model.head_args, seed=cfg.seed,
+                        class_weight="balanced" if cfg.train.class_weights == "balanced"
+                        else None))
     model.head = head
     model.spec["head_shape"] = classic_shape(head)
     return TrainingReport.untrained(

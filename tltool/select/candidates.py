@@ -11,8 +11,8 @@ from typing import Any
 from tltool.config import ExperimentConfig, candidate_raw, validate_config
 from tltool.errors import ConfigError
 from tltool.inputs import is_image_data
-from tltool.models import CLASSIC_HEADS
 from tltool.models.backbones import get_spec
+from tltool.models.classic import CLASSIC_HEADS
 from tltool.routes.route import InputCache, Route
 from tltool.task import MULTILABEL, REGRESSION
 from tltool.weights import Weights, trained_checkpoint

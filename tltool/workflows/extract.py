@@ -18,9 +18,16 @@ from tltool.errors import ConfigError, DataError
 from tltool.features import features_of
 from tltool.inputs import Inputs, load_inputs
 from tltool.metrics import regression_report
-from tltool.models import build_model, model_spec
-from tltool.models.backbones import BackboneSpec, get_spec, resolve_args
+from tltool.models import HeadSettings, build_model, model_spec
+from tltool.models.backbones import get_spec, resolve_args
+from tltool.models.base import BackboneSpec
 from tltool.models.loading import load_trained
+from tltool.models.sklearn_heads import (
+    CLASSIFIER_HEADS,
+    REGRESSOR_HEADS,
+    sklearn_head,
+    sklearn_regressor,
+)
 from tltool.routes.checks import check_input_fits
 from tltool.runs.files import write_json, writing
 from tltool.runs.folder import RunPlace, new_run, pinned_config
@@ -30,55 +37,6 @@ from tltool.task import CLASSIFICATION
 from tltool.weights import Weights, load_backbone_weights, resolve_weights
 
 log = logging.getLogger("tltool")
-
-
-def sklearn_head(kind: str, seed: int, balanced: bool, min_class: int = 5):
-    """A fresh classic classifier; standardised features suit the linear and kernel ones."""
-    from sklearn.calibration import CalibratedClassifierCV
-    from sklearn.ensemble import RandomForestClassifier
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC
-
-    weight = "balanced" if balanced else None
-    if kind == "logistic_regression":
-        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000,
-                                                                  class_weight=weight))
-    if kind == "random_forest":
-        return RandomForestClassifier(n_estimators=300, random_state=seed, class_weight=weight,
-                                      n_jobs=1)
-    if kind == "svm":
-        # Platt-scaled probabilities from internal cross-validation (SVC's own
-        # `probability=True` is deprecated in recent scikit-learn).
-        svc = SVC(random_state=seed, class_weight=weight)
-        return make_pipeline(StandardScaler(), CalibratedClassifierCV(
-            svc, method="sigmoid", cv=min(5, min_class), ensemble=False))
-    raise ValueError(kind)
-
-
-CLASSIFIER_HEADS = ("logistic_regression", "random_forest", "svm")
-REGRESSOR_HEADS = ("ridge", "random_forest", "svm")
-
-
-def sklearn_regressor(kind: str, seed: int):
-    """A fresh classic regressor; the label is standardised for it and mapped back."""
-    from sklearn.compose import TransformedTargetRegressor
-    from sklearn.ensemble import RandomForestRegressor
-    from sklearn.linear_model import RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVR
-
-    if kind == "ridge":
-        inner = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
-    elif kind == "random_forest":
-        inner = RandomForestRegressor(n_estimators=300, random_state=seed, n_jobs=1)
-    elif kind == "svm":
-        inner = make_pipeline(StandardScaler(), SVR())
-    else:
-        raise ValueError(kind)
-    return TransformedTargetRegressor(regressor=inner, transformer=StandardScaler())
 
 
 def _heads(cfg: ExperimentConfig, regression: bool, section: str) -> list[str]:
@@ -107,7 +65,7 @@ def _network(cfg: ExperimentConfig) -> tuple:
         raise ConfigError("model.weights: a tabular backbone's features need a tltool "
                           "checkpoint (its preprocessing is saved there)")
     model = build_model(model_spec(m.backbone, resolve_args(m.backbone, m.backbone_args), 3,
-                                   "linear", 1, 0.0, 1))
+                                   HeadSettings("linear", 1, 0.0), 1))
     load_backbone_weights(model, spec, weights)
     return model, spec, weights
 
