@@ -69,8 +69,8 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 cfg = load_config(ROOT / case["config"],
                                   overrides(n, seed, tmp, args.vary_split))
-                src = load_tabular(cfg.source, cfg.seed)
-                tgt = load_tabular(cfg.target, cfg.seed)
+                src = load_tabular(cfg.source)
+                tgt = load_tabular(cfg.target)
                 label = "__label__"
                 train = pd.concat([frame(s, label, 0) for s in (src.train, src.val, src.test)]
                                   + [frame(s, label, 1) for s in (tgt.train, tgt.val)],

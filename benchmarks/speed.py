@@ -189,7 +189,7 @@ def mlp_case(mode: str, epochs: int, who: str) -> dict:
     from tltool.weights import Weights
 
     cfg = validate_config({"source": {"name": "credit_data", "where": {"Job": "fixed"}}}, "b")
-    inputs = load_inputs(cfg.source, "source", 0, get_spec("mlp"), Weights("none"))
+    inputs = load_inputs(cfg.source, "source", get_spec("mlp"), Weights("none"))
     del load_tabular
     x, y = inputs.train.x, inputs.train.y
     torch.manual_seed(0)

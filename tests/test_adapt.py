@@ -68,7 +68,7 @@ def test_rows_left_out_by_n_train_and_blank_labels_form_the_unlabelled_pool(tmp_
     frame.to_csv(path, index=False)
     cfg = validate_config({"source": {"kind": "csv", "path": str(path), "label": "y",
                                       "n_train": 10}}, "t").source
-    data = load_tabular(cfg, seed=0)
+    data = load_tabular(cfg)
     assert len(data.train) == 10
     pool_ids = set(data.unlabeled.ids.tolist())
     assert {"3", "7"} <= pool_ids  # blank labels

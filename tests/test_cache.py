@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tltool.cache import build_prefix_cache
+from tltool.cache import Budget, build_prefix_cache
 from tltool.config import TrainConfig
 from tltool.engine.drive import fit
 from tltool.engine.plan import Round, Sink, TrainingData, TrainingPlan
@@ -22,7 +22,7 @@ def test_cached_prefix_gives_bit_identical_fp32_logits(name, n):
     model = build_model(model_spec(name, {}, inputs, HeadSettings("linear", 8, 0.0), 5)).eval()
     x = torch.randn(16, 3, 32, 32) if name != "mlp" else torch.randn(16, 12)
     data = Tensors(x, torch.zeros(16, dtype=torch.long))
-    cache = build_prefix_cache(model, data, n, batch_size=16, max_bytes=1e9)
+    cache = build_prefix_cache(model, data, n, Budget(16, 1e9))
     assert cache is not None
     direct = predict_logits(model, data, batch_size=16)
     cached = predict_logits(model, cache, batch_size=16, start=n)

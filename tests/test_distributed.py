@@ -187,7 +187,7 @@ import torch
 
 torch.distributed.init_process_group("gloo")
 from tltool import distributed
-from tltool.cache import build_prefix_cache
+from tltool.cache import Budget, build_prefix_cache
 from tltool.data.images import decoding as images
 from tltool.errors import DataError
 from tltool.tensors import Tensors
@@ -214,7 +214,7 @@ def blocks(xb, n, pool=False):
 backbone = SimpleNamespace(forward_blocks=blocks, laid_out=lambda z, n: z)
 model = SimpleNamespace(eval=lambda: None, backbone=backbone)
 rows = Tensors(torch.arange(10.0).reshape(5, 2), torch.zeros(5))
-cache = build_prefix_cache(model, rows, 1, 2, 1e9)
+cache = build_prefix_cache(model, rows, 1, Budget(2, 1e9))
 torch.save({"x": x, "kept": kept, "bad": bad, "error": error, "decoded": first,
             "probe": (kept_probe, bad_probe), "half": half, "cache": cache.x, "seen": seen},
            out / f"rank{r}.pt")

@@ -160,7 +160,7 @@ def test_predict_input_missing_a_column_or_text_in_numbers(pretrained, cli, tmp_
 
 def test_a_failed_run_is_marked_failed_and_never_picked(pretrained, cli, write_config,
                                                         tmp_path, monkeypatch):
-    import tltool.workflows.routes as routes
+    import tltool.routes.training as routes
 
     def boom(*args, **kwargs):
         raise RuntimeError("power cut")

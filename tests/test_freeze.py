@@ -33,7 +33,7 @@ def _mlp(batch_norm=False):
 ])
 def test_trainable_parameter_counts(strategy, frozen, trainable):
     model = _mlp()
-    plan, groups = apply_freeze(model, frozen, strategy, lr=1e-3, backbone_lr_mult=0.1)
+    plan, groups = apply_freeze(model, Round(frozen, strategy, 1, 1e-3, 0.1))
     assert plan.trainable == trainable
     assert sum(p.numel() for g in groups for p in g["params"]) == trainable
     assert all(p.requires_grad for g in groups for p in g["params"])
@@ -41,14 +41,14 @@ def test_trainable_parameter_counts(strategy, frozen, trainable):
 
 
 def test_backbone_gets_the_lower_learning_rate():
-    plan, groups = apply_freeze(_mlp(), 1, "freeze", lr=1e-3, backbone_lr_mult=0.1)
+    plan, groups = apply_freeze(_mlp(), Round(1, "freeze", 1, 1e-3, 0.1))
     lrs = {g["name"]: g["lr"] for g in groups}
     assert lrs == {"head": 1e-3, "hidden2": pytest.approx(1e-4)}
     assert [r["state"] for r in plan.rows] == ["frozen", "trainable", "trainable"]
 
 
 def test_zero_multiplier_freezes_the_backbone():
-    plan, groups = apply_freeze(_mlp(), 0, "freeze", lr=1e-3, backbone_lr_mult=0.0)
+    plan, groups = apply_freeze(_mlp(), Round(0, "freeze", 1, 1e-3, 0.0))
     assert plan.trainable == 66 and [g["name"] for g in groups] == ["head"]
 
 
@@ -59,13 +59,13 @@ def test_zero_multiplier_freezes_the_backbone():
 ])
 def test_impossible_plans_are_config_errors(frozen, strategy, message):
     with pytest.raises(ConfigError) as exc:
-        apply_freeze(_mlp(), frozen, strategy, 1e-3, 1.0)
+        apply_freeze(_mlp(), Round(frozen, strategy, 1, 1e-3, 1.0))
     assert message in str(exc.value)
 
 
 def test_frozen_batchnorm_stays_in_inference_mode():
     model = _mlp(batch_norm=True)
-    apply_freeze(model, 1, "freeze", 1e-3, 1.0)
+    apply_freeze(model, Round(1, "freeze", 1, 1e-3, 1.0))
     model.train()
     bn1 = model.backbone.blocks[0][1]
     bn2 = model.backbone.blocks[1][1]
@@ -107,7 +107,7 @@ def test_frozen_tensors_are_bit_identical_after_training(name, strategy, frozen)
 
 def test_verify_catches_a_moved_tensor():
     model = _mlp()
-    apply_freeze(model, 1, "freeze", 1e-3, 1.0)
+    apply_freeze(model, Round(1, "freeze", 1, 1e-3, 1.0))
     snap = snapshot_frozen(model)
     with torch.no_grad():
         model.backbone.blocks[0][0].weight.add_(1.0)
@@ -125,7 +125,7 @@ def test_balanced_class_weights_are_inverse_frequencies():
 
 def test_layer_decay_gives_earlier_blocks_smaller_rates():
     spec = model_spec("mlp", {"hidden": [8, 8, 8]}, 5, HeadSettings("linear", 8, 0.0), 2)
-    plan, groups = apply_freeze(build_model(spec), 0, "full", lr=1.0, backbone_lr_mult=0.5,
+    plan, groups = apply_freeze(build_model(spec), Round(0, "full", 1, 1.0, 0.5),
                                 layer_decay=0.1)
     lrs = {g["name"]: g["lr"] for g in groups}
     assert lrs == {"head": 1.0, "hidden3": 0.5, "hidden2": pytest.approx(0.05),
@@ -135,7 +135,7 @@ def test_layer_decay_gives_earlier_blocks_smaller_rates():
 
 def test_bn_policy_train_lets_frozen_statistics_adapt():
     model = _mlp(batch_norm=True)
-    plan, _ = apply_freeze(model, 1, "freeze", 1e-3, 1.0, bn_policy="train")
+    plan, _ = apply_freeze(model, Round(1, "freeze", 1, 1e-3, 1.0), bn_policy="train")
     model.train()
     assert model.backbone.blocks[0][1].training
     assert plan.rows[0]["bn"] == "train" and plan.rows[0]["trainable"] == 0

@@ -259,6 +259,6 @@ def test_stored_features_key_changes_with_rows_weights_preparation_and_precision
     assert features.key(model, data, Runtime(dtype=torch.bfloat16)) != features.key(model, data, rt)
     # the head's answer from the stored features is the forward pass's
     from tltool.engine.predict import predict_proba
-    p, how = features.predict(model, data, False, rt, 4)
+    p, how = features.predict(model, data, rt, features.Pass(False, 4))
     assert how == "forward pass"
     assert np.allclose(p, predict_proba(model, data, False, 4, rt), atol=1e-6)

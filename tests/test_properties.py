@@ -71,7 +71,7 @@ def _csv_case(tmp_path, header, rows, sep) -> None:
     path.write_text(text)
     cfg = DataConfig(kind="csv", path=str(path), label=header[0], split={"stratify": False})
     try:
-        load_tabular(cfg, 0)
+        load_tabular(cfg)
     except TLError:
         pass
 

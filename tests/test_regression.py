@@ -33,7 +33,7 @@ def amount_source(cli, write_config, tmp_path) -> Path:
 
 def test_split_keeps_the_label_distribution_and_values():
     cfg = DataConfig(kind="builtin", name="credit_data", **REGRESSION)
-    data = load_tabular(cfg, seed=0)
+    data = load_tabular(cfg)
     assert data.classes == ["Amount"] and data.task == "regression"
     assert data.train.y.dtype == np.float64
     frame = load_table("credit_data")

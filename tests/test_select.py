@@ -141,7 +141,7 @@ def test_changing_the_test_labels_leaves_the_choice_unchanged(pretrained, cli, w
     data_cfg = validate_config(merge(BASE, {"target": {**target, "path": str(tmp_path /
                                                                            "a.csv")}}),
                                "t").target
-    test_rows = load_tabular(data_cfg, 0).test.ids.astype(int)
+    test_rows = load_tabular(data_cfg).test.ids.astype(int)
     flipped = frame.copy()
     flipped.loc[test_rows, "Status"] = np.where(frame.loc[test_rows, "Status"] == "bad",
                                                 "good", "bad")

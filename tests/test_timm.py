@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 timm = pytest.importorskip("timm")
 
+from tltool.engine.plan import Round  # noqa: E402
 from tltool.errors import ConfigError  # noqa: E402
 from tltool.freeze import apply_freeze, snapshot_frozen, verify_unchanged  # noqa: E402
 from tltool.models import HeadSettings, build_model, model_spec  # noqa: E402
@@ -56,8 +57,7 @@ def test_frozen_blocks_stay_bit_identical(arch):
     spec = model_spec(f"timm:{arch}", {}, 3, HeadSettings("linear", 8, 0.0), 3)
     model = build_model(spec)
     k = len(names) // 2
-    _, groups = apply_freeze(model, frozen_layers=k, strategy="freeze", lr=0.05,
-                             backbone_lr_mult=1.0)
+    _, groups = apply_freeze(model, Round(k, "freeze", 1, 0.05, 1.0))
     snap = snapshot_frozen(model)
     before = {key: t.clone() for key, t in model.state_dict().items()}
     opt = torch.optim.SGD(groups, lr=0.05)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tltool.engine.plan import Round
 from tltool.errors import CheckpointError, ConfigError
 from tltool.freeze import apply_freeze, snapshot_frozen, verify_unchanged
 from tltool.models import HeadSettings, build_model, model_spec
@@ -134,8 +135,7 @@ def test_frozen_blocks_are_bit_identical_after_training(name):
     torch.manual_seed(0)
     model = _model(name)
     k = len(model.backbone.blocks) // 2
-    _, groups = apply_freeze(model, frozen_layers=k, strategy="freeze", lr=0.05,
-                             backbone_lr_mult=1.0)
+    _, groups = apply_freeze(model, Round(k, "freeze", 1, 0.05, 1.0))
     snap = snapshot_frozen(model)
     before = {key: t.clone() for key, t in model.state_dict().items()}
     opt = torch.optim.SGD(groups, lr=0.05)

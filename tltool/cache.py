@@ -4,7 +4,7 @@ signal per row, shared by every round, fold and candidate that uses the same wei
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -16,9 +16,18 @@ from tltool.runtime import Runtime
 from tltool.tensors import Tensors
 
 
+@dataclass(frozen=True)
+class Budget:
+    """How a prefix cache is built: rows per batch, and the most bytes it may hold (a cache
+    that would exceed them is not built: the blocks run every step instead)."""
+
+    batch_size: int
+    max_bytes: float
+
+
 @torch.no_grad()
-def build_prefix_cache(model: TransferModel, data: Tensors, n_blocks: int, batch_size: int,
-                       max_bytes: float, rt: Runtime | None = None,
+def build_prefix_cache(model: TransferModel, data: Tensors, n_blocks: int, budget: Budget,
+                       rt: Runtime | None = None,
                        augmented: bool = False) -> Tensors | None:
     """Outputs of the first n (frozen, inference-mode) blocks, computed once and kept on the
     CPU (in bf16 under bf16 autocast); None when the cache would exceed `max_bytes`.
@@ -28,6 +37,7 @@ def build_prefix_cache(model: TransferModel, data: Tensors, n_blocks: int, batch
     after 1/N of the work. Randomly augmented views are the exception: every rank computes all
     rows, so the random draws do not depend on the number of processes."""
     rt = rt or Runtime()
+    batch_size, max_bytes = budget.batch_size, budget.max_bytes
     model.eval()
     n = len(data.x)
     sharded = not augmented and distributed.sharded_inference(n)
@@ -82,7 +92,7 @@ class PrefixStore:
         if model.prior is None:
             return data
         root = data.parent if data.parent is not None else data
-        key = ("prior", id(root), _module_digest(model.prior))
+        key = ("prior", id(root), module_digest(model.prior))
         if key not in self._caches:
             self._caches[key] = prior_signal(model, root, rt=rt)
             self._caches[key + ("root",)] = root
@@ -91,14 +101,15 @@ class PrefixStore:
             return replace(data, prior=signal, parent=data, index=torch.arange(len(data)))
         return replace(data, prior=signal[data.index])
 
-    def get(self, model: TransferModel, data: Tensors, start: int, batch_size: int,
-            max_bytes: float, rt: Runtime, view: int = 0) -> Tensors | None:
+    def get(self, model: TransferModel, data: Tensors, start: int, budget: Budget,
+            rt: Runtime, view: int = 0) -> Tensors | None:
+        """The prefix cache of `data` (None: over budget); `view`: which augmented view."""
         root = data.parent if data.parent is not None else data
         key = (id(root), start, view if data.augments else 0, _prefix_digest(model, start),
                rt.precision, str(rt.device))
         if key not in self._caches:
-            self._caches[key] = build_prefix_cache(model, root, start, batch_size, max_bytes,
-                                                   rt, augmented=data.augments)
+            self._caches[key] = build_prefix_cache(model, root, start, budget, rt,
+                                                   augmented=data.augments)
             self._caches[key + ("root",)] = root  # keeps id(root) from being reused
         cached = self._caches[key]
         if cached is None:
@@ -108,10 +119,10 @@ class PrefixStore:
 
 
 def _prefix_digest(model: TransferModel, start: int) -> str:
-    return "|".join(_module_digest(b) for b in model.backbone.blocks[:start])
+    return "|".join(module_digest(b) for b in model.backbone.blocks[:start])
 
 
-def _module_digest(module: nn.Module) -> str:
+def module_digest(module: nn.Module) -> str:
     """A hash of a module's type and every tensor of its state (weights and buffers)."""
     h = hashlib.sha1(type(module).__name__.encode())
     for name, t in sorted(module.state_dict().items()):

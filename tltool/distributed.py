@@ -260,7 +260,8 @@ def sync_batchnorm(model, device, wanted: bool) -> str | None:
         return None
     from torch import nn
 
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    if not any(isinstance(m, norms) for m in model.modules()):
         return None
     if device.type != "cuda":
         return ("train.sync_batchnorm: PyTorch's SyncBatchNorm needs GPUs; on CPUs each rank's "
@@ -272,8 +273,7 @@ def sync_batchnorm(model, device, wanted: bool) -> str | None:
     swapped: dict[int, nn.Module] = {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.modules.batchnorm._BatchNorm) and \
-                    not isinstance(child, nn.SyncBatchNorm):
+            if isinstance(child, norms) and not isinstance(child, nn.SyncBatchNorm):
                 new = nn.SyncBatchNorm.convert_sync_batchnorm(child)
                 new.train(child.training)
                 setattr(parent, name, new)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,7 @@ def usable(model: torch.nn.Module, data: Tensors) -> bool:
 
 
 def key(model, data: Tensors, rt: Runtime) -> str:
-    from tltool.cache import _module_digest
+    from tltool.cache import module_digest
 
     prepare = data.prepare
     if prepare is not None and type(prepare).__repr__ is object.__repr__:
@@ -59,7 +60,7 @@ def key(model, data: Tensors, rt: Runtime) -> str:
     h = hashlib.sha1(f"{tuple(data.x.shape)}|{data.x.dtype}|{prepare!r}".encode())
     x = data.x.detach().cpu().contiguous()
     h.update(memoryview(x.view(torch.uint8).numpy()).cast("B") if x.numel() else b"")
-    h.update(f"|{_module_digest(model.backbone)}|{rt.precision}|{rt.device.type}".encode())
+    h.update(f"|{module_digest(model.backbone)}|{rt.precision}|{rt.device.type}".encode())
     return h.hexdigest()
 
 
@@ -154,23 +155,43 @@ def save(run, name: str, k: str, feats: torch.Tensor) -> bool:
     return True
 
 
-def predict(model, data: Tensors, multilabel: bool, rt: Runtime, batch_size: int,
-            run_path: Path | None = None, store: Any = None, name: str | None = None,
-            what: str = "predict") -> tuple[np.ndarray, str]:
-    """Probabilities for `data`: through features stored in `run_path` when their key matches
-    (how: "stored features"), else through the backbone ("forward pass"), keeping the features
-    in the run folder `store` under `name` when given. Falls back to a plain forward pass for
-    models that `usable` rules out (how: "forward pass")."""
+@dataclass(frozen=True)
+class Pass:
+    """One prediction pass: the model's kind of output (multi-label: a sigmoid per label),
+    rows per batch, and what progress reports call it."""
+
+    multilabel: bool = False
+    batch_size: int = 512
+    what: str = "predict"
+
+
+@dataclass(frozen=True)
+class Kept:
+    """Where a trained run keeps its backbone features: read from the run folder `read`
+    (evaluate), or written into the run folder `write` (a RunFolder) under `name` (training)."""
+
+    read: Path | None = None
+    write: Any = None
+    name: str | None = None
+
+
+def predict(model, data: Tensors, rt: Runtime, step: Pass,
+            kept: Kept = Kept()) -> tuple[np.ndarray, str]:
+    """Probabilities for `data`: through features stored in `kept.read` when their key
+    matches (how: "stored features"), else through the backbone ("forward pass"), keeping the
+    features in `kept.write` when given. Falls back to a plain forward pass for models that
+    `usable` rules out (how: "forward pass")."""
     from tltool.engine.predict import predict_proba
 
     if not usable(model, data):
-        return predict_proba(model, data, multilabel, batch_size, rt, what=what), "forward pass"
+        return predict_proba(model, data, step.multilabel, step.batch_size, rt,
+                             what=step.what), "forward pass"
     k = key(model, data, rt)
-    if run_path is not None:
-        feats = load(run_path, k)
+    if kept.read is not None:
+        feats = load(kept.read, k)
         if feats is not None and len(feats) == len(data.x):
-            return head_proba(model, feats, multilabel, rt), "stored features"
-    feats = features_of(model, data, None, rt, batch_size, what=what)
-    if store is not None and name is not None and distributed.is_main():
-        save(store, name, k, feats)
-    return head_proba(model, feats, multilabel, rt), "forward pass"
+            return head_proba(model, feats, step.multilabel, rt), "stored features"
+    feats = features_of(model, data, None, rt, step.batch_size, what=step.what)
+    if kept.write is not None and kept.name is not None and distributed.is_main():
+        save(kept.write, kept.name, k, feats)
+    return head_proba(model, feats, step.multilabel, rt), "forward pass"

@@ -64,16 +64,19 @@ def check_frozen_layers(frozen_layers: int, strategy: str, n_blocks: int, names:
                           f"block; set it to 0 or use strategy 'freeze'")
 
 
-def apply_freeze(model: TransferModel, frozen_layers: int, strategy: str, lr: float,
-                 backbone_lr_mult: float, bn_policy: str = "eval",
+def apply_freeze(model: TransferModel, rnd, bn_policy: str = "eval",
                  layer_decay: float | None = None) -> tuple[FreezePlan, list[dict[str, Any]]]:
-    """Set requires_grad and BN modes; return the plan and the optimiser parameter groups.
+    """Set requires_grad and BN modes for a round (`rnd`: its frozen_layers, strategy, lr and
+    backbone_lr_mult, tltool.engine.plan.Round); return the plan and the optimiser parameter
+    groups.
 
     bn_policy "eval": BatchNorm in frozen blocks stays in inference mode (statistics fixed);
     "train": their running statistics keep adapting to the new data while weights stay frozen
     (AdaBN-style domain adaptation). layer_decay d: block i of n trains at
     lr * backbone_lr_mult * d**(n-1-i), so earlier, more generic blocks move less.
     """
+    frozen_layers, strategy = rnd.frozen_layers, rnd.strategy
+    lr, backbone_lr_mult = rnd.lr, rnd.backbone_lr_mult
     blocks = model.backbone.blocks
     names = model.backbone.block_names
     check_frozen_layers(frozen_layers, strategy, len(blocks), names)

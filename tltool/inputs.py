@@ -39,7 +39,7 @@ class Inputs:
     multilabel: bool
     # Every training-pool row with its label unused (the labelled training rows, those n_train
     # left out and, in tables, rows with an empty label): what domain adaptation aligns.
-    # Built only on request (`load_inputs(..., pool=True)`).
+    # Built only on request (`Encoding(pool=True)`).
     pool: Tensors | None = None
     # Regression: the label's training mean and standard deviation. The model predicts in the
     # label's own units; the loss compares standardised values (see tltool.engine.Task).
@@ -67,23 +67,32 @@ def is_image_data(cfg: DataConfig) -> bool:
 
     if cfg.kind == "builtin" and cfg.name not in TABLES and cfg.name not in IMAGE_SETS:
         names = [*TABLES, *IMAGE_SETS]
-        hint = did_you_mean(cfg.name, names, suffix=" ")
+        hint = did_you_mean(cfg.name, names, around=("", " "))
         raise DataError(f"unknown built-in data set {cfg.name!r}; {hint}available: "
                         f"{', '.join(names)}")
     return is_image_config(cfg)
 
 
-def load_inputs(cfg: DataConfig, section: str, seed: int, spec: BackboneSpec,
-                weights: Weights, like: dict[str, Any] | None = None,
-                pool: bool = False, fit_rows: str = "train",
-                also_fit: Any = None) -> Inputs:
-    """Load a data section and encode it the way the model (and its weights) expect.
+@dataclass(frozen=True)
+class Encoding:
+    """How a data section is encoded besides what the weights fix.
 
     `like`: an input state to encode with instead (the other domain of a domain adaptation
     run is encoded exactly like the main one). `pool`: also encode the unlabelled pool.
     Tables whose encoding is fitted here (no `like`, no pretrained state): on the training
     split (`fit_rows` "train"), or on training + validation rows ("labelled": tltool select
     learns from both), plus the rows of `also_fit` (a frame: pooled source rows)."""
+
+    like: dict[str, Any] | None = None
+    pool: bool = False
+    fit_rows: str = "train"
+    also_fit: Any = None
+
+
+def load_inputs(cfg: DataConfig, section: str, spec: BackboneSpec, weights: Weights,
+                encoding: Encoding = Encoding()) -> Inputs:
+    """Load a data section and encode it the way the model (and its weights) expect."""
+    like = encoding.like
     image = is_image_data(cfg)
     if image and cfg.task == "regression":
         raise ConfigError(f"{section}.task: 'regression' is supported for tables (kind csv or "
@@ -93,11 +102,11 @@ def load_inputs(cfg: DataConfig, section: str, seed: int, spec: BackboneSpec,
         raise ConfigError(f"{section}: holds {what} but backbone {spec.name!r} takes "
                           f"{spec.input} input; pick a matching backbone (`tltool backbones`)")
     source_state = like if like is not None else weights.preprocessor
-    inputs = (_image_inputs(cfg, seed, spec, weights, source_state) if image
-              else _tabular_inputs(cfg, seed, source_state, fit_rows, also_fit))
+    inputs = (_image_inputs(cfg, spec, weights, source_state) if image
+              else _tabular_inputs(cfg, source_state, encoding))
     for note in inputs.data.notes:  # also in metrics.json; said now so a user sees it
         log.info("%s: %s", section, note)
-    if pool:
+    if encoding.pool:
         inputs.pool = pool_of(inputs)
     return inputs
 
@@ -138,17 +147,18 @@ def pool_of(inputs: Inputs) -> Tensors:
     return Tensors(x, torch.full((len(x),), -1, dtype=torch.long), train.prepare, train.augments)
 
 
-def _tabular_inputs(cfg: DataConfig, seed: int, source_state: dict | None,
-                    fit_rows: str = "train", also_fit: Any = None) -> Inputs:
+def _tabular_inputs(cfg: DataConfig, source_state: dict | None, encoding: Encoding) -> Inputs:
     import pandas as pd
 
     from tltool.data.tabular import load_tabular
 
-    data = load_tabular(cfg, seed)
+    data = load_tabular(cfg)
     if source_state is None:
-        frames = [data.train.frame] + ([data.val.frame] if fit_rows == "labelled" else [])
-        if also_fit is not None:
-            frames.append(also_fit[[c for c in data.feature_columns if c in also_fit]])
+        labelled = encoding.fit_rows == "labelled"
+        frames = [data.train.frame] + ([data.val.frame] if labelled else [])
+        also = encoding.also_fit
+        if also is not None:
+            frames.append(also[[c for c in data.feature_columns if c in also]])
         pre = TabularPreprocessor().fit(pd.concat(frames), data.feature_columns,
                                         data.categorical, data.origin)
     else:
@@ -178,7 +188,7 @@ def encode_tabular(pre: TabularPreprocessor, split, origin: str) -> Tensors:
     return Tensors(x, torch.from_numpy(y))
 
 
-def _image_inputs(cfg: DataConfig, seed: int, spec: BackboneSpec, weights: Weights,
+def _image_inputs(cfg: DataConfig, spec: BackboneSpec, weights: Weights,
                   source_state: dict | None) -> Inputs:
     from tltool.data.images.dataset import load_images
 
@@ -188,7 +198,7 @@ def _image_inputs(cfg: DataConfig, seed: int, spec: BackboneSpec, weights: Weigh
     else:
         size = cfg.image_size or spec.default_size
         mean, std = spec.norm(weights.name)
-    data = load_images(cfg, seed, size)
+    data = load_images(cfg, size)
     state = {"kind": "image", "size": int(size), "mean": list(mean), "std": list(std),
              "channels": 3, "augment": cfg.augment, "multilabel": bool(data.multilabel)}
     splits = [encode_images(state, getattr(data, s).x, getattr(data, s).y)

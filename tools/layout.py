@@ -26,6 +26,16 @@ MAX_LINES, MAX_BODY, MAX_PARAMS = 400, 60, 6
 # Justified exceptions: (module, function) -> why. At most five of each kind.
 LONG_OK: dict[tuple[str, str], str] = {}
 PARAMS_OK: dict[tuple[str, str], str] = {}
+# Private attributes of other libraries' objects that have no public equivalent:
+# (module, attribute) -> why. tltool's own private names are never used across modules.
+PRIVATE_OK: dict[tuple[str, str], str] = {
+    ("tltool.models.boosting_export", "_predictors"):
+        "scikit-learn's fitted HistGradientBoosting trees: no public accessor",
+    ("tltool.models.boosting_export", "_baseline_prediction"):
+        "scikit-learn's fitted HistGradientBoosting initial score: no public accessor",
+    ("tltool.runtime", "_is_mkldnn_bf16_supported"):
+        "torch's only test of native bfloat16 on a CPU (torch.ops.mkldnn)",
+}
 
 # Files of a run folder that exactly one module reads and writes (by their file name).
 OWNED = {
@@ -195,6 +205,8 @@ def measure() -> dict[str, list[str]]:
                 continue
             if node.attr in own and not (isinstance(base, ast.Name) and base.id in aliases):
                 continue
+            if (mod, node.attr) in PRIVATE_OK:
+                continue
             found["private attributes used across modules"].append(
                 f"{mod}:{node.lineno} .{node.attr}")
     for mod, path in mods.items():
@@ -238,9 +250,10 @@ def main() -> int:
                 print(f"        {item}")
         missed += bool(items)
     print(f"exceptions: {len(LONG_OK)} long function(s), {len(PARAMS_OK)} with many "
-          f"parameters (tools/layout.py LONG_OK / PARAMS_OK, each with its reason)")
-    for (mod, fn), why in {**LONG_OK, **PARAMS_OK}.items():
-        print(f"        {mod}.{fn}: {why}")
+          f"parameters, {len(PRIVATE_OK)} other libraries' private attributes (tools/layout.py "
+          f"LONG_OK / PARAMS_OK / PRIVATE_OK, each with its reason)")
+    for (mod, name), why in {**LONG_OK, **PARAMS_OK, **PRIVATE_OK}.items():
+        print(f"        {mod} {name}: {why}")
     return 1 if missed else 0
 
 

@@ -120,7 +120,7 @@ def backbones(
     if name is not None and name not in known:
         from tltool.suggest import did_you_mean
 
-        hint = did_you_mean(name, known, suffix=" ")
+        hint = did_you_mean(name, known, around=("", " "))
         typer.echo(f"error: --name: unknown backbone {name!r}; {hint}available: "
                    f"{', '.join(known)}", err=True)
         raise typer.Exit(2)

@@ -234,7 +234,7 @@ def _describe(err: dict[str, Any]) -> str:
     got = err.get("input")
     if kind == "extra_forbidden":
         choices = _fields_at(loc[:-1])
-        hint = did_you_mean(loc[-1], choices, show=lambda c: f"'{c}'", suffix=" ")
+        hint = did_you_mean(loc[-1], choices, show=lambda c: f"'{c}'", around=("", " "))
         return f"{where}: unknown key; {hint}allowed: {', '.join(choices)}"
     if kind == "missing":
         return f"{where}: required key is missing"

@@ -64,7 +64,7 @@ def read_frame(cfg: DataConfig) -> pd.DataFrame:
 def _check_columns(frame: pd.DataFrame, names: list[str], what: str, origin: str) -> None:
     for name in names:
         if name not in frame.columns:
-            hint = did_you_mean(name, frame.columns, prefix="; ")
+            hint = did_you_mean(name, frame.columns, around=("; ", ""))
             if len(frame.columns) == 1:
                 sep = next((c for c in ";\t|" if c in str(frame.columns[0])), None)
                 if sep:
@@ -110,7 +110,7 @@ class _Section:
     notes: list[str] = field(default_factory=list)
 
 
-def load_tabular(cfg: DataConfig, seed: int) -> TabularData:
+def load_tabular(cfg: DataConfig) -> TabularData:
     """Load, filter, label, split (fixed by split.seed) and sub-sample (by sample_seed)."""
     origin = origin_of(cfg)
     if cfg.options:

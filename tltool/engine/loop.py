@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from tltool import distributed
+from tltool.cache import Budget
 from tltool.engine.batches import AdaptedBatches, PlainBatches, PooledBatches, StepContext
 from tltool.engine.plan import PooledRows, TrainingData, TrainingPlan, cache_plan
 from tltool.engine.predict import forward as model_forward
@@ -131,8 +132,7 @@ class Trainer:
         model, rnd, tcfg = self.model, self.plan.rounds[r - 1], self.cfg
         self.round = r
         self.round_rng = torch.get_rng_state()  # augmented caches and a critic draw from it
-        plan, groups = apply_freeze(model, rnd.frozen_layers, rnd.strategy, rnd.lr,
-                                    rnd.backbone_lr_mult, bn_policy=self.plan.bn_policy,
+        plan, groups = apply_freeze(model, rnd, bn_policy=self.plan.bn_policy,
                                     layer_decay=tcfg.layer_decay)
         self.plans.append(plan)
         self.freeze = plan
@@ -183,12 +183,11 @@ class Trainer:
         if start:
             k = tcfg.cache_views if train.augments else 1
             limit = tcfg.cache_max_gb * 2**30 / (k + 1 + len(others))
-            get = self.store.get
-            views = [get(self.model, train, start, self.eval_batch, limit, self.rt, view=v)
-                     for v in range(k)]
-            va = None if self.val is None else get(self.model, self.val, start,
-                                                   self.eval_batch, limit, self.rt)
-            aux = {key: get(self.model, t, start, self.eval_batch, limit, self.rt)
+            get, budget = self.store.get, Budget(self.eval_batch, limit)
+            views = [get(self.model, train, start, budget, self.rt, view=v) for v in range(k)]
+            va = None if self.val is None else get(self.model, self.val, start, budget,
+                                                   self.rt)
+            aux = {key: get(self.model, t, start, budget, self.rt)
                    for key, t in others.items()}
             if (self.val is not None and va is None) or any(
                     v is None for v in [*views, *aux.values()]):

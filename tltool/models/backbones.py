@@ -34,7 +34,7 @@ def get_spec(name: str) -> BackboneSpec:
     if is_timm(name):
         return timm_spec(name)
     if name not in BACKBONES:
-        hint = did_you_mean(name, BACKBONES, suffix=" ")
+        hint = did_you_mean(name, BACKBONES, around=("", " "))
         raise ConfigError(f"model.backbone: unknown backbone {name!r}; {hint}"
                           f"available: {', '.join(BACKBONES)}, or timm:NAME (any timm model)")
     return BACKBONES[name]

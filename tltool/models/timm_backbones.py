@@ -66,7 +66,7 @@ def timm_spec(name: str) -> BackboneSpec:
     arch = name[len(PREFIX):]
     if not arch or not timm.is_model(arch):
         hint = did_you_mean(arch, timm.list_models(), n=3, show=lambda c: f"timm:{c}",
-                            prefix="; ")
+                            around=("; ", ""))
         raise ConfigError(f"model.backbone: {name!r} is not a timm model{hint} (timm.list_models"
                           f"() lists them)")
     cfg = _pretrained_cfg(arch)

@@ -13,7 +13,7 @@ from tltool.adapt import Adaptation
 from tltool.checkpoint import Checkpoint
 from tltool.config import ExperimentConfig
 from tltool.errors import CheckpointError, ConfigError, DataError
-from tltool.inputs import Inputs, load_inputs, pool_of
+from tltool.inputs import Encoding, Inputs, load_inputs, pool_of
 from tltool.models.backbones import resolve_args
 from tltool.models.base import BackboneSpec
 from tltool.routes.checks import saw_this_target
@@ -64,7 +64,7 @@ def pooled_rows(cfg: ExperimentConfig, inputs: Inputs, spec: BackboneSpec, weigh
     if inputs.state.get("kind") == "image":
         other = other.model_copy(update={"image_size": inputs.state["size"]})
     try:
-        source = cache.load(other, "source", cfg.seed, spec, weights, like=inputs.state)
+        source = cache.load(other, "source", spec, weights, Encoding(like=inputs.state))
     except DataError as exc:
         raise DataError(f"train.source_weight: the source rows cannot be encoded like the "
                         f"target's for pooled training: {exc}") from None
@@ -102,8 +102,8 @@ def adaptation(cfg: ExperimentConfig, command: str, inputs, spec,
         other_cfg = other_cfg.model_copy(update={"image_size": state["size"]})
     watch = None
     if command == "pretrain":
-        target = load_inputs(other_cfg, other, cfg.seed, spec, weights, like=state,
-                             pool=a.unlabeled == "pool")
+        target = load_inputs(other_cfg, other, spec, weights,
+                             Encoding(like=state, pool=a.unlabeled == "pool"))
         rows = target.pool if a.unlabeled == "pool" else target.train
         source_rows = None
         n_source = len(inputs.train.y)
@@ -111,7 +111,7 @@ def adaptation(cfg: ExperimentConfig, command: str, inputs, spec,
                 not target.regression and len(target.val.y):
             watch = target.val
     else:
-        source = load_inputs(other_cfg, other, cfg.seed, spec, weights, like=state)
+        source = load_inputs(other_cfg, other, spec, weights, Encoding(like=state))
         if a.source_weight > 0 and (source.classes != inputs.classes
                                     or source.multilabel != inputs.multilabel
                                     or source.regression != inputs.regression):

@@ -20,7 +20,7 @@ from tltool.adapt import Adaptation
 from tltool.checkpoint import Checkpoint
 from tltool.config import DataConfig, ExperimentConfig
 from tltool.errors import ConfigError
-from tltool.inputs import Inputs, is_image_data, load_inputs
+from tltool.inputs import Encoding, Inputs, is_image_data, load_inputs
 from tltool.models.backbones import get_spec, resolve_args
 from tltool.models.base import BackboneSpec
 from tltool.models.classic import CLASSIC_HEADS
@@ -103,24 +103,24 @@ class InputCache:
         self._loaded: dict[str, Any] = {}
         self.fit_rows = fit_rows
 
-    def load(self, data_cfg: DataConfig, section: str, seed: int, spec: BackboneSpec,
-             weights: Weights, like: dict[str, Any] | None = None,
-             pool: bool = False, also: DataConfig | None = None) -> Inputs:
-        """`also`: a data section whose every row the encoding is fitted on too (pooled
+    def load(self, data_cfg: DataConfig, section: str, spec: BackboneSpec, weights: Weights,
+             encoding: Encoding = Encoding(), also: DataConfig | None = None) -> Inputs:
+        """`encoding`: like and pool (the rows it is fitted on are the cache's `fit_rows`);
+        `also`: a data section whose every row the encoding is fitted on too (pooled
         training: the encoding must suit the source rows as well)."""
+        like = encoding.like
         state = like if like is not None else weights.preprocessor
         key = json.dumps([data_cfg.model_dump(mode="json"), section, spec.name, weights.name,
-                          state, pool, spec.input, self.fit_rows,
+                          state, encoding.pool, spec.input, self.fit_rows,
                           None if also is None else also.model_dump(mode="json")],
                          sort_keys=True, default=str)
         if key not in self._loaded:
-            extra = None if also is None or state is not None else self.frame(also, seed)
-            self._loaded[key] = load_inputs(data_cfg, section, seed, spec, weights, like=like,
-                                            pool=pool, fit_rows=self.fit_rows,
-                                            also_fit=extra)
+            extra = None if also is None or state is not None else self.frame(also)
+            self._loaded[key] = load_inputs(data_cfg, section, spec, weights, Encoding(
+                like, encoding.pool, self.fit_rows, extra))
         return self._loaded[key]
 
-    def frame(self, data_cfg: DataConfig, seed: int):
+    def frame(self, data_cfg: DataConfig):
         """Every labelled row of a table section (its three splits), as read."""
         import pandas as pd
 
@@ -129,7 +129,7 @@ class InputCache:
         key = json.dumps(["frame", data_cfg.model_dump(mode="json")], sort_keys=True,
                          default=str)
         if key not in self._loaded:
-            data = load_tabular(data_cfg, seed)
+            data = load_tabular(data_cfg)
             self._loaded[key] = pd.concat([data.train.frame, data.val.frame, data.test.frame])
         return self._loaded[key]
 
@@ -199,7 +199,7 @@ def prepare(cfg: ExperimentConfig, command: str, cache: InputCache | None = None
         classic_args(m.head, m.head_args)
     pooled_table = (cfg.train.source_weight > 0 and cfg.source is not None
                     and not is_image_data(cfg.source) and not is_image_data(data_cfg))
-    inputs = cache.load(data_cfg, section, cfg.seed, spec, weights, like=like,
+    inputs = cache.load(data_cfg, section, spec, weights, Encoding(like=like),
                         also=cfg.source if pooled_table else None)
     label = getattr(inputs.data, "label", None) or data_cfg.label or "label"
     check_task(cfg, section, label, inputs)

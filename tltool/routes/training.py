@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import torch
 
-from tltool.cache import PrefixStore, build_prefix_cache
+from tltool.cache import Budget, PrefixStore, build_prefix_cache
 from tltool.checkpoint import Checkpoint
 from tltool.engine.drive import Resume, fit
 from tltool.engine.plan import PooledRows, Sink, TrainingData, TrainingPlan, rounds_of
@@ -139,9 +139,9 @@ def backbone_features(model: TransferModel, data: Tensors, rt: Runtime,
     n = len(model.backbone.blocks)
     model.eval()
     if store is not None:
-        z = store.get(model, data, n, 256, max_gb * 2**30, rt)
+        z = store.get(model, data, n, Budget(256, max_gb * 2**30), rt)
     else:
-        z = build_prefix_cache(model, data, n, 256, max_gb * 2**30, rt)
+        z = build_prefix_cache(model, data, n, Budget(256, max_gb * 2**30), rt)
     if z is None:
         raise ConfigError(f"train.cache_max_gb: the features of {len(data)} rows exceed "
                           f"{max_gb} GB")

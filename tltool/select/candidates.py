@@ -51,10 +51,10 @@ class Facts:
 def facts(cfg: ExperimentConfig, cache: InputCache) -> Facts:
     """The facts of a select config's data and network."""
     spec = get_spec(cfg.model.backbone)
-    target = cache.load(cfg.target, "target", cfg.seed, spec, Weights("none"))
+    target = cache.load(cfg.target, "target", spec, Weights("none"))
     same = False
     if cfg.source is not None:
-        source = cache.load(cfg.source, "source", cfg.seed, spec, Weights("none"))
+        source = cache.load(cfg.source, "source", spec, Weights("none"))
         same = source.classes == target.classes and source.kind == target.kind
     ref = cfg.model.weights.strip()
     net = None if ref.lower() in ("none", "") else ref

@@ -33,6 +33,7 @@ from tltool.workflows.averaging import Average, AverageRun, write_average
 from tltool.workflows.outputs import (
     Scoring,
     TestSplit,
+    Trained,
     checkpoint_saver,
     plot_test_split,
     write_outputs,
@@ -127,7 +128,7 @@ def refit_and_score(run: RunFolder, choice: Choice, route: Route, winner: Scored
     if member:
         extra["select"] = {"member_of_ensemble": "../..", "cv": cv,
                            "leaderboard": "../../leaderboard.csv"}
-    summary = write_outputs(run, refit_route, model, report, rt,
+    summary = write_outputs(run, refit_route, Trained(model, report, rt),
                             Scoring(None, route.inputs.test, decision, extra))
     return summary, model, rt
 

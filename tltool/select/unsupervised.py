@@ -22,7 +22,7 @@ from tltool.decision import Decision
 from tltool.engine.plan import Sink, TrainingData
 from tltool.engine.predict import predict_logits, predict_proba
 from tltool.errors import ConfigError, DataError
-from tltool.inputs import pool_of
+from tltool.inputs import Encoding, pool_of
 from tltool.routes.route import InputCache, describe_route, prepare
 from tltool.routes.training import backbone_features, build, check_built, train_route
 from tltool.runs.files import write_json, write_text
@@ -32,7 +32,7 @@ from tltool.runtime import make_runtime
 from tltool.select.candidates import Facts
 from tltool.select.criteria import ensv_scores, estimate
 from tltool.task import CLASSIFICATION, Task
-from tltool.workflows.outputs import Scoring, checkpoint_saver, write_outputs
+from tltool.workflows.outputs import Scoring, Trained, checkpoint_saver, write_outputs
 
 log = logging.getLogger("tltool")
 
@@ -145,7 +145,7 @@ def select_unsupervised(cfg: ExperimentConfig, argv, cache: InputCache,
         write_text(run.file("config.yaml"), dump_config(pinned_config(route.cfg,
                                                                       route.weights.path)))
         target = _target_inputs(cache, route)
-        summary = write_outputs(run, route, model, report, rt, Scoring(
+        summary = write_outputs(run, route, Trained(model, report, rt), Scoring(
             route.inputs.val, target.test,
             extra={"select": {"winner": winner, "criterion": crit, "target_labels": False,
                               "notes": notes}, "evaluated_on": "target test split"}))
@@ -164,8 +164,8 @@ def _target_inputs(cache: InputCache, route):
     other = cfg.target
     if route.inputs.state.get("kind") == "image":
         other = other.model_copy(update={"image_size": route.inputs.state["size"]})
-    return cache.load(other, "target", cfg.seed, route.spec, route.weights,
-                      like=route.inputs.state)
+    return cache.load(other, "target", route.spec, route.weights,
+                      Encoding(like=route.inputs.state))
 
 
 @torch.no_grad()

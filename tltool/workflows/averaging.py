@@ -79,8 +79,8 @@ def member_proba(member: TrainedRun, data: Tensors, recompute: bool = False,
     else:
         # an image model's validation and test rows: the backbone features the run stored,
         # when they are of the same rows, weights and precision (tltool.features)
-        proba, how = features.predict(member.model, data, multilabel, rt, 512,
-                                      run_path=member.path)
+        proba, how = features.predict(member.model, data, rt, features.Pass(multilabel, 512),
+                                      features.Kept(read=member.path))
     if hows is not None:
         hows.append(how)
     return proba

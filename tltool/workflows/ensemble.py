@@ -125,9 +125,9 @@ def _predictions(members: list[TrainedRun]) -> _Rows:
     rows, first = _Rows(), members[0]
     for m in members:
         spec, state = get_spec(m.checkpoint.backbone), Weights("run", ckpt=m.checkpoint)
-        domain, seed = m.checkpoint.trained_on, m.config.seed
-        own = load_inputs(_section(m, full=False), domain, seed, spec, state)
-        full = load_inputs(_section(m, full=True), domain, seed, spec, state)
+        domain = m.checkpoint.trained_on
+        own = load_inputs(_section(m, full=False), domain, spec, state)
+        full = load_inputs(_section(m, full=True), domain, spec, state)
         if rows.y_val is None:
             rows.y_val, rows.y_test = full.val.y.numpy(), full.test.y.numpy()
 

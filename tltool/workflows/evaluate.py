@@ -133,8 +133,7 @@ def evaluation_rows(member: TrainedRun, on: str | None, csv: str | None) -> Eval
     data_cfg = data_cfg.model_copy(update={"augment": "none"})
     if ckpt.image_input:
         data_cfg = data_cfg.model_copy(update={"image_size": ckpt.preprocessor["size"]})
-    inputs = load_inputs(data_cfg, domain, member.config.seed, get_spec(ckpt.backbone),
-                         Weights("run", ckpt=ckpt))
+    inputs = load_inputs(data_cfg, domain, get_spec(ckpt.backbone), Weights("run", ckpt=ckpt))
     if inputs.classes != ckpt.classes:
         raise DataError(f"{inputs.data.origin}: classes {inputs.classes} differ from the "
                         f"model's {ckpt.classes}; evaluate on data with the same label values")

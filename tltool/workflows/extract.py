@@ -82,8 +82,8 @@ def _sections(cfg: ExperimentConfig, spec: BackboneSpec, weights: Weights) -> di
             log.info("extract: no head fits on the %s data, so its features are not computed "
                      "(extract.sections: both computes them too)", skipped[0])
         domains = {cfg.extract.fit_on: domains[cfg.extract.fit_on]}
-    return {d: load_inputs(c.model_copy(update={"augment": "none"}), d, cfg.seed, spec,
-                           weights) for d, c in domains.items()}
+    return {d: load_inputs(c.model_copy(update={"augment": "none"}), d, spec, weights)
+            for d, c in domains.items()}
 
 
 def _check(cfg: ExperimentConfig, fit_inputs: Inputs) -> list[str]:

@@ -13,6 +13,7 @@ import numpy as np
 from tltool import features, plots
 from tltool.decision import Decision, choose_decision
 from tltool.engine.state import TrainingReport
+from tltool.features import Kept, Pass
 from tltool.inputs import split_digest
 from tltool.routes.route import Route, describe_route
 from tltool.runs.files import write_json, write_text
@@ -35,11 +36,21 @@ class Scoring:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def write_outputs(run: RunFolder, route: Route, model, report: TrainingReport, rt: Runtime,
-                  scoring: Scoring, tracker=None) -> TrainedSummary:
+@dataclass
+class Trained:
+    """A route's network after training, what training did, and the runtime it ran with."""
+
+    model: Any  # tltool.models.TransferModel
+    report: TrainingReport
+    rt: Runtime
+
+
+def write_outputs(run: RunFolder, route: Route, trained: Trained, scoring: Scoring,
+                  tracker=None) -> TrainedSummary:
     """Freeze plan, timing, thresholds (chosen on `scoring.val` unless given), metrics and
     plots of a trained route; returns its summary (metrics.json)."""
     cfg, inputs, m = route.cfg, route.inputs, route.cfg.model
+    model, report, rt = trained.model, trained.report, trained.rt
     val, test = scoring.val, scoring.test
     write_text(run.file("freeze_plan.txt"), report.plan_text + "\n")
     write_json(run.file("timing.json"), report.timing)
@@ -47,10 +58,12 @@ def write_outputs(run: RunFolder, route: Route, model, report: TrainingReport, r
     batch = max(2 * cfg.train.batch_size, 256)
     # image models predict through pooled backbone features, kept in the run folder for
     # evaluate (tltool.features)
-    proba_val = None if val is None else features.predict(
-        model, val, route.multilabel, rt, batch, store=run, name="val", what="predict: val")[0]
-    proba_test = features.predict(model, test, route.multilabel, rt, batch, store=run,
-                                  name="test", what="predict: test")[0]
+    def predicted(rows: Tensors, split: str) -> np.ndarray:
+        step = Pass(route.multilabel, batch, f"predict: {split}")
+        return features.predict(model, rows, rt, step, Kept(write=run, name=split))[0]
+
+    proba_val = None if val is None else predicted(val, "val")
+    proba_test = predicted(test, "test")
     decision = scoring.decision or choose_decision(cfg.decision, route.classes, route.kind,
                                                    proba_val, val.y.numpy())
     write_decision(run.path, decision)

@@ -23,7 +23,7 @@ from tltool.runs.summary import Result
 from tltool.runtime import Runtime, make_runtime
 from tltool.tensors import concat_tensors
 from tltool.tracking import tracking
-from tltool.workflows.outputs import Scoring, checkpoint_saver, write_outputs
+from tltool.workflows.outputs import Scoring, Trained, checkpoint_saver, write_outputs
 
 log = logging.getLogger("tltool")
 
@@ -114,4 +114,4 @@ def _train_into(run: RunFolder, req: TrainRequest, route: Route, model, rt: Runt
         report = train_route(route, model, data, Sink(save, run.file("metrics.csv"), log.info),
                              rt, None if resume is None else resume.resume)
         write_json(run.file("runtime.json"), rt.describe())  # with what `auto` chose
-        return write_outputs(run, route, model, report, rt, scoring, tracker=tracker)
+        return write_outputs(run, route, Trained(model, report, rt), scoring, tracker=tracker)

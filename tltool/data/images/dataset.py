@@ -78,8 +78,9 @@ def is_image_config(cfg: DataConfig) -> bool:
     return cfg.kind == "builtin" and cfg.name in IMAGE_SETS
 
 
-def load_images(cfg: DataConfig, seed: int, size: int) -> ImageData:
-    """Load (decode + resize to size x size once), label, split (split.seed), sub-sample (seed)."""
+def load_images(cfg: DataConfig, size: int) -> ImageData:
+    """Load (decode + resize to size x size once), label, split (split.seed), sub-sample
+    (sample_seed)."""
     if size < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
     if not is_image_config(cfg):

@@ -208,7 +208,7 @@ def _open_listing(cfg: DataConfig) -> _Listed:
     for what, name in (("image_column", cfg.image_column), ("label column", label),
                        ("id_column", cfg.id_column)):
         if name is not None and name not in frame.columns:
-            hint = did_you_mean(name, frame.columns, prefix="; ")
+            hint = did_you_mean(name, frame.columns, around=("; ", ""))
             default = " (set `label`)" if what == "label column" and not cfg.label else ""
             raise DataError(f"{csv}: {what} {name!r} is not a column{default}{hint} "
                             f"(columns: {', '.join(map(str, frame.columns))})")
