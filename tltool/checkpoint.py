@@ -22,6 +22,9 @@ from tltool.runs.files import atomic_write
 from tltool.task import CLASSIFICATION, KINDS, MULTILABEL, REGRESSION
 
 FORMAT = "tltool-checkpoint"
+# A run's checkpoints: the best weights (what evaluate, predict and a later run use) and the
+# last epoch's (with the training state `tltool resume` continues from).
+FOLDER, BEST, LAST = "checkpoints", "best.pt", "last.pt"
 REQUIRED = ("command", "spec", "classes", "label", "preprocessor", "state_dict")
 ALLOWED = ("allowed: a tltool checkpoint (a run's checkpoints/best.pt) or a PyTorch state "
            "dict of tensors saved with torch.save(model.state_dict(), path)")
@@ -168,3 +171,14 @@ def load_weights_file(path: Path) -> Checkpoint | dict[str, torch.Tensor]:
     """A tltool checkpoint (checked), or a plain state dict (e.g. a torchvision .pth file)."""
     payload = read_weights(Path(path))
     return Checkpoint.from_payload(payload, str(path)) if is_checkpoint(payload) else payload
+
+
+def checkpoint_path(run: Path, name: str = BEST) -> Path:
+    """RUN/checkpoints/NAME."""
+    return Path(run) / FOLDER / name
+
+
+def is_best_checkpoint(path: Path) -> bool:
+    """A run's RUN/checkpoints/best.pt (as model.weights may name it)."""
+    path = Path(path)
+    return path.name == BEST and path.parent.name == FOLDER

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from tltool.checkpoint import Checkpoint, load_weights_file
+from tltool.checkpoint import Checkpoint, checkpoint_path, load_weights_file
 from tltool.errors import RunError
 from tltool.models import TransferModel
 from tltool.models.base import BackboneSpec
@@ -58,7 +58,7 @@ def resolve_weights(ref: str, spec: BackboneSpec) -> Weights:
         raise RunError(f"model.weights: {ref}: no such run folder or checkpoint file (use a "
                        f"training run folder, NAME_FOLDER/latest, a .pt file{named}, or none)")
     run = resolve_run(path, commands=TRAINING_COMMANDS)
-    return Weights(ref, path=run / "checkpoints" / "best.pt", ckpt=best_checkpoint(run))
+    return Weights(ref, path=checkpoint_path(run), ckpt=best_checkpoint(run))
 
 
 def trained_checkpoint(ref: str, key: str) -> tuple[Checkpoint, Path]:

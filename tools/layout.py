@@ -40,9 +40,11 @@ PRIVATE_OK: dict[tuple[str, str], str] = {
 # Files of a run folder that exactly one module reads and writes (by their file name).
 OWNED = {
     "metrics.json": {"tltool.runs.summary"},
-    "thresholds.json": {"tltool.runs.opening", "tltool.runs.summary"},
-    "best.pt": {"tltool.checkpoint", "tltool.runs.opening"},
-    "last.pt": {"tltool.checkpoint", "tltool.runs.opening"},
+    "thresholds.json": {"tltool.runs.opening"},
+    "ensemble.json": {"tltool.runs.opening"},
+    "oof_predictions.csv": {"tltool.runs.out_of_fold"},
+    "best.pt": {"tltool.checkpoint"},
+    "last.pt": {"tltool.checkpoint"},
 }
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from tltool import progress
+from tltool.checkpoint import BEST, LAST
 from tltool.engine.loop import EpochResult, Trainer, score_of
 from tltool.engine.plan import Sink, TrainingData, TrainingPlan
 from tltool.engine.state import EarlyStopping, TrainingReport, TrainState, watch_verdict
@@ -76,7 +77,7 @@ class _Epochs:
         score = score_of(report, val_loss, self.monitor)
         if self.stopping.improved(score):
             tr.remember_best(score)
-            self.sink.save("best.pt", tr.epoch_total)
+            self.sink.save(BEST, tr.epoch_total)
             return False
         if self.stopping.should_stop:
             self.sink.log(f"round {r}: early stop at epoch {tr.epoch_total} (no "
@@ -96,7 +97,7 @@ class _Epochs:
                 done = True
             self.writer.writerow(row)
             self.fh.flush()
-            self.sink.save("last.pt", tr.epoch_total, tr.state(self.stopping.stale, done,
+            self.sink.save(LAST, tr.epoch_total, tr.state(self.stopping.stale, done,
                                                                 self.watched))
             progress.current().epoch(progress.Epoch(
                 round=r, rounds=rounds, epoch=tr.epoch_total, planned=tr.plan.epochs,
@@ -139,7 +140,7 @@ def fit(model, data: TrainingData, plan: TrainingPlan, sink: Sink,
             tr.end_round()
     progress.current().training_done()
     if data.val is None or tr.epoch_total == 0:
-        sink.save("best.pt", tr.epoch_total)
+        sink.save(BEST, tr.epoch_total)
     report = tr.report(epochs.monitor)
     _note_best_epoch(report, tr, data, plan, sink)
     if watching and epochs.watched:

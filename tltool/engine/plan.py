@@ -86,8 +86,8 @@ class TrainingPlan:
 
 @dataclass
 class Sink:
-    """Where training reports: `save(name, epoch, state=None)` writes a checkpoint ("best.pt"
-    when the validation score improves, "last.pt" after every epoch with the training state a
+    """Where training reports: `save(name, epoch, state=None)` writes a checkpoint (the best
+    when the validation score improves, the last after every epoch with the training state a
     resumed run continues from), `metrics_csv` is the per-epoch CSV (appended and flushed
     every epoch), `log` takes information lines (the round plans, early stops)."""
 

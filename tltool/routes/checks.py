@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tltool.checkpoint import Checkpoint
+from tltool.checkpoint import Checkpoint, is_best_checkpoint
 from tltool.config import ExperimentConfig
 from tltool.errors import ConfigError
 from tltool.inputs import Inputs
@@ -85,7 +85,7 @@ def saw_this_target(path, cfg: ExperimentConfig) -> bool:
     from tltool.runs.opening import run_config
 
     run = Path(path)
-    if run.name == "best.pt":
+    if is_best_checkpoint(run):
         run = run.parent.parent
     try:
         theirs = run_config(run).target

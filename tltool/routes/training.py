@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from tltool.cache import Budget, PrefixStore, build_prefix_cache
-from tltool.checkpoint import Checkpoint
+from tltool.checkpoint import BEST, LAST, Checkpoint
 from tltool.engine.drive import Resume, fit
 from tltool.engine.plan import PooledRows, Sink, TrainingData, TrainingPlan, rounds_of
 from tltool.engine.state import TrainingReport
@@ -112,8 +112,8 @@ def train_route(route: Route, model: TransferModel, data: TrainingData, sink: Si
         report = TrainingReport.untrained(
             "source model used as it is (keep_head, nothing trained)") if route.source_only \
             else fit_classic(route, model, data, rt)
-        sink.save("best.pt", 0)
-        sink.save("last.pt", 0)
+        sink.save(BEST, 0)
+        sink.save(LAST, 0)
         return report
     plan = training_plan(route, model, rt)
     if plan.epochs == 0:

@@ -6,7 +6,6 @@ it answers at once however many runs there are.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from tltool.checkpoint import BEST
 from tltool.config import ExperimentConfig, candidate_raw, dump_config, validate_config
 from tltool.decision import Decision
 from tltool.engine.plan import Sink, TrainingData
@@ -141,7 +142,7 @@ def select_unsupervised(cfg: ExperimentConfig, argv, cache: InputCache,
         winner = _rank(run, rows, crit)
         # ---- the choice is made; the test split may be read now
         route, model, rt, report = kept[winner]
-        checkpoint_saver(run, route, model, "select")("best.pt", report.best_epoch)
+        checkpoint_saver(run, route, model, "select")(BEST, report.best_epoch)
         write_text(run.file("config.yaml"), dump_config(pinned_config(route.cfg,
                                                                       route.weights.path)))
         target = _target_inputs(cache, route)

@@ -25,7 +25,7 @@ from tltool.inputs import load_inputs
 from tltool.models.backbones import get_spec
 from tltool.runs.folder import RunPlace, experiment_home, new_run
 from tltool.runs.opening import TrainedRun, ensemble_members, open_run
-from tltool.runs.out_of_fold import read_out_of_fold
+from tltool.runs.out_of_fold import has_out_of_fold, read_out_of_fold
 from tltool.runs.summary import EnsembleSummary, Result, StoredSummary
 from tltool.task import CLASSIFICATION, MULTILABEL, REGRESSION
 from tltool.weights import Weights
@@ -95,7 +95,7 @@ def _selected(members: list[TrainedRun]) -> bool:
     none is; a select run made without target labels has none."""
     selected = [m.command == "select" for m in members]
     for m, is_select in zip(members, selected, strict=True):
-        if is_select and not (m.path / "oof_predictions.csv").exists() and \
+        if is_select and not has_out_of_fold(m.path) and \
                 StoredSummary.read(m.path).without_target_labels:
             raise RunError(f"{m.path}: a select run made without target labels "
                            f"(select.target_labels false) has no out-of-fold predictions on "

@@ -9,7 +9,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tltool.checkpoint import Checkpoint
+from tltool.checkpoint import BEST, Checkpoint
 from tltool.config import ExperimentConfig
 from tltool.engine.drive import Resume
 from tltool.engine.plan import Sink, TrainingData
@@ -94,7 +94,7 @@ def _train_into(run: RunFolder, req: TrainRequest, route: Route, model, rt: Runt
     save = checkpoint_saver(run, route, model, req.command)
     if resume is not None:  # the best weights so far stay the run's best.pt
         state = resume.resume.state
-        run.save_checkpoint("best.pt", resume.last.with_epoch(state.best["epoch"],
+        run.save_checkpoint(BEST, resume.last.with_epoch(state.best["epoch"],
                                                               state.best_state))
     write_json(run.file("runtime.json"), rt.describe())
     inputs = route.inputs
