@@ -13,6 +13,7 @@ from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostin
 from sklearn.linear_model import LogisticRegression, Ridge, RidgeCV
 from sklearn.preprocessing import StandardScaler
 
+from tltool.checkpoint import Checkpoint, load_weights_file
 from tltool.errors import CheckpointError, ConfigError, RunError
 from tltool.models.classic import (
     CLASSIC_HEADS,
@@ -28,7 +29,6 @@ from tltool.models.classic_fit import (
     ClassicSettings,
     fit_classic_head,
 )
-from tltool.runs import load_checkpoint, load_weights_file
 
 # scikit-learn's default tolerance (1e-4) stops short of the optimum; parity tests need 1e-8.
 TIGHT = {"tol": LOGISTIC_TOL}
@@ -411,7 +411,7 @@ class Payload:
         return touch, (self.marker,)
 
 
-@pytest.mark.parametrize("load", [load_weights_file, load_checkpoint])
+@pytest.mark.parametrize("load", [load_weights_file, Checkpoint.load])
 def test_a_pickled_object_in_a_checkpoint_is_refused_unrun(tmp_path, load):
     marker = tmp_path / "ran.txt"
     path = tmp_path / "evil.pt"
