@@ -11,29 +11,31 @@ P = np.array([[0.7, 0.3], [0.4, 0.6], [0.55, 0.45]])
 
 
 def test_rule_kinds():
-    arg = Decision.from_dict({"rule": "argmax", "threshold": None})
-    thr = Decision.from_dict({"rule": "threshold", "threshold": 0.4, "positive": "bad"})
+    arg = Decision.from_dict({"rule": "argmax", "threshold": None}, ["good", "bad"])
+    thr = Decision.from_dict({"rule": "threshold", "threshold": 0.4, "positive": "bad"},
+                             ["good", "bad"])
     assert arg.decide(P).tolist() == [0, 1, 0] and thr.decide(P).tolist() == [0, 1, 1]
     assert thr.threshold == 0.4 and not thr.multilabel and not thr.regression
-    ml = Decision.from_dict({"rule": "threshold", "threshold": None, "per_label": [0.5, 0.35]})
+    ml = Decision.from_dict({"rule": "threshold", "threshold": None, "per_label": [0.5, 0.35]},
+                            ["a", "b"])
     assert ml.multilabel and ml.threshold is None
     assert ml.decide(P).tolist() == [[1, 0], [0, 1], [1, 1]]
-    reg = Decision.from_dict({"rule": "regression", "threshold": None})
+    reg = Decision.from_dict({"rule": "regression", "threshold": None}, ["amount"])
     assert reg.regression and reg.decide(np.array([[2.5], [3.0]])).tolist() == [2.5, 3.0]
-    frame = thr.frame(["a", "b", "c"], P, ["good", "bad"], np.array([0, 1, 0]))
+    frame = thr.frame(["a", "b", "c"], P, np.array([0, 1, 0]))
     assert frame["prediction"].tolist() == ["good", "bad", "bad"]
     assert frame["label"].tolist() == ["good", "bad", "good"]
     assert thr.to_dict() == {"rule": "threshold", "positive": "bad", "threshold": 0.4,
                              "optimize": None, "validation_score": None, "chosen_on": None}
-    assert Decision.from_dict(thr.to_dict()) == thr
+    assert Decision.from_dict(thr.to_dict(), ["good", "bad"]) == thr
 
 
 def test_calibration_is_applied_before_the_rule():
     cal = {"method": "temperature", "temperature": 0.5}
-    d = Decision.from_dict({"rule": "threshold", "threshold": 0.5, "calibration": cal})
+    d = Decision.from_dict({"rule": "threshold", "threshold": 0.5, "calibration": cal}, ["x", "y"])
     sharp = d.calibrated(P)
     assert sharp[0, 0] > P[0, 0] and np.allclose(sharp.sum(1), 1)
-    assert d.frame(["a", "b", "c"], P, ["x", "y"])["p_x"].iloc[0] == pytest.approx(
+    assert d.frame(["a", "b", "c"], P)["p_x"].iloc[0] == pytest.approx(
         round(sharp[0, 0], 6))
 
 
@@ -45,4 +47,4 @@ def test_calibration_is_applied_before_the_rule():
     {"per_label": [0.5, 0.5], "calibration": {"method": "temperature", "temperature": [1.0]}}])
 def test_damaged_rules_are_refused(bad):
     with pytest.raises(DamagedDecision):
-        Decision.from_dict(bad)
+        Decision.from_dict(bad, ["a", "b"])

@@ -302,9 +302,8 @@ def test_a_killed_rank_fails_the_whole_run(tmp_path):
     assert proc.returncode != 0
     run = next((tmp_path / "runs" / "ddp").iterdir())
     assert json.loads((run / "run.json").read_text())["status"] == "failed"
-    from tltool.runs.status import resolve_run
-
     from tltool.errors import RunError
+    from tltool.runs.status import resolve_run
 
     with pytest.raises(RunError):
         resolve_run(tmp_path / "runs" / "ddp" / "latest")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 import tltool.runs.folder as runs
 from tltool.runs.status import run_status
 

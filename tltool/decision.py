@@ -50,6 +50,7 @@ class Decision:
 
     kind: str  # what the model predicts: classification | multilabel | regression
     rule: str  # threshold | argmax | regression
+    classes: tuple[str, ...]  # the class or label names (regression: the label)
     threshold: float | None = None  # single-label, two classes: on the positive class
     per_label: list[float] | None = None  # multi-label: one threshold per label
     positive: str | None = None  # the positive class a threshold applies to
@@ -61,13 +62,14 @@ class Decision:
 
     # ---------------------------------------------------------------- kinds
     @classmethod
-    def argmax(cls) -> Decision:
+    def argmax(cls, classes: list[str]) -> Decision:
         """The most probable class (no threshold, no calibration)."""
-        return cls(CLASSIFICATION, ARGMAX)
+        return cls(CLASSIFICATION, ARGMAX, tuple(classes))
 
-    @classmethod
-    def for_regression(cls) -> Decision:
-        return cls(REGRESSION, "regression")
+    @property
+    def temperature(self) -> float | list[float] | None:
+        """The calibration's temperature (one per label for multi-label), or None."""
+        return None if self.calibration is None else self.calibration["temperature"]
 
     @property
     def regression(self) -> bool:
@@ -107,14 +109,15 @@ class Decision:
         return out
 
     @classmethod
-    def from_dict(cls, value: Any) -> Decision:
-        """A saved rule, checked: DamagedDecision when it cannot be applied."""
+    def from_dict(cls, value: Any, classes: list[str]) -> Decision:
+        """A saved rule of a model of `classes`, checked: DamagedDecision when it cannot be
+        applied."""
         if not isinstance(value, dict):
             raise DamagedDecision("expected the saved decision rule (a mapping)")
         rule = str(value.get("rule", ARGMAX))
         averaged = value.get("averaged") if _number(value.get("averaged")) else None
         if rule == "regression":
-            return cls(REGRESSION, rule, averaged=averaged)
+            return cls(REGRESSION, rule, tuple(classes), averaged=averaged)
         if "per_label" in value:
             per = value["per_label"]
             if not isinstance(per, list) or not all(_number(v) and 0 <= v <= 1 for v in per):
@@ -134,13 +137,14 @@ class Decision:
             raise DamagedDecision("damaged calibration (expected method temperature with a "
                                   "positive finite temperature"
                                   f"{', one per label' if per is not None else ''})")
-        return cls(kind, rule, threshold=threshold, per_label=per,
+        return cls(kind, rule, tuple(classes), threshold=threshold, per_label=per,
                    positive=value.get("positive"), optimize=value.get("optimize"),
                    validation_score=value.get("validation_score"),
                    chosen_on=value.get("chosen_on"), calibration=cal, averaged=averaged)
 
-    def check_fits(self, classes: list[str], kind: str) -> None:
+    def check_fits(self, kind: str) -> None:
         """The rule must be of the model's kind (a damaged or swapped thresholds.json)."""
+        classes = self.classes
         if self.kind != kind:
             raise DamagedDecision(f"a {_KIND_WORDS[self.kind]} rule for a "
                                   f"{_KIND_WORDS[kind]} model")
@@ -166,8 +170,9 @@ class Decision:
             return decide_multilabel(proba, self.per_label)
         return decide(proba, self.threshold)
 
-    def report(self, y: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    def report(self, y: np.ndarray, proba: np.ndarray) -> dict[str, Any]:
         """The metrics of one split under this rule."""
+        classes = list(self.classes)
         if self.regression:
             return regression_report(y, proba[:, 0])
         proba = self.calibrated(proba)
@@ -175,19 +180,20 @@ class Decision:
             return multilabel_report(y, proba, classes, self.per_label)
         return classification_report(y, proba, classes, self.threshold)
 
-    def format(self, report: dict[str, Any], classes: list[str]) -> str:
+    def format(self, report: dict[str, Any]) -> str:
         """The readable table of one split's report (report.txt, what evaluate prints)."""
         if self.regression:
             return format_regression(report)
         if self.multilabel:
             return format_multilabel(report)
-        return format_report(report, classes)
+        return format_report(report, list(self.classes))
 
-    def frame(self, ids, proba: np.ndarray, classes: list[str], y: np.ndarray | None = None):
+    def frame(self, ids, proba: np.ndarray, y: np.ndarray | None = None):
         """One row per input: id, a probability per class/label (calibrated), the decision
         (and the truth); regression: id, the predicted value (and the truth and the error)."""
         import pandas as pd
 
+        classes = list(self.classes)
         cols: dict[str, Any] = {"id": ids}
         if self.regression:
             cols["prediction"] = np.round(proba[:, 0], 6)
@@ -224,28 +230,30 @@ def choose_decision(settings, classes: list[str], kind: str, proba: np.ndarray,
 
     Multi-label: one threshold per label (0.5 each under rule argmax). Regression: the
     predicted value is the answer (no threshold)."""
+    names = tuple(classes)
     if kind == REGRESSION:
         if settings.calibrate != "none":
             log.warning("decision.calibrate: %s applies to classification only; a regression "
                         "model's predicted values are left as they are", settings.calibrate)
-        return Decision.for_regression()
+        return Decision(REGRESSION, "regression", names)
     cal = None
     if settings.calibrate == "temperature":
         cal = calibration.calibrate_rule(proba, y, kind == MULTILABEL, chosen_on)
         proba = calibration.scale(proba, cal["temperature"], kind == MULTILABEL)
     if kind == MULTILABEL:
         if settings.rule == ARGMAX:
-            return Decision(MULTILABEL, ARGMAX, per_label=[0.5] * len(classes), calibration=cal)
+            return Decision(MULTILABEL, ARGMAX, names, per_label=[0.5] * len(classes),
+                            calibration=cal)
         chosen = [choose_threshold(y[:, j].astype(np.int64), proba[:, j], settings.optimize)
                   for j in range(len(classes))]
-        return Decision(MULTILABEL, THRESHOLD, per_label=[c["threshold"] for c in chosen],
+        return Decision(MULTILABEL, THRESHOLD, names, per_label=[c["threshold"] for c in chosen],
                         optimize=settings.optimize,
                         validation_score=[c["validation_score"] for c in chosen],
                         chosen_on=chosen_on, calibration=cal)
     if settings.rule == ARGMAX:
-        return Decision(CLASSIFICATION, ARGMAX, calibration=cal)
+        return Decision(CLASSIFICATION, ARGMAX, names, calibration=cal)
     chosen = choose_threshold(y, proba[:, 1], settings.optimize)
-    return Decision(CLASSIFICATION, THRESHOLD, threshold=chosen["threshold"],
+    return Decision(CLASSIFICATION, THRESHOLD, names, threshold=chosen["threshold"],
                     positive=classes[1], optimize=chosen["optimize"],
                     validation_score=chosen["validation_score"], chosen_on=chosen_on,
                     calibration=cal)

@@ -204,11 +204,11 @@ def reliability(y, proba, out: Path, title: str, multilabel: bool = False,
     return out
 
 
-def decision_plots(y, proba, classes: list[str], rule, folder: Path, title: str) -> None:
+def decision_plots(y, proba, rule, folder: Path, title: str) -> None:
     """roc_pr.png and reliability.png of a classification split into `folder` (the
     reliability diagram before and after the run's calibration (`rule`: the run's
     tltool.decision.Decision), when it has one)."""
-    multilabel = rule.multilabel
+    multilabel, classes = rule.multilabel, list(rule.classes)
     calibrated = rule.calibrated(proba) if rule.calibration else None
     roc_pr(y, proba if calibrated is None else calibrated, classes, multilabel,
            folder / "roc_pr.png", title)

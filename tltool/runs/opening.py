@@ -99,23 +99,24 @@ def open_run(ref: str | Path) -> TrainedRun:
     cfg = run_config(run)
     ckpt = best_checkpoint(run)
     model = load_trained(ckpt)
-    decision = read_decision(run)
+    decision = read_decision(run, ckpt.classes)
     try:
-        decision.check_fits(ckpt.classes, ckpt.kind)
+        decision.check_fits(ckpt.kind)
     except DamagedDecision as exc:
         raise RunError(f"{run / THRESHOLDS}: damaged ({exc})") from None
     return TrainedRun(run, cfg, ckpt, model, decision)
 
 
-def read_decision(run: Path) -> Decision:
-    """The run's saved decision rule (thresholds.json), checked before it is applied."""
+def read_decision(run: Path, classes: list[str]) -> Decision:
+    """The run's saved decision rule (thresholds.json) of a model of `classes`, checked
+    before it is applied."""
     path = run / THRESHOLDS
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError):
         raise RunError(f"{path}: missing or unreadable") from None
     try:
-        return Decision.from_dict(raw)
+        return Decision.from_dict(raw, classes)
     except DamagedDecision as exc:
         raise RunError(f"{path}: damaged ({exc})") from None
 
@@ -140,7 +141,8 @@ def open_members(ref: str | Path) -> Members:
     if (run_status(run) or {}).get("command") != "ensemble" and not is_ensemble(run):
         member = open_run(run)
         return Members(run, [member], member.decision)
-    return Members(run, [open_run(m) for m in member_runs(run)], read_decision(run))
+    members = [open_run(m) for m in member_runs(run)]
+    return Members(run, members, read_decision(run, members[0].classes))
 
 
 def is_ensemble(run: Path) -> bool:

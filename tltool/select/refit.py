@@ -194,14 +194,14 @@ def _average_summary(run: RunFolder, choice: Choice, members: tuple, averaged: t
     summary = AveragedSummary(
         "select", choice.cfg.name, choice.cfg.seed, names, first.classes, first.multilabel,
         decision, first.inputs.data.summary(),
-        decision.report(y_test, test.mean, first.classes), members_test,
+        decision.report(y_test, test.mean), members_test,
         {"winner": ENSEMBLE, "rule": choice.how, "cv": cv, "candidates": len(choice.board),
          "notes": choice.notes + choice.cv.folds.notes, "leaderboard": "leaderboard.csv"})
     summary.write(run.path)
     title = f"average of {len(names)} routes refit on every labelled row, test split"
     write_average(run.path, AverageRun([f"members/{n}" for n in names], decision, title,
                                        "equal"),
-                  (first.inputs.data.test.ids, test.mean, y_test, summary.test), first.classes)
+                  (first.inputs.data.test.ids, test.mean, y_test, summary.test))
     plot_test_split(run, TestSplit(y_test, test.mean, summary.test, first.classes,
                                    f"{first.label}: ensemble (test split)"), decision)
     return summary

@@ -48,7 +48,7 @@ def research(run, cv, routes: list, outcome: Outcome) -> None:
         arrays["y_test"] = route.inputs.test.y.numpy()
         decision = oof_decision(route, oofs[cand.name], y_labelled)
         y = route.inputs.test.y.numpy()
-        test = decision.report(y, proba, route.classes)
+        test = decision.report(y, proba)
         out.append({"name": cand.name, "chosen": cand.name == winner.name,
                     "cv_mean": r.mean, "test_" + metric: score(metric, y, proba,
                                                                decision.threshold),

@@ -211,7 +211,7 @@ def _research(run, kept: dict, winner: str, cache: InputCache, crit: str) -> Non
         target = _target_inputs(cache, route)
         proba = predict_proba(model, target.test, rt=rt)
         y = target.test.y.numpy()
-        rep = Decision.argmax().report(y, proba, route.classes)
+        rep = Decision.argmax(route.classes).report(y, proba)
         out.append({"name": name, "chosen": name == winner,
                     "test": {k: rep[k] for k in ("accuracy", "auroc", "f1")}})
     key = "auroc" if len(next(iter(kept.values()))[0].classes) == 2 else "accuracy"

@@ -54,17 +54,17 @@ class AverageRun:
     weights: str | None = None
 
 
-def write_average(folder, kept: AverageRun, test: tuple, classes: list[str]) -> str:
+def write_average(folder, kept: AverageRun, test: tuple) -> str:
     """ensemble.json, thresholds.json, report.txt and test_predictions.csv of an ensemble run
     (`test`: the test split's ids, averaged predictions, labels and report). Returns the
     report's table."""
     ids, proba, y, report = test
     write_ensemble_file(folder, kept.members, kept.weights)
     write_decision(folder, kept.decision)
-    table = kept.decision.format(report, classes)
+    table = kept.decision.format(report)
     write_text(folder / "report.txt", f"{kept.title}\n{table}\n")
     write_text(folder / "test_predictions.csv",
-               kept.decision.frame(ids, proba, classes, y).to_csv(index=False))
+               kept.decision.frame(ids, proba, y).to_csv(index=False))
     return table
 
 

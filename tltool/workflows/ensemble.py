@@ -191,15 +191,15 @@ def _summary(members: list[TrainedRun], decision, held: tuple,
                     "at most %d per member); compare it with single runs given %d labels, not "
                     "%d", seen, max(per_member), seen, max(per_member))
     keys = HEADLINE[first.kind]
-    members_test = [{"run": str(m.path), **{k: m.decision.report(rows.y_test, p, classes)[k]
+    members_test = [{"run": str(m.path), **{k: m.decision.report(rows.y_test, p)[k]
                                             for k in keys}}
                     for m, p in zip(members, rows.test.predictions, strict=True)]
     return EnsembleSummary(
         "ensemble", [str(m.path) for m in members], first.checkpoint.trained_on, classes,
         first.checkpoint.multilabel, decision,
         {"val_rows": n_val, "labelled_rows_seen": seen, "labelled_rows_per_member": per_member},
-        {"val": decision.report(y_held, avg_val, classes),
-         "test": decision.report(rows.y_test, rows.test.mean, classes)},
+        {"val": decision.report(y_held, avg_val),
+         "test": decision.report(rows.y_test, rows.test.mean)},
         held_from, members_test)
 
 
@@ -210,10 +210,9 @@ def _write(members: list[TrainedRun], name: str | None, summary: EnsembleSummary
     place = RunPlace(home.root, name or f"{home.name}-ensemble")
     with new_run(place, "ensemble", argv, first.config.seed) as out:
         summary.write(out.path)
-        table = write_average(out.path, AverageRun(summary.members, summary.decision,
-                                                   f"average of {len(members)} runs, test "
-                                                   f"split"),
-                              (*test, summary.test), first.classes)
+        title = f"average of {len(members)} runs, test split"
+        table = write_average(out.path, AverageRun(summary.members, summary.decision, title),
+                              (*test, summary.test))
     if summary.decision.chosen_on == "validation":
         log.info("ensemble of %d runs: threshold chosen on %d validation rows", len(members),
                  summary.labelled["val_rows"])

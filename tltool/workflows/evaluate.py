@@ -62,20 +62,20 @@ def evaluate(ref: str | Path, on: str | None = None, csv: str | None = None,
     y, proba = last.test.y.numpy(), tests.mean
     summary = EvaluationSummary("evaluate", str(opened.path), last.domain, str(last.origin),
                                 classes, first.checkpoint.multilabel, decision,
-                                len(opened.runs), decision.report(y, proba, classes))
+                                len(opened.runs), decision.report(y, proba))
     if last.val is not None and len(last.val.y):
         # Every route reports the same validation score (a source-only model evaluated on
         # the target included), so routes can be compared without the test split.
         for member, here in zip(opened.runs, rows, strict=True):
             vals.add(None, lambda m=member, h=here: member_proba(m, h.val, recompute, hows))
-        summary.validation = (decision.report(last.val.y.numpy(), vals.mean, classes),
+        summary.validation = (decision.report(last.val.y.numpy(), vals.mean),
                               _val_note(opened.runs, last.domain))
     # "stored features": the backbone did not run (its features of these rows were in the run
     # folder); "forward pass": it did
     summary.backbone = sorted(set(hows))
     if decision.threshold is not None:
-        summary.test_argmax = Decision.argmax().report(y, proba, classes)
-    table = decision.format(summary.test, classes)
+        summary.test_argmax = Decision.argmax(classes).report(y, proba)
+    table = decision.format(summary.test)
     with new_run(experiment_home(opened.path), "evaluate", argv, first.config.seed) as out:
         summary.write(out.path)
         write_text(out.file("report.txt"), f"{opened.path} on {last.origin} (test split)\n"
@@ -100,10 +100,9 @@ def _plots(out, test: tuple, summary: EvaluationSummary, origin: str) -> None:
             plots.confusion_matrix(metrics["confusion_matrix"], classes,
                                    out.file("plots", "confusion_matrix.png"),
                                    f"{origin} (test)")
-        plots.decision_plots(y, proba, classes, decision, out.file("plots"),
-                             f"{origin} (test)")
+        plots.decision_plots(y, proba, decision, out.file("plots"), f"{origin} (test)")
     write_text(out.file("test_predictions.csv"),
-               decision.frame(ids, proba, classes, y).to_csv(index=False))
+               decision.frame(ids, proba, y).to_csv(index=False))
 
 
 def _val_note(members: list[TrainedRun], domain: str) -> str:

@@ -225,9 +225,8 @@ def _fit_head(kind: str, cfg: ExperimentConfig, feats, data, d: str) -> dict[str
     decision = choose_decision(cfg.decision, data.classes, CLASSIFICATION, proba_val,
                                data.val.y)
     out = {"threshold": decision.threshold,
-           "val": decision.report(data.val.y, proba_val, data.classes),
-           "test": decision.report(data.test.y, head.predict_proba(feats[(d, "test")]),
-                                   data.classes)}
+           "val": decision.report(data.val.y, proba_val),
+           "test": decision.report(data.test.y, head.predict_proba(feats[(d, "test")]))}
     if decision.calibration is not None:
         out["calibration"] = decision.calibration
     return out

@@ -74,9 +74,8 @@ def write_outputs(run: RunFolder, route: Route, trained: Trained, scoring: Scori
         route=describe_route(route),
         data=inputs.data.summary() | {"splits": split_digest(inputs.data)},
         classes=route.classes, multilabel=route.multilabel, decision=decision,
-        scores={"val": None if val is None else decision.report(val.y.numpy(), proba_val,
-                                                                route.classes),
-                "test": decision.report(test.y.numpy(), proba_test, route.classes)},
+        scores={"val": None if val is None else decision.report(val.y.numpy(), proba_val),
+                "test": decision.report(test.y.numpy(), proba_test)},
         training=report, params=params, adapt=route.adapt_info, extra=scoring.extra)
     summary.write(run.path)
     if tracker is not None:
@@ -114,8 +113,7 @@ def plot_test_split(run: RunFolder, split: TestSplit, decision: Decision) -> Non
         plots.confusion_matrix(split.report["confusion_matrix"], split.classes,
                                run.file("plots", "confusion_matrix_test.png"), "test split")
     if len(split.y):
-        plots.decision_plots(split.y, split.proba, split.classes, decision, run.file("plots"),
-                             split.title)
+        plots.decision_plots(split.y, split.proba, decision, run.file("plots"), split.title)
 
 
 def checkpoint_saver(run: RunFolder, route: Route, model, command: str):

@@ -44,7 +44,7 @@ def predict(ref: str | Path, input_path: str, out_csv: str | None = None,
         average.add(ids, lambda m=member, d=data: member_proba(m, d),
                     lambda m=member: DataError(f"member {m.path} kept other rows than the first "
                                                f"member; cannot average"))
-    preds = decision.frame(average.ids, average.mean, first.classes)
+    preds = decision.frame(average.ids, average.mean)
     if decision.regression:
         described = preds["prediction"].describe()
         outcome = {"predicted": {k: float(described[k]) for k in ("mean", "std", "min", "max")}}
