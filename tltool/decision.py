@@ -266,3 +266,19 @@ def fold_threshold(settings, kind: str, y: np.ndarray, proba: np.ndarray) -> flo
     if kind != CLASSIFICATION or settings.rule != THRESHOLD or proba.shape[-1] != 2:
         return None
     return choose_threshold(y, proba[:, 1], settings.optimize)["threshold"]
+
+
+def asks_threshold(settings) -> bool:
+    """The config's decision section (or an ensemble's --rule) asks for a threshold rule."""
+    return settings.rule == THRESHOLD
+
+
+def threshold_applies(kind: str, n_classes: int) -> bool:
+    """A threshold rule applies to two classes (on the positive one) or to labels (one
+    threshold each); not to more classes, nor to a predicted number."""
+    return kind == MULTILABEL or (kind == CLASSIFICATION and n_classes == 2)
+
+
+def default_rule(kind: str, n_classes: int) -> str:
+    """An ensemble's rule under --rule auto: a threshold where one applies, else argmax."""
+    return THRESHOLD if threshold_applies(kind, n_classes) else ARGMAX

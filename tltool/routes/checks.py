@@ -10,6 +10,7 @@ import torch
 
 from tltool.checkpoint import Checkpoint, is_best_checkpoint
 from tltool.config import ExperimentConfig
+from tltool.decision import asks_threshold, threshold_applies
 from tltool.errors import ConfigError
 from tltool.inputs import Inputs
 from tltool.models.classic import CLASSIC_HEADS
@@ -116,8 +117,8 @@ def check_task(cfg: ExperimentConfig, section: str, label: str, inputs: Inputs) 
     elif m.head == "multilabel" and not multilabel:
         raise ConfigError(f"model.head: 'multilabel' needs multi-label data; {section} has one "
                           f"label per row (set {section}.label_sep, or use head linear)")
-    if cfg.decision.rule == "threshold" and not multilabel and len(classes) != 2 \
-            and not regression:
+    if asks_threshold(cfg.decision) and not regression and \
+            not threshold_applies(inputs.kind, len(classes)):
         raise ConfigError(f"decision.rule: 'threshold' needs a binary or multi-label target; "
                           f"{label!r} has {len(classes)} classes (use 'argmax')")
     if m.head in CLASSIC_HEADS:
@@ -137,7 +138,7 @@ def check_regression(cfg: ExperimentConfig, section: str, label: str) -> None:
     if cfg.model.head == "multilabel":
         raise ConfigError(f"model.head: 'multilabel' predicts labels; {section} has task "
                           f"regression (use head linear or mlp)")
-    if cfg.decision.rule == "threshold":
+    if asks_threshold(cfg.decision):
         raise ConfigError(f"decision.rule: 'threshold' turns probabilities into classes; "
                           f"{section} has task regression, which predicts {label!r} itself "
                           f"(remove the decision section)")

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from tltool.config import NAME_PATTERN, DecisionConfig
-from tltool.decision import THRESHOLD, choose_decision
+from tltool.decision import ARGMAX, asks_threshold, choose_decision, default_rule, threshold_applies
 from tltool.engine.predict import predict_proba
 from tltool.errors import RunError
 from tltool.inputs import load_inputs
@@ -77,17 +77,19 @@ def _rule(first: TrainedRun, rule: str, optimize: str | None) -> DecisionConfig:
     """The rule the ensemble's decision follows (`auto`: a threshold for two classes or
     labels, else argmax; `optimize` defaults to what the members chose theirs for)."""
     classes, kind = first.classes, first.kind
-    if kind == REGRESSION and rule not in ("auto", "argmax"):
+    if kind == REGRESSION and rule not in ("auto", ARGMAX):
         raise RunError(f"--rule {rule}: {first.path} predicts a number (task regression); its "
                        f"ensemble averages the predicted values (leave --rule auto)")
     if optimize is None:
         optimize = first.config.decision.optimize
     if rule == "auto":
-        rule = THRESHOLD if kind == MULTILABEL or len(classes) == 2 else "argmax"
-    if rule == THRESHOLD and kind != MULTILABEL and len(classes) != 2:
+        rule = default_rule(kind, len(classes))
+    settings = DecisionConfig(rule=rule, optimize=optimize,
+                              calibrate=first.config.decision.calibrate)
+    if asks_threshold(settings) and not threshold_applies(kind, len(classes)):
         raise RunError(f"--rule threshold needs a binary or multi-label task; {first.path} has "
                        f"{len(classes)} classes (use --rule argmax)")
-    return DecisionConfig(rule=rule, optimize=optimize, calibrate=first.config.decision.calibrate)
+    return settings
 
 
 def _selected(members: list[TrainedRun]) -> bool:

@@ -13,7 +13,7 @@ import numpy as np
 
 from tltool import distributed
 from tltool.config import ExperimentConfig
-from tltool.decision import choose_decision
+from tltool.decision import asks_threshold, choose_decision, threshold_applies
 from tltool.errors import ConfigError, DataError
 from tltool.features import features_of
 from tltool.inputs import Inputs, load_inputs
@@ -94,8 +94,8 @@ def _check(cfg: ExperimentConfig, fit_inputs: Inputs) -> list[str]:
                           f"freeze-finetune and strategy linear_probe instead, or set "
                           f"extract.heads: [] for the features alone)")
     heads = _heads(cfg, fit_inputs.regression, cfg.extract.fit_on)
-    if cfg.decision.rule == "threshold" and (fit_inputs.regression or
-                                             len(fit_inputs.classes) != 2):
+    if asks_threshold(cfg.decision) and not threshold_applies(fit_inputs.kind,
+                                                              len(fit_inputs.classes)):
         raise ConfigError("decision.rule: 'threshold' needs a binary label (use 'argmax')")
     if cfg.adapt.method != "none":
         log.warning("adapt.method %r is not used by extract (its features come from fixed "
