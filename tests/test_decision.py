@@ -50,6 +50,17 @@ def test_damaged_rules_are_refused(bad):
         Decision.of(bad)
 
 
+def test_a_thresholds_file_that_does_not_fit_the_model_is_refused(cli, pretrained):
+    for rule, message in (
+            ({"rule": "threshold", "threshold": 5, "positive": "bad"}, "not a probability"),
+            ({"rule": "regression"}, "a regression rule for a single-label model"),
+            ({"rule": "threshold", "threshold": None, "per_label": [0.5, 0.5]},
+             "multi-label rule")):
+        (pretrained / "thresholds.json").write_text(json.dumps(rule))
+        res = cli("evaluate", str(pretrained))
+        assert res.code == 2 and message in res.err, rule
+
+
 # -- each rule through the commands: the run's saved rule is the one its answers follow
 
 RAW_LOGISTIC = {"backbone": "raw", "backbone_args": {}, "weights": "none",

@@ -112,11 +112,11 @@ def test_verify_catches_a_moved_tensor():
 
 
 def test_balanced_class_weights_are_inverse_frequencies():
-    from tltool.engine import _loss_fn
+    from tltool.task import Task
 
     y = torch.tensor([0, 0, 0, 1])
-    assert torch.allclose(_loss_fn(y, 2, "balanced").weight, torch.tensor([4 / 6, 4 / 2]))
-    assert _loss_fn(y, 2, "none").weight is None
+    assert torch.allclose(Task().loss(y, 2, "balanced").weight, torch.tensor([4 / 6, 4 / 2]))
+    assert Task().loss(y, 2, "none").weight is None
 
 
 def test_layer_decay_gives_earlier_blocks_smaller_rates():
