@@ -109,6 +109,7 @@ def test_two_processes_evaluate_and_predict_what_one_process_does(cli, tmp_path)
     assert len(list((tmp_path / "runs" / "ddp").glob("*-predict"))) == 2
 
 
+@pytest.mark.slow  # caches built on shares: also in the (default) sharded decoding test
 @pytest.mark.skipif(not torch.distributed.is_available() or
                     not torch.distributed.is_gloo_available(), reason="no gloo backend")
 def test_two_processes_fine_tune_from_a_prefix_cache_each_built_on_its_share(cli, tmp_path):
@@ -146,7 +147,11 @@ def test_two_processes_fine_tune_from_a_prefix_cache_each_built_on_its_share(cli
 
 @pytest.mark.skipif(not torch.distributed.is_available() or
                     not torch.distributed.is_gloo_available(), reason="no gloo backend")
-@pytest.mark.parametrize("route", ["pooled", "coral", "mmd", "dann", "pretrain-mmd"])
+# coral and mmd take dann's way through the loop (gathered features): slow, as is the pretrain
+# variant of the same
+@pytest.mark.parametrize("route", ["pooled", pytest.param("coral", marks=pytest.mark.slow),
+                                   pytest.param("mmd", marks=pytest.mark.slow), "dann",
+                                   pytest.param("pretrain-mmd", marks=pytest.mark.slow)])
 def test_two_processes_train_pooled_and_adapted_routes_as_one_process(cli, tmp_path, route):
     """Pooled source rows (with the learned domain offset, balanced class weights) and the
     adapt methods: the alignment loss sees the whole global batch (features gathered with

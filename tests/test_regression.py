@@ -115,10 +115,11 @@ def test_ensemble_averages_predicted_values(amount_source, cli, write_config, tm
     ({"extract": {"heads": ["logistic_regression"]}},
      "extract.heads: ['logistic_regression'] cannot fit"),
 ])
-def test_what_regression_refuses(changes, fragment, cli, write_config, amount_source):
+def test_what_regression_refuses(changes, fragment, cli, write_config, request):
     command = "extract" if "extract" in changes else "pretrain"
-    if command == "extract":
-        changes = merge(changes, {"model": {"weights": str(amount_source), "backbone_args": {}}})
+    if command == "extract":  # needs a trained regression model (only this case trains one)
+        source = request.getfixturevalue("amount_source")
+        changes = merge(changes, {"model": {"weights": str(source), "backbone_args": {}}})
     res = cli(command, write_config("bad", changes, base=RBASE))
     assert res.code == 2 and "Traceback" not in res.err
     assert fragment in res.err, res.err

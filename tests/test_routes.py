@@ -226,7 +226,7 @@ def test_sample_seed_draws_other_labelled_rows_only_when_asked(cli, write_config
 
 
 def test_a_prior_of_several_source_models_averages_their_log_probabilities(
-        pretrained, cli, write_config, tmp_path):
+        cli, write_config, tmp_path):
     """model.prior_weights as a list: the prior's signal is the mean of the models' own."""
     from tltool.runs import load_checkpoint
     from tltool.workflows.common import load_trained
@@ -234,7 +234,7 @@ def test_a_prior_of_several_source_models_averages_their_log_probabilities(
     lr = _run(cli, tmp_path, "pretrain", write_config("src-lr", {"model": {
         **RAW, "head": "logistic_regression"}}))
     gb = _run(cli, tmp_path, "pretrain", write_config("src-gb", {"model": {
-        **RAW, "head": "gradient_boosting"}}))
+        **RAW, "head": "gradient_boosting", "head_args": {"max_iter": 10}}}))
     run = _run(cli, tmp_path, "freeze-finetune", write_config("avg", {"model": {
         **RAW, "head": "logistic_regression", "prior": "offset",
         "prior_weights": [str(lr), str(gb)], "head_args": {"C": 1e-6}}}))

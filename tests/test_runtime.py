@@ -127,6 +127,8 @@ def test_probe_results_are_cached_on_disk_and_reused(tmp_path, monkeypatch):
     assert fresh.chosen["layout_blocks_timed"]["r"] == 5
 
 
+@pytest.mark.slow  # trains a ResNet-18 four times; run-to-run reproducibility is also checked
+# by test_workflows.py on tables
 def test_a_fixed_layout_trains_reproducibly():
     """With the layout fixed (`on` / `off`), the same config and seed train the same weights
     bit for bit on one machine and thread count, whatever the CPU."""

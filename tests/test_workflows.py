@@ -267,6 +267,7 @@ def test_sigterm_marks_the_run_failed(write_config, tmp_path):
     assert status["status"] == "failed"
 
 
+@pytest.mark.slow  # thousands of random cases; the threshold tests check the sweep's choices
 def test_the_vectorised_threshold_sweep_chooses_what_the_loop_chose():
     """The one-pass sweep gives the threshold and score of the plain loop over candidates
     (kept here as the reference), for every rule, ties and tiny splits included."""
@@ -303,6 +304,8 @@ def test_the_vectorised_threshold_sweep_chooses_what_the_loop_chose():
                 loop(y, p, optimize), abs=1e-12), (trial, optimize)
 
 
+@pytest.mark.slow  # the in-process command tests cover each step; this runs the installed
+# script in 7 processes
 def test_a_ci_job_chains_the_commands_with_json(tmp_path):
     """tests/ci_chain.sh: pretrain -> freeze-finetune -> evaluate -> predict, each step reading
     the previous one's --json output; a failing step prints JSON too (exit 2)."""
