@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 TL := $(BIN)/tltool
 DEMO_ROOT ?= runs
 
-.PHONY: install demo test test-slow lint bench transfer-table german-table amount-table digits-table \
+.PHONY: install demo test test-all test-slow lint bench transfer-table german-table amount-table digits-table \
 	lite0-table adapt-table select-sharing clean config-doc catalog layout
 
 # Downloads from a package registry can break off mid-file: each pip step is tried three times.
@@ -41,11 +41,19 @@ demo: install
 	end=$$(date +%s%N); \
 	echo "demo finished in $$(( (end - start) / 1000000 )) ms; predictions in $(DEMO_ROOT)/demo_predictions.csv"
 
+# The default suite (at most 8 minutes on 2 idle cores) leaves out the tests marked slow;
+# test-all runs every test, test-slow only the slow ones. Each prints its wall time.
+PYTEST_TIMED = start=$$(date +%s); $(BIN)/python -m pytest -q $(1); status=$$?; \
+	end=$$(date +%s); echo "$(2) finished in $$((end - start)) s"; exit $$status
+
 test: install
-	$(BIN)/python -m pytest -q
+	@$(call PYTEST_TIMED,,make test)
+
+test-all: install
+	@$(call PYTEST_TIMED,-m "slow or not slow",make test-all)
 
 test-slow: install
-	$(BIN)/python -m pytest -q -m slow
+	@$(call PYTEST_TIMED,-m slow,make test-slow)
 
 lint: install
 	$(BIN)/ruff check tltool tests benchmarks tools

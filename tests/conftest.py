@@ -22,6 +22,10 @@ BASE = {
 }
 
 
+# Long tests in files that other engineers own are marked slow here (they leave the default
+# `make test`, which must stay within 8 minutes on 2 cores, and run in `make test-all`).
+# A name that no longer matches a test of a collected file stops the run, so the list cannot
+# rot silently.
 @pytest.fixture(autouse=True, scope="session")
 def _private_probe_cache(tmp_path_factory):
     """Layout/precision probe results go to a cache of the test session, not ~/.cache."""

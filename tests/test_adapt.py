@@ -177,3 +177,24 @@ def test_image_adaptation_resizes_the_other_domain_to_the_models_size(cli, write
     assert res.code == 0, res.err
     m = json.loads((tmp_path / res.out.strip() / "metrics.json").read_text())
     assert m["adapt"]["method"] == "mmd" and m["adapt"]["target_rows_aligned"] > 0
+
+
+@pytest.mark.parametrize("method, weight", [("coral", 5.0), ("mmd", 5.0), ("dann", 1.0)])
+def test_each_alignment_loss_is_logged_and_changes_the_trained_weights(method, weight, cli,
+                                                                       write_config, tmp_path):
+    """The same pretrain with the alignment weighted and weighted 0 (the same rows drawn, the
+    loss counting for nothing): the alignment loss is logged every epoch and moves the
+    backbone's weights."""
+    runs = {}
+    for w in (weight, 0.0):
+        res = cli("pretrain", write_config(f"{method}-{w}", {
+            "train": {"epochs": 2}, "adapt": {"method": method, "weight": w}}))
+        assert res.code == 0, res.err
+        runs[w] = tmp_path / res.out.strip()
+    epochs = pd.read_csv(runs[weight] / "metrics.csv")
+    assert len(epochs) == 2 and (epochs["align_loss"] > 0).all()
+    weights = [torch.load(runs[w] / "checkpoints" / "last.pt", weights_only=True)["state_dict"]
+               for w in (weight, 0.0)]
+    moved = [k for k in weights[0] if k.startswith("backbone.")
+             and not torch.allclose(weights[0][k], weights[1][k], atol=1e-6)]
+    assert moved, f"{method}: the alignment left every backbone weight as it was"

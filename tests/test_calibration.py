@@ -119,3 +119,34 @@ def test_calibration_changes_probabilities_not_ranking(cli, write_config, pretra
     assert a["auroc"] == pytest.approx(b["auroc"], abs=1e-9)
     assert a["accuracy"] == b["accuracy"]  # argmax rule: the same decisions
     assert "ece" in a and a["ece"] is not None
+
+
+def test_temperature_scaling_lowers_the_validation_log_loss_and_rescales_every_answer(
+        cli, write_config, tmp_path):
+    """An over-confident model (logistic regression, almost unpenalised, on 100 rows): the
+    fitted temperature softens it, lowers the validation log loss, and evaluate answers with
+    the rescaled probabilities of the very same model."""
+    head = {"backbone": "raw", "backbone_args": {}, "weights": "none",
+            "head": "logistic_regression", "head_args": {"C": 100.0}}
+    runs = {}
+    for calibrate in ("none", "temperature"):
+        res = cli("freeze-finetune", write_config(calibrate, {
+            "model": head, "decision": {"rule": "argmax", "calibrate": calibrate}}))
+        assert res.code == 0, res.err
+        runs[calibrate] = tmp_path / res.out.strip()
+    cal = _json(runs["temperature"] / "thresholds.json")["calibration"]
+    assert cal["temperature"] > 1.2  # softened
+    assert cal["log_loss"]["after"] < cal["log_loss"]["before"] - 0.01
+    val = {k: _json(run / "metrics.json")["val"] for k, run in runs.items()}
+    assert val["none"]["log_loss"] == pytest.approx(cal["log_loss"]["before"], abs=1e-6)
+    assert val["temperature"]["log_loss"] == pytest.approx(cal["log_loss"]["after"], abs=1e-6)
+    preds = {}
+    for k, run in runs.items():
+        ev = cli("evaluate", str(run))
+        assert ev.code == 0, ev.err
+        preds[k] = pd.read_csv(tmp_path / ev.out.strip() / "test_predictions.csv")
+    plain = preds["none"][["p_good", "p_bad"]].to_numpy()
+    scaled = calibration.scale(plain, cal["temperature"], False)
+    got = preds["temperature"][["p_good", "p_bad"]].to_numpy()
+    # (the CSV files hold 6 decimals: rescaling rounded probabilities is exact to ~1e-4)
+    assert np.abs(got - scaled).max() < 1e-3 and np.abs(got - plain).max() > 0.05

@@ -109,6 +109,7 @@ def test_two_processes_evaluate_and_predict_what_one_process_does(cli, tmp_path)
     assert len(list((tmp_path / "runs" / "ddp").glob("*-predict"))) == 2
 
 
+@pytest.mark.slow  # caches built on shares: also in the (default) sharded decoding test
 @pytest.mark.skipif(not torch.distributed.is_available() or
                     not torch.distributed.is_gloo_available(), reason="no gloo backend")
 def test_two_processes_fine_tune_from_a_prefix_cache_each_built_on_its_share(cli, tmp_path):
@@ -146,7 +147,11 @@ def test_two_processes_fine_tune_from_a_prefix_cache_each_built_on_its_share(cli
 
 @pytest.mark.skipif(not torch.distributed.is_available() or
                     not torch.distributed.is_gloo_available(), reason="no gloo backend")
-@pytest.mark.parametrize("route", ["pooled", "coral", "mmd", "dann", "pretrain-mmd"])
+# coral and mmd take dann's way through the loop (gathered features): slow, as is the pretrain
+# variant of the same
+@pytest.mark.parametrize("route", ["pooled", pytest.param("coral", marks=pytest.mark.slow),
+                                   pytest.param("mmd", marks=pytest.mark.slow), "dann",
+                                   pytest.param("pretrain-mmd", marks=pytest.mark.slow)])
 def test_two_processes_train_pooled_and_adapted_routes_as_one_process(cli, tmp_path, route):
     """Pooled source rows (with the learned domain offset, balanced class weights) and the
     adapt methods: the alignment loss sees the whole global batch (features gathered with
@@ -183,28 +188,37 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import PIL.Image
 import torch
 
 torch.distributed.init_process_group("gloo")
 from tltool import distributed
 from tltool.cache import Budget, build_prefix_cache
-from tltool.data.images import decoding as images
+from tltool.config import DataConfig
+from tltool.data.images.dataset import load_images
+from tltool.data.images.decoding import load_image_files
 from tltool.errors import DataError
 from tltool.tensors import Tensors
 
 folder, out = Path(sys.argv[1]), Path(sys.argv[2])
-files = sorted(folder.iterdir())
-decoded = []
-real = images._decode
-images._decode = lambda f, size: decoded.append(f.name) or real(f, size)
-x, kept, bad = images._decode_all(files, 16, "skip", [f.name for f in files], shard=True)
-first = list(decoded)  # this call's files
+files = [str(f) for f in sorted(folder.glob("*/*.png"))]
+opened = []
+real_open = PIL.Image.open
+PIL.Image.open = lambda f, *a, **k: opened.append(Path(f).name) or real_open(f, *a, **k)
+x, kept = load_image_files(files, 16, "skip")
+first = list(opened)  # this call's files
 try:
-    images._decode_all(files, 16, "error", [f.name for f in files], shard=True)
+    load_image_files(files, 16, "error")
     error = None
 except DataError as exc:
     error = str(exc)
-kept_probe, bad_probe = images._probe_all(files, "skip", [f.name for f in files])
+opened.clear()
+# more pixels than decode_once_max_gb: every file is only checked now (decoded when used)
+lazy = load_images(DataConfig(kind="image_folder", path=str(folder), on_bad_image="skip",
+                              decode_cache=False, decode_once_max_gb=1e-9,
+                              split={"val": 0.2, "test": 0.2, "stratify": False}), 0, 16)
+probed = list(opened)
+lazy_ids = sorted(i for part in (lazy.train, lazy.val, lazy.test) for i in part.ids.tolist())
 r = distributed.rank()
 half = distributed.gather_rows(torch.full((r + 1, 2), r + 0.5, dtype=torch.bfloat16), 3, [1, 2])
 seen = []
@@ -215,8 +229,8 @@ backbone = SimpleNamespace(forward_blocks=blocks, laid_out=lambda z, n: z)
 model = SimpleNamespace(eval=lambda: None, backbone=backbone)
 rows = Tensors(torch.arange(10.0).reshape(5, 2), torch.zeros(5))
 cache = build_prefix_cache(model, rows, 1, Budget(2, 1e9))
-torch.save({"x": x, "kept": kept, "bad": bad, "error": error, "decoded": first,
-            "probe": (kept_probe, bad_probe), "half": half, "cache": cache.x, "seen": seen},
+torch.save({"x": x, "kept": kept, "error": error, "decoded": first, "probed": probed,
+            "lazy": (lazy_ids, lazy.notes), "half": half, "cache": cache.x, "seen": seen},
            out / f"rank{r}.pt")
 torch.distributed.destroy_process_group()
 """
@@ -225,38 +239,42 @@ torch.distributed.destroy_process_group()
 @pytest.mark.skipif(not torch.distributed.is_available() or
                     not torch.distributed.is_gloo_available(), reason="no gloo backend")
 def test_each_rank_decodes_and_caches_its_share_and_every_rank_holds_all(tmp_path):
-    """Sharded decoding (bad files skipped or refused the same way on every rank), half
-    precision gathered, and a prefix cache built on shares: every rank ends with what one
-    process computes, each having done only its share."""
+    """Sharded decoding (bad files skipped or refused the same way on every rank), sharded
+    checking of files decoded later, half precision gathered, and a prefix cache built on
+    shares: every rank ends with what one process computes, each having done only its
+    share."""
     from PIL import Image
 
-    from tltool.data.images import decoding as images
+    from tltool.data.images.decoding import load_image_files
 
     folder = tmp_path / "imgs"
-    folder.mkdir()
     rng = np.random.default_rng(0)
     for i in range(7):
         shape = (20, 24, 3) if i == 5 else (20, 24)  # one colour file: all become RGB
-        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / f"{i}.png")
-    (folder / "3.png").write_bytes(b"not an image")  # in rank 0's share
-    (folder / "6.png").write_bytes(b"nor this")  # in rank 1's share
+        (folder / "ab"[i >= 4]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(
+            folder / "ab"[i >= 4] / f"{i}.png")
+    (folder / "a" / "3.png").write_bytes(b"not an image")  # in rank 0's share
+    (folder / "b" / "6.png").write_bytes(b"nor this")  # in rank 1's share
     (tmp_path / "shards.py").write_text(SHARDS)
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                           "--nproc-per-node", "2", "shards.py", str(folder), str(tmp_path)],
                          cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    files = sorted(folder.iterdir())
-    x, kept, bad = images._decode_all(files, 16, "skip", [f.name for f in files])
+    files = [str(f) for f in sorted(folder.glob("*/*.png"))]
+    x, kept = load_image_files(files, 16, "skip")
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-    assert sorted(got[0]["decoded"]) == [f"{i}.png" for i in range(4)]  # its share only
-    assert sorted(got[1]["decoded"]) == [f"{i}.png" for i in range(4, 7)]
+    for g, share in zip(got, (range(4), range(4, 7)), strict=True):
+        assert sorted(g["decoded"]) == [f"{i}.png" for i in share]  # its share only
+        assert sorted(g["probed"]) == [f"{i}.png" for i in share]
     for g in got:
         assert torch.equal(g["x"], x) and x.shape == (5, 3, 16, 16)
-        assert g["kept"] == kept == [0, 1, 2, 4, 5] and g["bad"] == bad
-        assert g["error"].startswith("3.png: not a readable image")  # the first, on both
-        assert g["probe"] == (kept, [(i, r) for i, r in g["probe"][1]]) and \
-            [i for i, _ in g["probe"][1]] == [3, 6]
+        assert g["kept"] == kept == [0, 1, 2, 4, 5]
+        assert g["error"].startswith(f"{files[3]}: not a readable image")  # the first, on both
+        ids, notes = g["lazy"]
+        assert ids == ["a/0.png", "a/1.png", "a/2.png", "b/4.png", "b/5.png"]
+        assert "skipped 2 unreadable images: a/3.png, b/6.png" in notes
         assert g["half"].dtype == torch.bfloat16 and g["half"].tolist() == [[0.5, 0.5],
                                                                             [1.5, 1.5],
                                                                             [1.5, 1.5]]

@@ -4,6 +4,7 @@ traceback, and no run folder that looks complete."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +34,12 @@ def _credit_csv(tmp_path, name="credit.csv", edit=None) -> str:
 def _csv_target(path: str, **extra) -> dict:
     return {"target": {"kind": "csv", "path": path, "label": "Status", "positive": "bad",
                        **extra}, "model": {"weights": "none", "strategy": "full"}}
+
+
+def _fifo(tmp_path, name: str) -> str:
+    path = tmp_path / name
+    os.mkfifo(path)
+    return str(path)
 
 
 def _with_text_income(f):
@@ -118,6 +125,19 @@ CASES = {
                       "seed: input should be greater than or equal to 0; got -1"),
     "evaluate --on bad value": (lambda t, w: ["evaluate", str(t), "--on", "both"],
                                 "--on: got 'both'; allowed: source, target"),
+    "a mapping used as a yaml key": (lambda t, w: ["config", _csv(t, "k.yaml",
+                                                                  text="? [a, b]\n: 1\n")],
+                                     "keys must be plain names"),
+    **{f"layer width {h}": (lambda t, w, h=h: ["pretrain", w("c", {"model": {
+        "backbone_args": {"hidden": [h]}}})], "model.backbone_args.hidden")
+       for h in (-5, 0, 2_000_000_000)},
+    "runs --status bogus": (lambda t, w: ["runs", str(t), "--status", "bogus"],
+                            "allowed: complete"),
+    "options of a table": (lambda t, w: ["pretrain", w("c", {"source": {"options": {
+        "bogus": 1}}})], "do not apply to tables"),
+    "a fifo as data file": (lambda t, w: ["pretrain", w("c", {"source": {
+        "kind": "csv", "path": _fifo(t, "data.csv"), "label": "y", "where": None}})],
+        "not a regular file"),
 }
 
 
@@ -235,9 +255,7 @@ def test_a_diverging_training_stops_and_is_never_latest(cli, write_config, tmp_p
 
 def test_predict_out_never_destroys(pretrained, cli, tmp_path):
     """--out refuses devices, FIFOs, folders, links (unless --force to a regular file) and files
-    inside a run folder; '-' writes to standard output."""
-    import os
-
+    inside a run folder; '-' writes to standard output (not with --json, which does too)."""
     new_rows = str(Path(__file__).resolve().parents[1] / "configs/credit/new_applicants.csv")
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
@@ -260,6 +278,8 @@ def test_predict_out_never_destroys(pretrained, cli, tmp_path):
     res = cli("predict", str(pretrained), new_rows, "--out", "-")
     assert res.code == 0 and res.out.startswith("id,p_good,p_bad,prediction")
     assert "rows predicted" in res.err and str(tmp_path) in res.err
+    res = cli("predict", str(pretrained), new_rows, "--out", "-", "--json")
+    assert res.code == 2 and "both would use standard output" in res.err
 
 
 @pytest.mark.parametrize("tamper, message", [

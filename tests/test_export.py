@@ -109,7 +109,7 @@ def test_gradient_boosting_head_exports(fmt, cli, tmp_path):
     assert json.loads(ex.out)["export"]["parity"]["passed"]
 
 
-def test_export_refuses_bad_input(cli, tmp_path, pretrained):
+def test_export_refuses_bad_input(cli, write_config, tmp_path, pretrained):
     assert cli("export", str(pretrained), "--format", "tflite").code == 2
     missing = cli("export", str(tmp_path / "nope"), "--format", "onnx")
     assert missing.code == 2 and "error:" in missing.err
@@ -117,6 +117,11 @@ def test_export_refuses_bad_input(cli, tmp_path, pretrained):
     taken = cli("export", str(pretrained), "--format", "torchscript", "--out", "taken",
                 "--force")
     assert taken.code == 2 and (tmp_path / "taken").read_text() == "mine"
+    assert cli("export", str(pretrained), "--format", "torchscript", "--out", "-").code == 2
+    other = cli("pretrain", write_config("o", {"train": {"epochs": 1}}))
+    inside = cli("export", str(pretrained), "--format", "torchscript", "--out",
+                 str(tmp_path / other.out.strip() / "exp"))
+    assert inside.code == 2 and "never changes another run's files" in inside.err
 
 
 def test_scale_by_temperature_matches_softmax_of_scaled_logits():

@@ -159,3 +159,23 @@ def test_prefix_cache_trains_the_same_model(strategy, frozen):
     assert results["off"][1] == 0
     for key, value in results["off"][0].items():
         assert torch.allclose(results["auto"][0][key], value, atol=1e-6), key
+
+
+def test_bias_only_fine_tuning_moves_the_backbones_biases_and_nothing_else(pretrained, cli,
+                                                                           write_config,
+                                                                           tmp_path):
+    res = cli("freeze-finetune", write_config("bias", {
+        "model": {"weights": str(pretrained), "backbone_args": {}, "strategy": "bias_only"},
+        "train": {"epochs": 2, "lr": 0.03}}))
+    assert res.code == 0, res.err
+    run = tmp_path / res.out.strip()
+    source = torch.load(pretrained / "checkpoints" / "best.pt", weights_only=True)["state_dict"]
+    tuned = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["state_dict"]
+    backbone = [k for k in source if k.startswith("backbone.")]
+    biases = [k for k in backbone if k.endswith(".bias")]
+    assert biases and len(biases) < len(backbone)
+    for key in backbone:
+        moved = not torch.equal(source[key], tuned[key])
+        assert moved == (key in biases), key
+    plan = (run / "freeze_plan.txt").read_text()
+    assert "bias_only" in plan

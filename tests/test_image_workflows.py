@@ -262,3 +262,31 @@ def test_stored_features_key_changes_with_rows_weights_preparation_and_precision
     p, how = features.predict(model, data, rt, features.Pass(False, 4))
     assert how == "forward pass"
     assert np.allclose(p, predict_proba(model, data, False, 4, rt), atol=1e-6)
+
+
+def test_symlinked_images_keep_one_class(cli, write_config, tmp_path):
+    """A link to an image of the same class is read once; a link into another class folder,
+    or back up to the top folder, would give one image two classes and is refused."""
+    img = tmp_path / "img"
+    for c in ("a", "b"):
+        (img / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), i * 40 + (c == "b") * 9, np.uint8)).save(
+                img / c / f"{i}.png")
+    (img / "a" / "again.png").symlink_to(img / "a" / "0.png")
+    config = write_config("links", base={
+        "source": {"kind": "image_folder", "path": str(img), "decode_cache": False,
+                   "image_size": 8, "split": {"val": 0.34, "test": 0.34, "stratify": False}},
+        "model": {"backbone": "pixels", "backbone_args": {}}, "train": {"epochs": 1},
+        "decision": {"rule": "argmax"}})
+    res = cli("pretrain", config)
+    assert res.code == 0, res.err
+    data = _json(tmp_path / res.out.strip() / "metrics.json")["data"]
+    assert sum(data["rows"].values()) == 6 and any("used once" in n for n in data["notes"])
+    (img / "b" / "x.png").symlink_to(img / "a" / "1.png")
+    res = cli("pretrain", config)
+    assert res.code == 2 and "an image needs one class" in res.err
+    (img / "b" / "x.png").unlink()
+    (img / "a" / "loop").symlink_to(img)  # a link back to the top folder
+    res = cli("pretrain", config)
+    assert res.code == 2 and "an image needs one class" in res.err

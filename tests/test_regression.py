@@ -115,10 +115,11 @@ def test_ensemble_averages_predicted_values(amount_source, cli, write_config, tm
     ({"extract": {"heads": ["logistic_regression"]}},
      "extract.heads: ['logistic_regression'] cannot fit"),
 ])
-def test_what_regression_refuses(changes, fragment, cli, write_config, amount_source):
+def test_what_regression_refuses(changes, fragment, cli, write_config, request):
     command = "extract" if "extract" in changes else "pretrain"
-    if command == "extract":
-        changes = merge(changes, {"model": {"weights": str(amount_source), "backbone_args": {}}})
+    if command == "extract":  # needs a trained regression model (only this case trains one)
+        source = request.getfixturevalue("amount_source")
+        changes = merge(changes, {"model": {"weights": str(source), "backbone_args": {}}})
     res = cli(command, write_config("bad", changes, base=RBASE))
     assert res.code == 2 and "Traceback" not in res.err
     assert fragment in res.err, res.err
@@ -174,3 +175,15 @@ def test_regression_on_images_and_label_misuse_are_refused(cli, write_config):
     res = cli("pretrain", write_config("cat", {"source": {"categorical": ["Amount"]}},
                                        base=RBASE))
     assert res.code == 2 and "the label 'Amount' is also listed as categorical" in res.err
+
+
+def test_a_ridge_head_predicts_amounts_better_than_their_mean(cli, write_config, tmp_path):
+    """The classic ridge head on the raw columns (the price asked explains much of the amount
+    lent): well above R² 0, the score of answering every row with the mean amount."""
+    res = cli("freeze-finetune", write_config("ridge", {"model": {
+        "backbone": "raw", "backbone_args": {}, "weights": "none", "head": "ridge"}},
+        base=RBASE))
+    assert res.code == 0, res.err
+    m = _read(tmp_path / res.out.strip() / "metrics.json")
+    assert m["route"]["head"] == "ridge" and m["decision"]["rule"] == "regression"
+    assert m["test"]["r2"] > 0.5

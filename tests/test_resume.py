@@ -44,7 +44,9 @@ def _interrupt_after(monkeypatch, saves: int) -> None:
     monkeypatch.setattr(runs.RunFolder, "save_checkpoint", save)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# dann resumes like rounds plus a critic: slow
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == "dann" else c
+                                  for c in CASES])
 def test_an_interrupted_training_resumes_to_the_same_result(case, pretrained, cli,
                                                             write_config, monkeypatch,
                                                             tmp_path):

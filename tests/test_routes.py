@@ -75,6 +75,25 @@ def test_pooled_training_uses_the_source_rows(cli, write_config, tmp_path):
             assert "domain" in plan
 
 
+@pytest.mark.parametrize("head", ["network", "logistic_regression"])
+def test_the_domain_offset_keeps_the_source_rate_out_of_pooled_answers(head, cli, write_config,
+                                                                      tmp_path):
+    """Pooled training on fixed-job applicants (fewer bad ones) and part-time ones, the Job
+    column dropped so that no input tells the two apart: with train.domain_offset the source
+    rows get an offset of their own, and the answers on the target's test rows move towards
+    the target's own rate of bad applicants."""
+    model = ({"backbone_args": {"hidden": [16, 8]}} if head == "network"
+             else {**RAW, "head": head})
+    mean, rate = {}, None
+    for offset in (False, True):
+        run = _run(cli, tmp_path, "freeze-finetune", write_config(f"pool-{offset}", {
+            "source": {"drop": ["Job"]}, "target": {"drop": ["Job"]}, "model": model,
+            "train": {"lr": 0.03, "source_weight": 1.0, "domain_offset": offset}}))
+        preds = _test_predictions(cli, tmp_path, str(run))
+        mean[offset], rate = preds["p_bad"].mean(), (preds["label"] == "bad").mean()
+    assert abs(mean[True] - rate) < abs(mean[False] - rate) - 0.02, (mean, rate)
+
+
 def test_l2sp_penalty_equals_its_formula():
     torch.manual_seed(0)
     model = build_model(model_spec("mlp", {"hidden": [6, 4]}, 5, HeadSettings("linear", 8, 0.0), 2))
@@ -199,6 +218,26 @@ def test_extract_honours_the_decision_rule(pretrained, cli, write_config, tmp_pa
     assert head["test"]["threshold"] == head["threshold"]
 
 
+def test_extract_calibrates_its_heads_as_decision_calibrate_asks(pretrained, cli, write_config,
+                                                                 tmp_path):
+    """extract's heads are classic heads like any other: their decision rule, the temperature
+    included, is chosen on the validation rows and applied to their reports."""
+    heads = {}
+    for calibrate in ("none", "temperature"):
+        run = _run(cli, tmp_path, "extract", write_config(f"x-{calibrate}", {
+            "model": {"weights": str(pretrained), "backbone_args": {}},
+            "extract": {"heads": ["logistic_regression"]},
+            "decision": {"rule": "threshold", "calibrate": calibrate}}))
+        heads[calibrate] = _metrics(run)["heads"]["logistic_regression"]
+    cal = heads["temperature"]["calibration"]
+    assert "calibration" not in heads["none"] and cal["fitted_on"] == "validation"
+    assert cal["temperature"] != 1.0 and cal["log_loss"]["after"] < cal["log_loss"]["before"]
+    assert heads["temperature"]["val"]["log_loss"] == pytest.approx(cal["log_loss"]["after"],
+                                                                    abs=1e-5)
+    assert heads["none"]["val"]["log_loss"] == pytest.approx(cal["log_loss"]["before"],
+                                                             abs=1e-5)
+
+
 def test_sample_seed_draws_other_labelled_rows_only_when_asked(cli, write_config, tmp_path):
     runs = [_run(cli, tmp_path, "freeze-finetune", write_config(f"s{i}", {
         "seed": i, "model": {**RAW, "head": "logistic_regression"}})) for i in (0, 1)]
@@ -211,7 +250,7 @@ def test_sample_seed_draws_other_labelled_rows_only_when_asked(cli, write_config
 
 
 def test_a_prior_of_several_source_models_averages_their_log_probabilities(
-        pretrained, cli, write_config, tmp_path):
+        cli, write_config, tmp_path):
     """model.prior_weights as a list: the prior's signal is the mean of the models' own."""
     from tltool.checkpoint import Checkpoint
     from tltool.models.loading import load_trained
@@ -219,7 +258,7 @@ def test_a_prior_of_several_source_models_averages_their_log_probabilities(
     lr = _run(cli, tmp_path, "pretrain", write_config("src-lr", {"model": {
         **RAW, "head": "logistic_regression"}}))
     gb = _run(cli, tmp_path, "pretrain", write_config("src-gb", {"model": {
-        **RAW, "head": "gradient_boosting"}}))
+        **RAW, "head": "gradient_boosting", "head_args": {"max_iter": 10}}}))
     run = _run(cli, tmp_path, "freeze-finetune", write_config("avg", {"model": {
         **RAW, "head": "logistic_regression", "prior": "offset",
         "prior_weights": [str(lr), str(gb)], "head_args": {"C": 1e-6}}}))
@@ -278,3 +317,81 @@ def test_another_label_of_a_builtin_table_does_not_take_its_default_positive(
         "target": {"label": "Home", "n_train": None}, "decision": {"rule": "argmax"},
         "model": {**RAW, "head": "logistic_regression"}}))
     assert len(_metrics(run)["classes"]) > 2
+
+
+def _test_predictions(cli, tmp_path, *args: str) -> pd.DataFrame:
+    return pd.read_csv(_run(cli, tmp_path, "evaluate", *args) / "test_predictions.csv")
+
+
+def _backbone(run: Path, name: str = "last.pt") -> dict[str, torch.Tensor]:
+    state = torch.load(run / "checkpoints" / name, weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("backbone.")}
+
+
+def test_l2sp_keeps_the_fine_tuned_backbone_near_the_source_weights(pretrained, cli,
+                                                                     write_config, tmp_path):
+    source = _backbone(pretrained, "best.pt")
+    moved = {}
+    for alpha in (0.0, 50.0):
+        run = _run(cli, tmp_path, "freeze-finetune", write_config(f"l2sp{alpha}", {
+            "model": {"weights": str(pretrained), "backbone_args": {}},
+            "train": {"epochs": 4, "lr": 0.03, "l2sp": {"alpha": alpha}}}))
+        moved[alpha] = sum(float(((w - source[k]) ** 2).sum())
+                           for k, w in _backbone(run).items())
+    assert moved[0.0] > 0 and moved[50.0] < 0.5 * moved[0.0], moved
+
+
+def test_an_untrained_prior_offset_network_answers_as_its_prior(pretrained, cli, write_config,
+                                                               tmp_path):
+    """prior offset: the new head starts at zero, so before any epoch the model's answer is
+    the source model's own, row for row."""
+    run = _run(cli, tmp_path, "freeze-finetune", write_config("offset0", {"model": {
+        "weights": str(pretrained), "backbone_args": {}, "prior": "offset"},
+        "train": {"epochs": 0}}))
+    assert _metrics(run)["route"]["prior"]["mode"] == "offset"
+    mine = _test_predictions(cli, tmp_path, str(run))
+    prior = _test_predictions(cli, tmp_path, str(pretrained), "--on", "target")
+    assert (mine["id"] == prior["id"]).all()
+    assert np.abs(mine["p_bad"] - prior["p_bad"]).max() < 1e-5
+    assert prior["p_bad"].std() > 0.05  # a real answer, not a constant
+
+
+def test_a_prior_offset_classic_head_corrects_its_prior(pretrained, cli, write_config,
+                                                        tmp_path):
+    """An (almost) intercept-only logistic head on top of the prior's log-odds: the prior's
+    ranking of the rows, its base rate refitted on the target rows."""
+    run = _run(cli, tmp_path, "freeze-finetune", write_config("offset-lr", {"model": {
+        **RAW, "head": "logistic_regression", "prior": "offset",
+        "prior_weights": str(pretrained), "head_args": {"C": 1e-6}}}))
+    mine = _test_predictions(cli, tmp_path, str(run))
+    prior = _test_predictions(cli, tmp_path, str(pretrained), "--on", "target")
+    logit = np.log(mine["p_bad"]) - np.log(mine["p_good"])
+    prior_logit = np.log(prior["p_bad"]) - np.log(prior["p_good"])
+    shift = logit - prior_logit
+    assert shift.std() < 1e-3  # one shift of the log-odds for every row: the prior's ranking
+    # part-time applicants default more often than the fixed-job ones the prior learnt from:
+    # the refitted shift is large and lowers the test log loss well below the prior's own
+    prior_loss = _metrics(_run(cli, tmp_path, "evaluate", str(pretrained), "--on",
+                               "target"))["test"]["log_loss"]
+    assert shift.mean() > 1 and _metrics(run)["test"]["log_loss"] < prior_loss - 0.2
+
+
+def test_a_prior_given_as_input_informs_the_heads_answers(pretrained, cli, write_config,
+                                                          tmp_path):
+    """prior input: the source model's log-odds as one more input of a classic head. Two source
+    models that encode the rows alike (same data and seed) but answer differently (4 epochs
+    and 1) give the same head different answers; and the source model's signal lowers the
+    head's test log loss below that of the head on the rows alone."""
+    other = _run(cli, tmp_path, "pretrain", write_config("src1", {"train": {"epochs": 1}}))
+    answers, loss = [], {}
+    for name, prior in (("src4", pretrained), ("src1", other), ("none", None)):
+        model = {**RAW, "head": "logistic_regression"}
+        if prior is not None:
+            model |= {"prior": "input", "prior_weights": str(prior)}
+        run = _run(cli, tmp_path, "freeze-finetune", write_config(f"in-{name}",
+                                                                  {"model": model}))
+        loss[name] = _metrics(run)["test"]["log_loss"]
+        if prior is not None:
+            answers.append(_test_predictions(cli, tmp_path, str(run))["p_bad"])
+    assert (answers[0] - answers[1]).abs().max() > 0.01
+    assert loss["src4"] < loss["none"] - 0.01, loss

@@ -13,7 +13,7 @@ from tltool.engine.plan import Round, Sink, TrainingData, TrainingPlan
 from tltool.engine.predict import predict_logits
 from tltool.errors import ConfigError
 from tltool.models import HeadSettings, build_model, model_spec
-from tltool.runtime import Runtime, make_runtime
+from tltool.runtime import Runtime, cpu_supports_bf16, make_runtime
 from tltool.task import Task
 from tltool.tensors import Tensors
 
@@ -78,7 +78,7 @@ def test_tuning_touches_no_state_and_records_its_choices():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sample = torch.randn(20, 3, 48, 48)
     rng = torch.get_rng_state()
-    rt = Runtime(layout="auto", probe_precision=torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    rt = Runtime(layout="auto", probe_precision=cpu_supports_bf16())
     rt.tune(model, sample, label="round 1")
     assert torch.equal(torch.get_rng_state(), rng)
     assert model.training  # restored after probing in inference mode
@@ -132,6 +132,8 @@ def test_probe_results_are_cached_on_disk_and_reused(tmp_path, monkeypatch):
     assert fresh.chosen["layout_blocks_timed"]["r"] == 5
 
 
+@pytest.mark.slow  # trains a ResNet-18 four times; run-to-run reproducibility is also checked
+# by test_workflows.py on tables
 def test_a_fixed_layout_trains_reproducibly():
     """With the layout fixed (`on` / `off`), the same config and seed train the same weights
     bit for bit on one machine and thread count, whatever the CPU."""
@@ -168,19 +170,26 @@ def test_compiled_forward_trains_like_the_eager_one():
         assert torch.allclose(results[1][key], value, atol=1e-5), key
 
 
-def test_timing_gives_up_at_the_first_call_clearly_too_slow():
-    from contextlib import nullcontext
+def test_precision_timing_gives_up_on_bf16_at_its_first_clearly_slower_call(tmp_path,
+                                                                            monkeypatch):
+    """precision auto: fp32 is timed in full (a warm-up and 2 timed calls); bf16 is abandoned
+    at its first call slower than fp32 by far, and fp32 is chosen."""
+    monkeypatch.setenv("TLTOOL_CACHE_DIR", str(tmp_path))  # nothing known: the probe times
+    calls = {"fp32": 0, "bf16": 0}
 
-    from tltool.runtime import _best_time
+    class Slow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.Identity()  # what tune() probes: a model with a backbone
 
-    calls = []
+        def forward(self, x):
+            bf16 = torch.is_autocast_enabled("cpu")
+            calls["bf16" if bf16 else "fp32"] += 1
+            time.sleep(0.2 if bf16 else 0.001)
+            return x
 
-    def slow():
-        calls.append(1)
-        time.sleep(0.02)
-
-    t = _best_time(slow, torch.device("cpu"), nullcontext, reps=2, give_up=0.001)
-    assert len(calls) == 1 and t >= 0.02  # the warm-up call already exceeded the limit
-    calls.clear()
-    _best_time(slow, torch.device("cpu"), nullcontext, reps=2, give_up=10.0)
-    assert len(calls) == 3  # warm-up + 2 timed calls when it stays under the limit
+    rt = Runtime(layout="off", probe_precision=True)
+    rt.tune(Slow(), torch.zeros(2, 1, 4, 4))
+    assert calls == {"fp32": 3, "bf16": 1}
+    probe = rt.chosen["precision_probe"]
+    assert probe["chose"] == "fp32" == rt.precision and probe["bf16_seconds"] >= 0.2

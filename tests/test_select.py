@@ -116,6 +116,7 @@ def test_folds_are_stratified_seeded_and_disjoint():
     assert rare.k == 3 and "lowered to 3 folds" in rare.notes[0]
 
 
+@pytest.mark.slow  # two selects; reruns are byte-identical for every command (test_workflows)
 def test_leaderboard_is_byte_identical_on_a_rerun(pretrained, cli, write_config, tmp_path):
     cfg = _select_cfg(write_config, pretrained)
     runs = []

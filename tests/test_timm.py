@@ -89,6 +89,7 @@ def test_unknown_or_unsplittable_names_are_config_errors():
         get_spec("timm:")
 
 
+@pytest.mark.slow  # a timm fine-tune end to end (about a minute)
 def test_fine_tune_from_a_timm_state_dict_file_and_offline_named_weights(
         cli, write_config, tmp_path, monkeypatch):
     torch.manual_seed(0)

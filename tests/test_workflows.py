@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +110,26 @@ def test_same_config_and_seed_give_identical_metrics(cli, write_config, tmp_path
     ja = (tmp_path / a.out.strip() / "metrics.json").read_bytes()
     jb = (tmp_path / b.out.strip() / "metrics.json").read_bytes()
     assert ja == jb
+
+
+def test_n_train_one_below_the_split_size_draws_a_sample(cli, write_config):
+    # the target's training split: 271 part-time applicants minus 40% test, minus 20% val
+    res = cli("freeze-finetune", write_config("n", {"target": {"n_train": None}}), "--json")
+    rows = json.loads(res.out)
+    assert res.code == 0
+    run = Path(rows["run"])
+    n = json.loads((run / "metrics.json").read_text())["data"]["splits"]["train"]["rows"]
+    res = cli("freeze-finetune", write_config("n1", {"target": {"n_train": n - 1}}))
+    assert res.code == 0, res.err
+
+
+def test_evaluate_on_a_relative_run_path_writes_beside_it(cli, pretrained):
+    os.chdir(pretrained)
+    res = cli("evaluate", ".")
+    assert res.code == 0, res.err
+    out = Path(res.out.strip())
+    assert out.parent == pretrained.parent and not any(
+        p.name.endswith("-evaluate") for p in pretrained.iterdir())
 
 
 def test_latest_resolves_to_the_newest_complete_run(pretrained, cli, tmp_path):
@@ -246,6 +267,7 @@ def test_sigterm_marks_the_run_failed(write_config, tmp_path):
     assert status["status"] == "failed"
 
 
+@pytest.mark.slow  # thousands of random cases; the threshold tests check the sweep's choices
 def test_the_vectorised_threshold_sweep_chooses_what_the_loop_chose():
     """The one-pass sweep gives the threshold and score of the plain loop over candidates
     (kept here as the reference), for every rule, ties and tiny splits included."""
@@ -282,6 +304,8 @@ def test_the_vectorised_threshold_sweep_chooses_what_the_loop_chose():
                 loop(y, p, optimize), abs=1e-12), (trial, optimize)
 
 
+@pytest.mark.slow  # the in-process command tests cover each step; this runs the installed
+# script in 7 processes
 def test_a_ci_job_chains_the_commands_with_json(tmp_path):
     """tests/ci_chain.sh: pretrain -> freeze-finetune -> evaluate -> predict, each step reading
     the previous one's --json output; a failing step prints JSON too (exit 2)."""
