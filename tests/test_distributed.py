@@ -216,7 +216,7 @@ opened.clear()
 # more pixels than decode_once_max_gb: every file is only checked now (decoded when used)
 lazy = load_images(DataConfig(kind="image_folder", path=str(folder), on_bad_image="skip",
                               decode_cache=False, decode_once_max_gb=1e-9,
-                              split={"val": 0.2, "test": 0.2, "stratify": False}), 0, 16)
+                              split={"val": 0.2, "test": 0.2, "stratify": False}), 16)
 probed = list(opened)
 lazy_ids = sorted(i for part in (lazy.train, lazy.val, lazy.test) for i in part.ids.tolist())
 r = distributed.rank()

@@ -127,8 +127,6 @@ def _tests(path: Path) -> dict[str, ast.FunctionDef]:
 
 @pytest.mark.parametrize("piece, edit, tests", GUARDS, ids=[f"{p}: {e}" for p, e, _ in GUARDS])
 def test_every_guard_exists_and_runs_by_default(piece, edit, tests):
-    import conftest
-
     assert tests, piece
     for name in tests:
         file, test = name.split("::")
@@ -138,4 +136,3 @@ def test_every_guard_exists_and_runs_by_default(piece, edit, tests):
         marked, slow_cases = _slow_marks(func)
         assert not marked, f"{piece}: {name} is marked slow"
         assert not any(case.startswith(c) for c in slow_cases), f"{piece}: {name} is slow"
-        assert f"tests/{file}::{base}" not in conftest.SLOW_ELSEWHERE, name

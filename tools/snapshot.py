@@ -32,8 +32,10 @@ SKIP_DIRS = {"tensorboard"}
 VOLATILE = {"wall_seconds", "seconds", "rows_per_second", "started", "pid", "host",
             "pid_started", "elapsed", "tltool"}
 STAMP = re.compile(r"\d{8}-\d{6}-([a-z-]+)(-\d+)?")
-# wall times in what a command prints (progress lines, select's per-candidate seconds)
+# wall times in what a command prints (progress lines, select's per-candidate seconds), and
+# the progress lines of long steps, printed at most every 10 s (so as often as time allows)
 TIMES = re.compile(r"\d+(\.\d+)? ?(s|ms|rows/s)\b|at most .* left")
+PROGRESS = re.compile(r": \d+/\d+ · |: done in T$")
 
 CREDIT = "configs/credit"
 E = ["--set", "train.epochs=4"]
@@ -148,7 +150,9 @@ def tltool(args: list[str], root: Path, env: dict[str, str]) -> dict:
     res = subprocess.run([sys.executable, "-m", "tltool", *argv], capture_output=True,
                          text=True, cwd=ROOT, env=env)
     return {"exit": res.returncode, "stdout": clean(res.stdout, root),
-            "stderr": [TIMES.sub("T", line) for line in clean(res.stderr, root).splitlines()]}
+            "stderr": [line for line in (TIMES.sub("T", raw) for raw in
+                                         clean(res.stderr, root).splitlines())
+                       if not PROGRESS.search(line)]}
 
 
 def clean(text: str, root: Path) -> str:
@@ -197,6 +201,8 @@ def read_file(path: Path, root: Path):
         import torch
 
         payload = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(payload, dict):  # the task kind, stored since issue 19, is compared
+            payload = {k: v for k, v in payload.items() if k != "task"}  # through metrics
         if isinstance(payload, dict) and "resume" in payload:
             payload = dict(payload)
             state = dict(payload["resume"])
@@ -257,6 +263,9 @@ def main() -> int:
 
 def diff(a: Path, b: Path) -> int:
     A, B = json.loads(a.read_text()), json.loads(b.read_text())
+    for side in (A, B):  # snapshots taken before the progress lines were left out
+        for cmd in side["commands"].values():
+            cmd["stderr"] = [line for line in cmd.get("stderr", []) if not PROGRESS.search(line)]
     bad = 0
     for part in ("commands", "files"):
         for k in sorted(set(A[part]) | set(B[part])):
