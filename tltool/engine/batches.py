@@ -60,6 +60,16 @@ class Step:
     sync: Callable[[Any], None] | None = None
 
 
+def batch_share(ctx: StepContext, idx: torch.Tensor, labels: torch.Tensor) -> float:
+    """The denominator of the global batch's mean loss: its rows, or under class_weights
+    balanced the sum of their classes' weights (as nn.CrossEntropyLoss(weight=...) divides
+    by). `labels`: the labels of the global batch's rows `idx`."""
+    weight = getattr(ctx.loss_fn, "weight", None)
+    if weight is None or ctx.task.multilabel or ctx.task.regression:
+        return float(len(idx))
+    return float(weight.cpu()[labels].sum())
+
+
 class PlainBatches:
     """Labelled rows of one training set."""
 
@@ -111,10 +121,7 @@ class PlainBatches:
         value logged and checked is the global mean."""
         c = self.ctx
         rows, _ = self._rows(distributed.share(idx))
-        weight = getattr(c.loss_fn, "weight", None)
-        shares = float(len(idx)) if weight is None or c.task.multilabel or \
-            c.task.regression else float(weight.cpu()[self._labels(idx)].sum())
-        local = rows.sum() / (shares * self._scale())
+        local = rows.sum() / (batch_share(c, idx, self._labels(idx)) * self._scale())
         check = torch.tensor(distributed.total(float(local.detach())))
         return Step(local * distributed.world(), check.item(), check=check)
 
@@ -241,10 +248,7 @@ class AdaptedBatches:
             return c.loss_fn(logits.float(), yb), None
         # this rank's rows' share of the global means, times the ranks (averaged)
         rows, _ = c.task.row_loss(c.loss_fn, logits.float(), yb)
-        weight = getattr(c.loss_fn, "weight", None)
-        denom = float(len(idx)) if weight is None or c.task.multilabel or c.task.regression \
-            else float(weight.cpu()[self.data.y[idx]].sum())
-        local = rows.sum() / denom
+        local = rows.sum() / batch_share(c, idx, self.data.y[idx])
         return local * self.world, distributed.total(float(local.detach()))
 
     def _with_source(self, loss: torch.Tensor, shown: float | None, extra: torch.Tensor,
