@@ -65,8 +65,22 @@ class Summary:
         write_json(Path(folder) / METRICS, self.to_dict())
 
 
+class SplitScores:
+    """`val` and `test` of a summary that keeps them in `scores` (a mapping split -> report)."""
+
+    scores: dict[str, Report | None]
+
+    @property
+    def val(self) -> Report | None:
+        return self.scores["val"]
+
+    @property
+    def test(self) -> Report | None:
+        return self.scores["test"]
+
+
 @dataclass
-class TrainedSummary(Summary):
+class TrainedSummary(SplitScores, Summary):
     """pretrain / freeze-finetune / a select run of one route: a trained model."""
 
     name: str
@@ -83,14 +97,6 @@ class TrainedSummary(Summary):
     params: tuple[int, int]  # trainable, total
     adapt: dict[str, Any] | None
     extra: dict[str, Any] = field(default_factory=dict)  # select's choice, notes
-
-    @property
-    def val(self) -> Report | None:
-        return self.scores["val"]
-
-    @property
-    def test(self) -> Report | None:
-        return self.scores["test"]
 
     @property
     def choice(self) -> dict[str, Any] | None:
@@ -138,7 +144,7 @@ class AveragedSummary(Summary):
 
 
 @dataclass
-class EnsembleSummary(Summary):
+class EnsembleSummary(SplitScores, Summary):
     """tltool ensemble: the average of several runs, its rule chosen on held-out rows."""
 
     members: list[str]
@@ -150,14 +156,6 @@ class EnsembleSummary(Summary):
     scores: dict[str, Report]  # val, test
     val_from: str
     members_test: list[dict[str, Any]]
-
-    @property
-    def val(self) -> Report | None:
-        return self.scores["val"]
-
-    @property
-    def test(self) -> Report | None:
-        return self.scores["test"]
 
     def to_dict(self) -> dict[str, Any]:
         return {"command": self.command, "members": self.members, "domain": self.domain,
