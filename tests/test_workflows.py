@@ -245,8 +245,8 @@ def test_evaluate_warns_when_the_data_changed_since_training(cli, write_config, 
     assert "the data changed since" in caplog.text
 
 
-def test_sigterm_marks_the_run_failed(write_config, tmp_path):
-    import signal
+def _start_long_pretrain(write_config, tmp_path, preexec_fn=None):
+    """A pretrain that would run for hours, once it has written its first epoch."""
     import subprocess
     import sys
     import time
@@ -254,17 +254,43 @@ def test_sigterm_marks_the_run_failed(write_config, tmp_path):
     cfg = write_config("long", {"train": {"epochs": 100000, "early_stopping": {
         "patience": None}}})
     proc = subprocess.Popen([sys.executable, "-m", "tltool", "pretrain", cfg], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=preexec_fn)
     deadline = time.time() + 60
     while time.time() < deadline and not list((tmp_path / "runs").glob("long/*/metrics.csv")):
         time.sleep(0.2)
     time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    return proc
+
+
+@pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGHUP", 129)])
+def test_sigterm_and_sighup_mark_the_run_failed(write_config, tmp_path, name, code):
+    import signal
+
+    proc = _start_long_pretrain(write_config, tmp_path)
+    proc.send_signal(getattr(signal, name))
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err
-    assert "stopped by SIGTERM" in err
+    assert proc.returncode == code, err
+    assert f"tltool: stopped by {name}; a run folder it had started is marked failed" in err
     status = json.loads(next((tmp_path / "runs").glob("long/*/run.json")).read_text())
     assert status["status"] == "failed"
+
+
+def test_a_run_started_under_nohup_outlives_sighup(write_config, tmp_path):
+    """`nohup tltool ...` (SIGHUP ignored) keeps running when the session closes."""
+    import signal
+    import time
+
+    proc = _start_long_pretrain(write_config, tmp_path, preexec_fn=lambda: signal.signal(
+        signal.SIGHUP, signal.SIG_IGN))
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(2)
+    assert proc.poll() is None
+    status = json.loads(next((tmp_path / "runs").glob("long/*/run.json")).read_text())
+    assert status["status"] == "running"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 143
 
 
 @pytest.mark.slow  # thousands of random cases; the threshold tests check the sweep's choices

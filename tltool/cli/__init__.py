@@ -23,17 +23,30 @@ ORDER = (training.pretrain, training.freeze_finetune, training.extract, training
 app.registered_commands.sort(key=lambda command: ORDER.index(command.callback))
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (timeout, Slurm, docker stop): stop like Ctrl-C, so the run is marked failed."""
+    """SIGTERM (timeout, Slurm, docker stop) or SIGHUP (the terminal or SSH session closed):
+    stop like Ctrl-C, so the run is marked failed; exit 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signal_name = signal.Signals(signum).name
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {self.signal_name}")
 
 
-def _on_sigterm(signum, frame) -> None:
-    raise Terminated("stopped by SIGTERM")
+def _on_signal(signum, frame) -> None:
+    raise Terminated(signum)
 
 
 def main() -> None:
-    """The `tltool` program: log lines on stderr, SIGTERM stops like Ctrl-C, run the command."""
+    """The `tltool` program: log lines on stderr, SIGTERM and SIGHUP stop like Ctrl-C, run the
+    command."""
     import signal
 
     logging.basicConfig(level=logging.INFO, format="tltool: %(message)s", stream=sys.stderr)
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_signal)
+    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
+    # `nohup tltool ...` ignores SIGHUP so the run outlives the session: left ignored
+    if hangup is not None and signal.getsignal(hangup) is not signal.SIG_IGN:
+        signal.signal(hangup, _on_signal)
     app()

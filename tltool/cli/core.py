@@ -17,8 +17,8 @@ import typer
 
 EXIT_CODES = ("Exit codes: 0 done; 1 an internal error, or no space left on the disk; 2 bad "
               "input (config, data, run folder, arguments: one 'error:' line says what); 130 "
-              "stopped by Ctrl-C; 143 stopped by SIGTERM. A run folder a failed command had "
-              "started is marked failed.")
+              "stopped by Ctrl-C; 143 stopped by SIGTERM; 129 stopped by SIGHUP. A run folder "
+              "a failed command had started is marked failed.")
 
 app = typer.Typer(
     name="tltool",
@@ -129,10 +129,11 @@ def call(fn: Callable[[], Any], session: Session | None = None) -> Any:
                 distributed.init(session.command)
         return fn()
     except KeyboardInterrupt as exc:
-        terminated = type(exc).__name__ == "Terminated"
-        raise fail(143 if terminated else 130,
-                   f"tltool: stopped by {'SIGTERM' if terminated else 'Ctrl-C'}; a run folder "
-                   f"it had started is marked failed") from None
+        # Ctrl-C, or tltool.cli's Terminated (SIGTERM, SIGHUP), which names its signal
+        name = getattr(exc, "signal_name", "Ctrl-C")
+        raise fail(getattr(exc, "exit_code", 130),
+                   f"tltool: stopped by {name}; a run folder it had started is marked "
+                   f"failed") from None
     except TLError as exc:
         raise fail(exc.exit_code, f"error: {exc}") from None
     except OSError as exc:

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from tltool.config.scalars import STRICT_TYPE, shown
 from tltool.config.schema import ExperimentConfig, model_in
 from tltool.errors import ConfigError
 from tltool.suggest import did_you_mean
@@ -37,14 +38,24 @@ def validate_config(raw: dict[str, Any], origin: str) -> ExperimentConfig:
         raise ConfigError(head + "\n" + "\n".join(f"  - {p}" for p in problems)) from None
 
 
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """Safe YAML where a key given twice in one mapping is an error (plain YAML keeps the
-    last one silently, so a second `train:` section would quietly replace the first)."""
+    last one silently, so a second `train:` section would quietly replace the first).
+
+    YAML 1.1 merge keys (`<<: *base`, `<<: [*a, *b]`) work as in yaml.safe_load: the mapping's
+    own keys win over the merged ones (overriding a merged key is their point, not a
+    duplicate)."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
+            # the merge key has no constructor of its own: the safe loader's flatten_mapping
+            # (in the super call) replaces it by the merged pairs
+            key = "<<" if key_node.tag == MERGE_TAG else \
+                self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             if not isinstance(key, str | int | float | bool) and key is not None:
                 raise yaml.constructor.ConstructorError(
@@ -125,6 +136,17 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: a config must be a mapping of keys, got a "
                           f"{type(data).__name__}")
     _expanded_size(data, path)
+    return _unshared(data)
+
+
+def _unshared(data: Any) -> Any:
+    """`data` as a tree: a value repeated by a YAML alias (or merge key) becomes a copy of its
+    own, so that `--set target.split.val=0.3` changes the target only, not the source it was
+    copied from. Bounded: `_expanded_size` has checked the expanded size first."""
+    if isinstance(data, dict):
+        return {key: _unshared(value) for key, value in data.items()}
+    if isinstance(data, list):
+        return [_unshared(value) for value in data]
     return data
 
 
@@ -155,8 +177,11 @@ def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if not isinstance(parent, str):
         raise ConfigError(f"{path}: `extends` must be a path to another config, got "
                           f"{type(parent).__name__}")
-    # A parent path is relative to the file that names it, so configs can move together.
-    base = _read_with_extends(path.parent / parent, chain=(*chain, resolved))
+    # A parent path is relative to the file that names it, so configs can move together; for
+    # a config given through a symbolic link, the real file (as the OS resolves a link's
+    # folders too): a link to a shared config finds that config's own parent.
+    folder = resolved.parent if path.is_symlink() else path.parent
+    base = _read_with_extends(folder / parent, chain=(*chain, resolved))
     return _deep_merge(base, data)
 
 
@@ -183,7 +208,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     if value in ("", None) and text.strip() not in ("", "null", "Null", "NULL", "~"):
         value = text.strip()  # | or > (block markers) or # (a comment) alone: meant as text
     _expanded_size(value, f"--set {key.strip()}")
-    set_key(raw, key, value, f"--set {item!r}")
+    set_key(raw, key, _unshared(value), f"--set {item!r}")
 
 
 def set_key(raw: dict[str, Any], key: str, value: Any, where: str) -> None:
@@ -238,8 +263,15 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{where}: unknown key; {hint}allowed: {', '.join(choices)}"
     if kind == "missing":
         return f"{where}: required key is missing"
+    if kind == STRICT_TYPE:  # a boolean for a number, a fraction for a whole number, ...
+        ctx = err["ctx"]
+        return f"{where}: got {ctx['given']} ({ctx['kind']}); allowed: " \
+               f"{ctx['allowed']}{_bounds(loc)}"
     if kind == "literal_error":
         allowed = err.get("ctx", {}).get("expected", "")
+        if isinstance(got, bool):  # `cache: off` unquoted: YAML 1.1 reads it as false
+            return (f"{where}: got {shown(got)} (a boolean: YAML reads on/off/yes/no without "
+                    f"quotes as true/false); allowed: {allowed}, in quotes")
         return f"{where}: got {got!r}; allowed: {allowed}"
     if kind == "value_error":
         return f"{where}: {err['msg'].removeprefix('Value error, ')}"
@@ -250,8 +282,8 @@ def _describe(err: dict[str, Any]) -> str:
     return f"{where}: {msg[:1].lower() + msg[1:]}; got {got!r}"
 
 
-def _fields_at(loc: list[Any]) -> list[str]:
-    """Field names of the config section at `loc` (list indices and dict keys skipped)."""
+def _section_at(loc: list[Any]) -> type[BaseModel]:
+    """The config section (model) at `loc` (list indices and dict keys skipped)."""
     model: type[BaseModel] = ExperimentConfig
     for part in loc:
         if not isinstance(part, str) or part not in model.model_fields:
@@ -261,4 +293,24 @@ def _fields_at(loc: list[Any]) -> list[str]:
         if nested is None:
             break
         model = nested
-    return list(model.model_fields)
+    return model
+
+
+def _fields_at(loc: list[Any]) -> list[str]:
+    """Field names of the config section at `loc`."""
+    return list(_section_at(loc).model_fields)
+
+
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def _bounds(loc: list[Any]) -> str:
+    """The range of the field at `loc`, as ' >= 0 and < 1', and ' (or null)' when it may be
+    empty ('' when neither)."""
+    field = _section_at(loc[:-1]).model_fields.get(loc[-1]) if loc else None
+    if field is None:
+        return ""
+    limits = [f"{sign} {getattr(rule, name)}" for rule in field.metadata
+              for name, sign in _BOUNDS.items() if hasattr(rule, name)]
+    nullable = type(None) in getattr(field.annotation, "__args__", ())
+    return (" " + " and ".join(limits) if limits else "") + (" (or null)" if nullable else "")

@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tltool.config.scalars import Bool, Float, Int, OptionalFloat, OptionalInt
+
 Scalar = str | int | float | bool
 
 
@@ -17,11 +19,11 @@ class _Strict(BaseModel):
 
 
 class SplitConfig(_Strict):
-    val: float = Field(0.2, gt=0, lt=1, description="fraction of rows held out for validation")
-    test: float = Field(0.2, gt=0, lt=1, description="fraction of rows held out for testing")
-    seed: int = Field(0, ge=0, description="seed of the train/val/test partition (kept fixed "
+    val: Float = Field(0.2, gt=0, lt=1, description="fraction of rows held out for validation")
+    test: Float = Field(0.2, gt=0, lt=1, description="fraction of rows held out for testing")
+    seed: Int = Field(0, ge=0, description="seed of the train/val/test partition (kept fixed "
                       "across experiment seeds so every run is tested on the same rows)")
-    stratify: bool = Field(True, description="keep class proportions equal in every split")
+    stratify: Bool = Field(True, description="keep class proportions equal in every split")
 
     @model_validator(mode="after")
     def _fractions_leave_training_rows(self) -> SplitConfig:
@@ -44,21 +46,21 @@ class DataConfig(_Strict):
                              "start from (default: the CSV's folder)")
     label_sep: str | None = Field(None, description="multi-label: the label column holds "
                                   "several labels joined by this, e.g. '|' (empty = none)")
-    image_size: int | None = Field(None, gt=0, description="resize images to this square size "
+    image_size: OptionalInt = Field(None, gt=0, description="resize images to this square size "
                                    "(default: the backbone's input size)")
     augment: Literal["none", "flip", "light", "standard"] = Field(
         "none", description="training-only augmentation preset (never used at evaluation)")
     on_bad_image: Literal["error", "skip"] = Field(
         "error", description="an unreadable image: stop with its path, or skip and count it")
-    decode_once_max_gb: float = Field(
+    decode_once_max_gb: Float = Field(
         2.0, gt=0, description="image files are decoded once into memory up to this size; "
         "beyond it they are decoded batch by batch (flat memory, slower epochs)")
-    decode_cache: bool = Field(
+    decode_cache: Bool = Field(
         True, description="image files: keep the decoded pixels on disk (memory-mapped, keyed "
         "by each file's path, size and modification time and the image size), so later "
         "commands on the same files skip decoding; any change decodes again. Location: "
         "$TLTOOL_CACHE_DIR/decoded or ~/.cache/tltool/decoded")
-    workers: int | None = Field(
+    workers: OptionalInt = Field(
         None, ge=1, le=256, description="image files: threads that decode and resize them "
         "(default: the CPU count, at most 8; decoding releases the interpreter lock)")
     label: str | None = Field(None, description="label column (default: the data set's own)")
@@ -74,11 +76,11 @@ class DataConfig(_Strict):
     where: dict[str, Scalar | list[Scalar]] = Field(
         {}, description="population filter: column -> value or list of allowed values")
     split: SplitConfig = Field(SplitConfig(), description="train/val/test partition")
-    n_train: int | None = Field(None, gt=0, description="sub-sample this many training rows "
+    n_train: OptionalInt = Field(None, gt=0, description="sub-sample this many training rows "
                                 "(null or all: every one)")
-    n_val: int | None = Field(None, gt=0, description="sub-sample this many validation rows "
+    n_val: OptionalInt = Field(None, gt=0, description="sub-sample this many validation rows "
                               "(null or all: every one)")
-    sample_seed: int | None = Field(
+    sample_seed: OptionalInt = Field(
         None, ge=0, lt=2**32, description="seed of the n_train / n_val sub-samples (default: "
         "split.seed, so runs with other training seeds see the same labelled rows; set it, "
         "e.g. to the experiment seed, to draw other rows)")
@@ -113,12 +115,12 @@ class DataConfig(_Strict):
 
 
 class RoundConfig(_Strict):
-    frozen_layers: int | None = Field(None, ge=0, description="blocks frozen in this round")
+    frozen_layers: OptionalInt = Field(None, ge=0, description="blocks frozen in this round")
     strategy: Literal["freeze", "bias_only", "full", "linear_probe"] | None = Field(
         None, description="freezing strategy of this round (default: model.strategy)")
-    epochs: int = Field(10, ge=1, description="maximum epochs of this round")
-    lr: float | None = Field(None, gt=0, description="learning rate (default: train.lr)")
-    backbone_lr_mult: float | None = Field(None, ge=0, description="backbone lr multiplier")
+    epochs: Int = Field(10, ge=1, description="maximum epochs of this round")
+    lr: OptionalFloat = Field(None, gt=0, description="learning rate (default: train.lr)")
+    backbone_lr_mult: OptionalFloat = Field(None, ge=0, description="backbone lr multiplier")
 
 
 class ModelConfig(_Strict):
@@ -126,7 +128,7 @@ class ModelConfig(_Strict):
     backbone_args: dict[str, Any] = Field({}, description="options of the backbone")
     weights: str = Field("none", description="none | a pretrain run folder (or .../latest) | "
                          "a checkpoint file")
-    frozen_layers: int = Field(0, ge=0, description="freeze the first N backbone blocks")
+    frozen_layers: Int = Field(0, ge=0, description="freeze the first N backbone blocks")
     strategy: Literal["freeze", "bias_only", "full", "linear_probe"] = Field(
         "freeze", description="freeze: first N blocks frozen; bias_only: only biases and head "
         "train; full: everything trains; linear_probe: only the head trains")
@@ -143,7 +145,7 @@ class ModelConfig(_Strict):
                                       "chosen by cross-validation); gradient_boosting: "
                                       "learning_rate, max_iter, max_leaf_nodes, "
                                       "min_samples_leaf, l2_regularization, max_depth")
-    keep_head: bool = Field(False, description="keep the source model's head (its classes must "
+    keep_head: Bool = Field(False, description="keep the source model's head (its classes must "
                             "be the target's) instead of a new one; with train.epochs 0 the "
                             "source model is used as it is (source-only)")
     prior: Literal["none", "offset", "input"] = Field(
@@ -159,39 +161,39 @@ class ModelConfig(_Strict):
         "eval", description="BatchNorm in frozen blocks: eval (statistics fixed, inference mode "
         "even after model.train()) or train (statistics adapt to the target: AdaBN-style "
         "domain adaptation; weights stay frozen)")
-    head_hidden: int = Field(32, gt=0, description="hidden units of the mlp head")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the head")
+    head_hidden: Int = Field(32, gt=0, description="hidden units of the mlp head")
+    dropout: Float = Field(0.0, ge=0, lt=1, description="dropout before the head")
 
 
 class L2SPConfig(_Strict):
-    alpha: float = Field(0.0, ge=0, description="weight of alpha/2 * ||w - w0||^2 over the "
+    alpha: Float = Field(0.0, ge=0, description="weight of alpha/2 * ||w - w0||^2 over the "
                          "trainable transferred backbone weights (w0: the pretrained values)")
-    beta: float = Field(0.0, ge=0, description="weight of beta/2 * ||w||^2 over the new head")
+    beta: Float = Field(0.0, ge=0, description="weight of beta/2 * ||w||^2 over the new head")
 
 
 class EarlyStopping(_Strict):
-    patience: int | None = Field(20, ge=1, description="epochs without improvement before "
+    patience: OptionalInt = Field(20, ge=1, description="epochs without improvement before "
                                  "stopping (null: never stop early)")
     monitor: Literal["val_loss", "val_auroc", "val_accuracy", "val_f1"] = Field(
         "val_loss", description="validation metric that selects the best epoch")
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(100, ge=0, description="maximum epochs (when no rounds are given)")
-    batch_size: int = Field(64, ge=1, description="rows per optimisation step")
-    lr: float = Field(1e-3, gt=0, description="learning rate of the head and new layers")
-    backbone_lr_mult: float = Field(1.0, ge=0, description="learning-rate multiplier of the "
+    epochs: Int = Field(100, ge=0, description="maximum epochs (when no rounds are given)")
+    batch_size: Int = Field(64, ge=1, description="rows per optimisation step")
+    lr: Float = Field(1e-3, gt=0, description="learning rate of the head and new layers")
+    backbone_lr_mult: Float = Field(1.0, ge=0, description="learning-rate multiplier of the "
                                     "pretrained backbone blocks")
-    layer_decay: float | None = Field(None, gt=0, le=1, description="per-block learning-rate "
+    layer_decay: OptionalFloat = Field(None, gt=0, le=1, description="per-block learning-rate "
                                       "decay: the last backbone block gets lr x backbone_lr_mult, "
                                       "each earlier one this factor less")
-    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (AdamW)")
+    weight_decay: Float = Field(0.0, ge=0, description="decoupled weight decay (AdamW)")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="optimiser")
-    momentum: float = Field(0.9, ge=0, lt=1, description="momentum (sgd only)")
+    momentum: Float = Field(0.9, ge=0, lt=1, description="momentum (sgd only)")
     class_weights: Literal["none", "balanced"] = Field(
         "none", description="balanced: weight the loss by inverse class frequency")
     early_stopping: EarlyStopping = Field(EarlyStopping(), description="early stopping")
-    sync_batchnorm: bool = Field(
+    sync_batchnorm: Bool = Field(
         True, description="under torchrun on GPUs: BatchNorm layers in training mode normalise "
         "over the global batch (PyTorch's SyncBatchNorm), so N processes train like one; "
         "false: each rank normalises its own rows (faster, statistically equivalent). On CPUs "
@@ -199,8 +201,8 @@ class TrainConfig(_Strict):
     cache: Literal["auto", "off"] = Field(
         "auto", description="auto: compute the frozen leading blocks once per round and train "
         "only the rest (skipped with random augmentation or bn_policy train)")
-    cache_max_gb: float = Field(4.0, gt=0, description="largest in-memory prefix cache")
-    cache_views: int = Field(0, ge=0, description="with random augmentation: cache this many "
+    cache_max_gb: Float = Field(4.0, gt=0, description="largest in-memory prefix cache")
+    cache_views: Int = Field(0, ge=0, description="with random augmentation: cache this many "
                              "augmented views of the frozen prefix and cycle through them "
                              "(0: compute the prefix every epoch)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: a CUDA GPU when "
@@ -214,13 +216,13 @@ class TrainConfig(_Strict):
         "auto", description="memory layout of image models: auto: NHWC or NCHW block by block, "
         "whichever a short timing on the first batch finds faster (NCHW only when at least "
         "1.2x faster); on: NHWC everywhere; off: NCHW everywhere")
-    compile: bool = Field(False, description="torch.compile the forward pass")
+    compile: Bool = Field(False, description="torch.compile the forward pass")
     rounds: list[RoundConfig] = Field([], description="gradual unfreezing: rounds run in order, "
                                       "each with its own frozen_layers / epochs / lr")
-    source_weight: float = Field(
+    source_weight: Float = Field(
         0.0, ge=0, description="pooled training: freeze-finetune also trains on the labelled "
         "source rows, each weighted by this against a target row's 1 (0: target rows only)")
-    domain_offset: bool = Field(
+    domain_offset: Bool = Field(
         True, description="pooled training: the source rows get their own learned output "
         "offset (classic heads: a domain-indicator input), so the intercept can differ "
         "between the populations; the saved model applies the target's")
@@ -244,7 +246,7 @@ class DecisionConfig(_Strict):
 
 
 class ExtractConfig(_Strict):
-    blocks: int | None = Field(None, ge=1, description="features after this many backbone blocks "
+    blocks: OptionalInt = Field(None, ge=1, description="features after this many backbone blocks "
                                "(default: all)")
     heads: list[Literal["logistic_regression", "ridge", "random_forest", "svm"]] | None = Field(
         None, description="sklearn heads to fit (default: logistic_regression, random_forest, "
@@ -262,9 +264,9 @@ class AdaptConfig(_Strict):
         "the backbone's features of source and target rows look alike. coral: match their "
         "covariances; mmd: Gaussian-kernel maximum mean discrepancy; dann: a domain "
         "classifier trained through gradient reversal")
-    weight: float = Field(1.0, ge=0, description="weight of the alignment loss (dann: its "
+    weight: Float = Field(1.0, ge=0, description="weight of the alignment loss (dann: its "
                           "largest value, reached by the usual warm-up 2/(1+exp(-10p))-1)")
-    source_weight: float = Field(
+    source_weight: Float = Field(
         1.0, ge=0, description="freeze-finetune: weight of the cross-entropy on labelled "
         "source rows, trained alongside the target's (0: source rows only feed the alignment; "
         "needs the same classes in source and target when above 0)")
@@ -281,7 +283,7 @@ class CandidateConfig(_Strict):
     name: str = Field(..., pattern=NAME_PATTERN, description="candidate name (leaderboard row)")
     set: dict[str, Any] = Field({}, description="config keys this candidate changes, as "
                                 "--set takes them (train.lr: 0.01) or as nested mappings")
-    complexity: int | None = Field(None, ge=0, le=9, description="rank for the one-standard-"
+    complexity: OptionalInt = Field(None, ge=0, le=9, description="rank for the one-standard-"
                                    "error rule, lower = simpler (default: from the route)")
 
 
@@ -294,9 +296,9 @@ class SelectConfig(_Strict):
         "name -> config keys; candidates name them as model.weights or model.prior_weights "
         "'source:NAME' (default: net (the config's model, unless model.weights names a run), "
         "lr (logistic regression / ridge) and gb (gradient boosting))")
-    folds: int = Field(5, ge=2, description="cross-validation folds on the labelled target rows")
-    repeats: int = Field(2, ge=1, description="repeats of the k-fold split (other shuffles)")
-    seed: int = Field(0, ge=0, lt=2**32, description="seed of the folds")
+    folds: Int = Field(5, ge=2, description="cross-validation folds on the labelled target rows")
+    repeats: Int = Field(2, ge=1, description="repeats of the k-fold split (other shuffles)")
+    seed: Int = Field(0, ge=0, lt=2**32, description="seed of the folds")
     metric: Literal["auto", "auroc", "accuracy", "balanced_accuracy", "f1", "log_loss", "map",
                     "rmse", "mae", "r2"] = Field(
         "auto", description="what cross-validation scores (auto: auroc for two classes, "
@@ -307,10 +309,10 @@ class SelectConfig(_Strict):
         "labelled rows, kept under members/ in the run folder; one candidate in the band: it "
         "alone); one_se: the simplest candidate whose mean score is within one standard error "
         "of the best; best: the best mean")
-    band: float = Field(3.0, ge=0, le=100, description="rule ensemble: how many standard "
+    band: Float = Field(3.0, ge=0, le=100, description="rule ensemble: how many standard "
                         "errors (of the best candidate's mean) below the best a candidate may "
                         "be and still be averaged (0: ties only; large: every candidate)")
-    research: bool = Field(False, description="also refit every candidate on all labelled rows "
+    research: Bool = Field(False, description="also refit every candidate on all labelled rows "
                            "and score it on the test split, written apart (research.json); "
                            "never used for the choice")
     criterion: Literal["ensv", "dev", "iwcv"] = Field(
@@ -318,9 +320,9 @@ class SelectConfig(_Strict):
         "predictions on the unlabelled target rows (Hu et al., 2024); dev: deep embedded "
         "validation (You et al., 2019); iwcv: importance-weighted validation (Sugiyama et al., "
         "2007), both on the source validation rows")
-    target_labels: bool = Field(True, description="false: ignore the target's labels (pure "
+    target_labels: Bool = Field(True, description="false: ignore the target's labels (pure "
                                 "domain adaptation: adapt methods chosen by `criterion`)")
-    share_work: bool = Field(True, description="decode the data once and compute a frozen "
+    share_work: Bool = Field(True, description="decode the data once and compute a frozen "
                              "prefix or features once for every candidate and fold that uses "
                              "them (false: recompute per candidate and fold; only to measure "
                              "what sharing saves)")
@@ -334,7 +336,7 @@ class OutputConfig(_Strict):
     @classmethod
     def _home(cls, v: str) -> str:
         return os.path.expanduser(v)  # one meaning of `~` for every file the run writes
-    tensorboard: bool = Field(True, description="TensorBoard event files in RUN/tensorboard "
+    tensorboard: Bool = Field(True, description="TensorBoard event files in RUN/tensorboard "
                               "(per-epoch scalars, hyper-parameters with the final metrics, PR "
                               "curves): tensorboard --logdir runs/")
 
@@ -342,7 +344,7 @@ class OutputConfig(_Strict):
 class ExperimentConfig(_Strict):
     name: str = Field("experiment", pattern=NAME_PATTERN,
                       description="experiment name: the run folder's parent")
-    seed: int = Field(0, ge=0, lt=2**32, description="seed of sub-sampling, initialisation "
+    seed: Int = Field(0, ge=0, lt=2**32, description="seed of sub-sampling, initialisation "
                       "and batching")
     source: DataConfig | None = Field(None, description="source data (pretrain)")
     target: DataConfig | None = Field(None, description="target data (freeze-finetune)")

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from tltool.config.scalars import STRICT_TYPE
 from tltool.errors import ConfigError
 from tltool.models.base import Backbone, BackboneSpec
 from tltool.models.efficientnet_lite import LITE0_SPEC
@@ -55,6 +56,8 @@ def resolve_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
                            f"(backbone_args: {{}})")
                 problems.append(f"model.backbone_args.{key}: unknown option of {name}; "
                                 f"{allowed}")
+            elif err["type"] == STRICT_TYPE:  # its message names the value given
+                problems.append(f"model.backbone_args.{key}: {err['msg']}")
             else:
                 problems.append(f"model.backbone_args.{key}: {err['msg'].lower()}; "
                                 f"got {err.get('input')!r}")

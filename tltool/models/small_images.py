@@ -16,16 +16,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from tltool.config.scalars import Bool, Int
 from tltool.models.base import Backbone, BackboneSpec, half_norm
 
 
 class SmallCNNArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    channels: list[int] = Field([32, 64], min_length=1, description="output channels of each "
+    channels: list[Int] = Field([32, 64], min_length=1, description="output channels of each "
                                 "conv block (conv3x3 -> [BN] -> ReLU -> 2x2 max-pool)")
-    hidden: int = Field(128, gt=0, description="units of the fc block (the output features)")
-    batch_norm: bool = Field(True, description="BatchNorm2d after each conv")
-    grid: int = Field(7, ge=1, description="feature maps are average-pooled to grid x grid "
+    hidden: Int = Field(128, gt=0, description="units of the fc block (the output features)")
+    batch_norm: Bool = Field(True, description="BatchNorm2d after each conv")
+    grid: Int = Field(7, ge=1, description="feature maps are average-pooled to grid x grid "
                       "before the fc block (7: a no-op for 28 px inputs and two conv blocks)")
 
 
@@ -49,9 +50,9 @@ def build_small_cnn(args: SmallCNNArgs, n_inputs: int = 3) -> Backbone:
 
 class PixelArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    grid: int = Field(28, ge=1, le=256, description="images are average-pooled to grid x grid "
+    grid: Int = Field(28, ge=1, le=256, description="images are average-pooled to grid x grid "
                       "pixels")
-    channels: int = Field(1, description="1: the mean of the colour channels (grey); 3: each "
+    channels: Int = Field(1, description="1: the mean of the colour channels (grey); 3: each "
                           "channel")
 
     @field_validator("channels")

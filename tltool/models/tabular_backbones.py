@@ -13,6 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from tltool.config.scalars import Bool, Float, Int
 from tltool.models.base import Backbone, BackboneSpec
 
 # Widest hidden layer accepted: wider tables models are a typo, not a design (memory).
@@ -21,12 +22,12 @@ MAX_WIDTH = 65536
 
 class MLPArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    hidden: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(
+    hidden: list[Annotated[Int, Field(ge=1, le=MAX_WIDTH)]] = Field(
         [64, 32], min_length=1, max_length=64,
         description=f"units of each hidden block (1 to {MAX_WIDTH:,})")
     activation: str = Field("relu", pattern="^(relu|gelu|tanh)$", description="relu|gelu|tanh")
-    batch_norm: bool = Field(False, description="BatchNorm1d after each hidden Linear")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout at the end of each block")
+    batch_norm: Bool = Field(False, description="BatchNorm1d after each hidden Linear")
+    dropout: Float = Field(0.0, ge=0, lt=1, description="dropout at the end of each block")
 
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU,
@@ -50,10 +51,10 @@ def build_mlp(args: MLPArgs, in_features: int) -> Backbone:
 
 class ResMLPArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    width: int = Field(64, gt=0, le=MAX_WIDTH, description="units of the stem and every "
+    width: Int = Field(64, gt=0, le=MAX_WIDTH, description="units of the stem and every "
                        "residual block")
-    depth: int = Field(2, ge=1, le=256, description="number of residual blocks after the stem")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout inside each residual block")
+    depth: Int = Field(2, ge=1, le=256, description="number of residual blocks after the stem")
+    dropout: Float = Field(0.0, ge=0, lt=1, description="dropout inside each residual block")
 
 
 class _Residual(nn.Module):

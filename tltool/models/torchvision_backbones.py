@@ -67,6 +67,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from tltool.config.scalars import Int
 from tltool.errors import CheckpointError, ConfigError
 from tltool.models.base import Backbone, BackboneSpec, NoArgs, require_rgb
 from tltool.models.library import library_backbone, load_library_state
@@ -276,7 +277,7 @@ def _torchvision_norm(arch: str) -> Callable[[str | None], tuple[list[float], li
 
 class ViTArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    image_size: int = Field(224, ge=16, multiple_of=16, description="input side in pixels "
+    image_size: Int = Field(224, ge=16, multiple_of=16, description="input side in pixels "
                             "(a multiple of the 16 px patch); pretrained position embeddings "
                             "are interpolated to it")
 
