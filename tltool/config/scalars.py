@@ -60,14 +60,17 @@ def _boolean(value: Any) -> Any:
     if isinstance(value, int | float) and not isinstance(value, bool):
         raise _refuse(value, "a number", "true or false")
     if isinstance(value, str):
-        try:
-            word = yaml.safe_load(value)
-        except yaml.YAMLError:
-            word = None
-        if not isinstance(word, bool):
+        if value not in _BOOLEAN_WORDS:
             raise _refuse(value, "text", "true or false")
-        return word
+        return _BOOLEAN_WORDS[value]
     return value
+
+
+# The words YAML 1.1 (PyYAML's resolver) reads as booleans, in the cases it allows.
+_BOOLEAN_WORDS = {spelling: truth for words, truth in (("true yes on", True),
+                                                       ("false no off", False))
+                  for word in words.split()
+                  for spelling in (word, word.capitalize(), word.upper())}
 
 
 Int = Annotated[int, BeforeValidator(_whole_number)]
