@@ -42,8 +42,11 @@ class CsvRules:
 TABLE = CsvRules()
 # pandas' name for the second "a" of a header ("a.1"), the third ("a.2"), ...
 RENAMED = re.compile(r".*\.\d+", re.DOTALL)
-# Tables of more columns than this are consolidated after reading (one block per dtype)
+# Tables of more columns than this are consolidated after reading (one block per dtype),
+# unless they have more cells than WIDE_CELLS: then the rows, not the columns, cost the time,
+# and a copy would only hold the memory twice
 WIDE = 100
+WIDE_CELLS = 1 << 25
 
 
 def _separator(path: Path, encoding: str) -> str:
@@ -130,7 +133,7 @@ def read_csv(path: Path, text_columns: list[str] | None = None,
     frame, encoding, sep = _parse(path, text_columns or [], rules)
     if rules.strict and any(_maybe_renamed(name) for name in frame.columns):
         _check_header(path, sep, encoding)
-    if len(frame.columns) > WIDE:
+    if len(frame.columns) > WIDE and frame.size <= WIDE_CELLS:
         # pandas' reader gives every column a block of its own, and each later row selection
         # (splits, filters) then walks them one by one; a copy holds one block per dtype
         frame = frame.copy()
