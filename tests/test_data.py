@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -109,6 +111,28 @@ def test_read_csv_takes_semicolons_decimal_commas_latin1_and_text_ids(tmp_path):
     frame = read_csv(tmp_path / "semi.csv", text_columns=["id"])
     assert frame["id"].tolist() == ["00101", "00102"]
     assert frame["income"].tolist() == [1.5, 2.25] and frame["city"][0] == "Köln"
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_symbolic_link_loop_as_data_path_is_named_a_loop(pretrained, cli, write_config,
+                                                             tmp_path):
+    """Not "CSV file not found": the path exists, as a link that leads back to itself."""
+    loop = tmp_path / "loop.csv"
+    loop.symlink_to(tmp_path / "loop2.csv")
+    (tmp_path / "loop2.csv").symlink_to(loop)
+    config = write_config("c", {"source": {"kind": "csv", "path": str(loop), "label": "y",
+                                           "where": None}})
+    before = _files(tmp_path)
+    for args in (["pretrain", config], ["predict", str(pretrained), str(loop)],
+                 ["evaluate", str(pretrained), "--csv", str(loop)]):
+        res = cli(*args)
+        assert res.code == 2, res.err
+        assert res.err == f"error: {loop}: a symbolic link loop; expected a CSV file\n"
+        assert _files(tmp_path) == before
 
 
 def test_a_row_number_column_is_left_out_with_a_note(tmp_path):

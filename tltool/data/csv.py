@@ -8,7 +8,10 @@ checked, the words of some messages) is a `CsvRules`.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,13 @@ class CsvRules:
 
 # A table (training data, evaluate --csv, predict): the defaults.
 TABLE = CsvRules()
+# pandas' name for the second "a" of a header ("a.1"), the third ("a.2"), ...
+RENAMED = re.compile(r".*\.\d+", re.DOTALL)
+# Tables of more columns than this are consolidated after reading (one block per dtype),
+# unless they have more cells than WIDE_CELLS: then the rows, not the columns, cost the time,
+# and a copy would only hold the memory twice
+WIDE = 100
+WIDE_CELLS = 1 << 25
 
 
 def _separator(path: Path, encoding: str) -> str:
@@ -52,6 +62,11 @@ def _separator(path: Path, encoding: str) -> str:
 
 
 def _check_file(path: Path, rules: CsvRules) -> None:
+    try:
+        os.stat(path)
+    except OSError as exc:  # Path.exists() says False for a loop: it is no missing file
+        if exc.errno == errno.ELOOP:
+            raise DataError(f"{path}: a symbolic link loop; {rules.expects}") from None
     if not path.exists():
         raise DataError(f"{path}: CSV file not found (relative paths are taken from the "
                         f"current folder {Path.cwd()})")
@@ -90,6 +105,25 @@ def _parse(path: Path, text_columns: list[str],
     raise AssertionError("Latin-1 decodes any bytes")
 
 
+def _maybe_renamed(name: object) -> bool:
+    """A name pandas may have given: a repeated column's ("a.1") or an empty one's
+    ("Unnamed: 3"). Only then can the header hold a name twice."""
+    return isinstance(name, str) and (RENAMED.fullmatch(name) is not None or
+                                      name.startswith("Unnamed: "))
+
+
+def _check_header(path: Path, sep: str, encoding: str) -> None:
+    """Refuse a header that names a column twice (pandas would rename the second)."""
+    header = pd.read_csv(path, sep=sep, encoding=encoding, header=None, nrows=1,
+                         dtype=str).iloc[0].tolist()
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise DataError(f"{path}: column {name!r} appears twice in the header; give "
+                            f"each column its own name")
+        seen.add(name)
+
+
 def read_csv(path: Path, text_columns: list[str] | None = None,
              rules: CsvRules = TABLE) -> pd.DataFrame:
     """A CSV file as written: comma, semicolon, tab or pipe separated; UTF-8 (with or
@@ -97,15 +131,12 @@ def read_csv(path: Path, text_columns: list[str] | None = None,
     00101 stays 00101; `rules` says what kind of CSV file is expected (default: a table)."""
     _check_file(path, rules)
     frame, encoding, sep = _parse(path, text_columns or [], rules)
-    if rules.strict:
-        header = pd.read_csv(path, sep=sep, encoding=encoding, header=None, nrows=1,
-                             dtype=str).iloc[0].tolist()
-        seen: set[str] = set()
-        for name in header:
-            if name in seen:
-                raise DataError(f"{path}: column {name!r} appears twice in the header; give "
-                                f"each column its own name")
-            seen.add(name)
+    if rules.strict and any(_maybe_renamed(name) for name in frame.columns):
+        _check_header(path, sep, encoding)
+    if len(frame.columns) > WIDE and frame.size <= WIDE_CELLS:
+        # pandas' reader gives every column a block of its own, and each later row selection
+        # (splits, filters) then walks them one by one; a copy holds one block per dtype
+        frame = frame.copy()
     if encoding != "utf-8-sig":
         log.warning("%s: not UTF-8; read as Latin-1 (save it as UTF-8 if accents look wrong)",
                     path)

@@ -14,7 +14,14 @@ import pandas as pd
 
 from tltool.config import DataConfig
 from tltool.data.csv import read_csv
-from tltool.data.preprocess import csv_line, infer_numeric, value_text
+from tltool.data.preprocess import (
+    column_chunks,
+    column_positions,
+    csv_line,
+    dtype_flags,
+    infer_numeric,
+    value_text,
+)
 from tltool.data.splits import Split, left_out, partition, small_split_notes, subsample
 from tltool.datasets import TABLES, load_table
 from tltool.errors import DataError
@@ -246,9 +253,10 @@ def _features(frame: pd.DataFrame, section: _Section) -> list[str]:
     reserved = {label, *cfg.drop, *([cfg.id_column] if cfg.id_column else [])}
     features = cfg.features or [c for c in frame.columns if c not in reserved]
     if not cfg.features:
-        counters = [c for c in features if looks_like_row_number(frame[c])]
+        counters = row_number_columns(frame, features)
         if counters:
-            features = [c for c in features if c not in counters]
+            counted = set(counters)
+            features = [c for c in features if c not in counted]
             section.notes.append(
                 f"column(s) {', '.join(map(repr, counters))} left out of the features: "
                 f"whole numbers, unique and increasing row after row, like a row "
@@ -306,6 +314,27 @@ def _check_classifiable(values: pd.Series, classes: list[str], label: str, origi
                         f"learn (a continuous or id-like column?). To predict the number set "
                         f"`task: regression` on this data section; to classify, bin it into "
                         f"classes or pick a column of class labels")
+
+
+def row_number_columns(frame: pd.DataFrame, names: list[str]) -> list[str]:
+    """The columns of `names` that `looks_like_row_number`, in their order. Plain number
+    columns are tested as one block (a wide table has thousands), the others one by one."""
+    if len(frame) < 10:
+        return []
+    positions = column_positions(frame, names)
+    number = dtype_flags(frame, positions, pd.api.types.is_numeric_dtype)
+    plain_at = dtype_flags(frame, positions, lambda d: isinstance(d, np.dtype) and
+                           d.kind in "biuf")
+    plain = positions[plain_at]
+    found: set[str] = set()
+    for chunk in column_chunks(frame, plain):
+        values = frame.iloc[:, plain[chunk]].to_numpy(dtype=np.float64)
+        counter = ~np.isnan(values).any(axis=0) & (values == np.round(values)).all(axis=0) & \
+            (np.diff(values, axis=0) > 0).all(axis=0)
+        found.update(frame.columns[plain[chunk][counter]])
+    found.update(c for c, at, other in zip(names, positions, number & ~plain_at, strict=True)
+                 if other and looks_like_row_number(frame.iloc[:, at]))
+    return [c for c in names if c in found]
 
 
 def looks_like_row_number(values: pd.Series) -> bool:
