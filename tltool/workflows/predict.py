@@ -132,7 +132,8 @@ def _new_images(path: Path, state, id_column, data_cfg):
         raise DataError(f"{path}: expected a folder of images, an image file "
                         f"({', '.join(IMAGE_EXTENSIONS)}) or a CSV of image paths")
     x, kept = load_image_files(files, state["size"], "skip")
-    skipped = [files[i] for i in range(len(files)) if i not in set(kept)]
+    read = set(kept)
+    skipped = [files[i] for i in range(len(files)) if i not in read]
     if skipped:
         log.warning("skipped %d unreadable or missing image(s): %s", len(skipped),
                     ", ".join(skipped[:5]))
